@@ -1,0 +1,3 @@
+from tuckerize.cli import app
+
+app()

@@ -1,0 +1,67 @@
+"""Rich progress bars and tables for the CLI (the library itself never prints)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+LABELS = {
+    "hash": "hashing source files",
+    "decompose": "decomposing experts",
+    "shard": "writing shards",
+    "eval": "evaluating",
+}
+
+
+class RichProgress:
+    """Implements :class:`tuckerize.progress.Progress` with one rich bar per task."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> "RichProgress":
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    def start(self, task: str, total: int) -> None:
+        self.tasks[task] = self.bar.add_task(LABELS.get(task, task), total=total, info="")
+
+    def advance(self, task: str, n: int = 1, **info: Any) -> None:
+        parts = []
+        if info.get("layer") is not None and info["layer"] >= 0:
+            parts.append(f"layer {info['layer']}")
+        if "projection" in info:
+            parts.append(info["projection"])
+        if "error" in info:
+            parts.append(f"err {info['error']:.4f}")
+        if info.get("skipped"):
+            parts.append("(done before)")
+        if "file" in info:
+            parts.append(str(info["file"]))
+        self.bar.update(self.tasks[task], advance=n, info=" ".join(parts))
+
+    def finish(self, task: str) -> None:
+        self.bar.update(self.tasks[task], info="")
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))

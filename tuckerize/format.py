@@ -1,0 +1,91 @@
+"""The Tucker checkpoint format: file and tensor names, the config section, reading back.
+
+A Tucker checkpoint is a folder::
+
+    config.json                       original config + a "tucker" section
+    tokenizer*, generation_config.json  copied from the source
+    model-00000-of-000NN.safetensors  unit 0: tensors outside decoder layers
+    model-000LL-of-000NN.safetensors  unit L+1: decoder layer L, non-expert tensors
+                                      and the factors of its MoE experts
+    model.safetensors.index.json      tensor name -> file
+    tuckerize_manifest.json           written last: provenance, ranks, errors, sizes
+
+Factor names say layer, projection and factor, after the experts prefix of the
+source architecture, e.g. ``model.layers.3.mlp.experts.gate.U_H``. Shapes:
+``U_E [E, r_E]``, ``U_H [H, r_H]``, ``U_I [I, r_I]``, ``core [r_E, r_H, r_I]``,
+the same semantic axes for gate, up and down.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuckerize.arch import FACTORS, PROJECTIONS, Architecture, MoESpec, moe_spec
+from tuckerize.checkpoint import INDEX_NAME, Checkpoint, load_config
+from tuckerize.errors import InputError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "tuckerize_manifest.json"
+JOURNAL_NAME = ".tuckerize-journal.json"
+CONFIG_KEY = "tucker"
+
+
+def factor_name(experts_prefix: str, projection: str, factor: str) -> str:
+    assert projection in PROJECTIONS and factor in FACTORS
+    return f"{experts_prefix}.{projection}.{factor}"
+
+
+def unit_file(unit: int, units: int) -> str:
+    return f"model-{unit:05d}-of-{units:05d}.safetensors"
+
+
+@dataclass
+class TuckerCheckpoint:
+    """Read access to a Tucker checkpoint written by :func:`tuckerize.compress.decompose_checkpoint`."""
+
+    folder: Path
+    config: dict[str, Any]
+    tensors: Checkpoint
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "TuckerCheckpoint":
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise InputError(f"Tucker checkpoint {folder} does not exist; run `tuckerize decompose` first")
+        manifest_path = folder / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise InputError(
+                f"{folder} has no {MANIFEST_NAME}: it is not a finished Tucker checkpoint; rerun `tuckerize decompose`"
+            )
+        config = load_config(folder)
+        if CONFIG_KEY not in config:
+            raise InputError(f"{folder}/config.json has no '{CONFIG_KEY}' section; rerun `tuckerize decompose`")
+        return cls(folder=folder, config=config, tensors=Checkpoint.open(folder),
+                   manifest=json.loads(manifest_path.read_text()))
+
+    @property
+    def spec(self) -> MoESpec:
+        return moe_spec(self.config)
+
+    @property
+    def arch(self) -> Architecture:
+        return self.spec.arch
+
+    @property
+    def layers(self) -> dict[int, dict[str, Any]]:
+        return {int(k): v for k, v in self.config[CONFIG_KEY]["layers"].items()}
+
+    def ranks(self, layer: int, projection: str) -> tuple[int, int, int]:
+        return tuple(self.layers[layer][projection]["ranks"])  # type: ignore[return-value]
+
+    def factors(self, layer: int, projection: str) -> dict[str, Any]:
+        prefix = self.arch.experts_prefix(layer)
+        return {f: self.tensors.get(factor_name(prefix, projection, f)) for f in FACTORS}
+
+
+def has_index(folder: Path) -> bool:
+    return (folder / INDEX_NAME).is_file()
