@@ -45,7 +45,14 @@ class Architecture:
     layer_rule: str = "all"
     #: Modules in a MoE block that stay dense (shared experts and their gates).
     dense_in_block: tuple[str, ...] = ()
-    hidden_act_key: str = "hidden_act"
+    #: Router semantics (see tuckerize.runtime.routing): "softmax_topk" (renormalised
+    #: when config.norm_topk_prob; always for Mixtral), "deepseek_v2", "deepseek_v3".
+    router_kind: str = "softmax_topk"
+    #: Always renormalise the top-k probabilities, whatever the config says (Mixtral).
+    always_norm_topk: bool = False
+    #: Shared expert: None, "qwen" (shared_expert MLP times sigmoid(shared_expert_gate)),
+    #: or "deepseek" (shared_experts MLP, ungated, moe_intermediate_size * n_shared_experts).
+    shared_kind: str | None = None
 
     def expert_name(self, layer: int, projection: str, expert: int) -> str:
         return f"{self.moe_prefix.format(layer=layer)}.{self.expert_weights[projection].format(expert=expert)}"
@@ -78,6 +85,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("qwen3_next",),
         layer_rule="sparse_step",
         dense_in_block=_QWEN_SHARED,
+        shared_kind="qwen",
     ),
     Architecture(
         name="qwen2_moe",
@@ -85,6 +93,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("qwen2_moe",),
         layer_rule="sparse_step",
         dense_in_block=_QWEN_SHARED,
+        shared_kind="qwen",
     ),
     Architecture(
         name="mixtral",
@@ -96,6 +105,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "up": "experts.{expert}.w3.weight",
             "down": "experts.{expert}.w2.weight",
         },
+        always_norm_topk=True,
     ),
     Architecture(
         name="deepseek_v2",
@@ -103,6 +113,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("deepseek_v2",),
         layer_rule="first_k_dense",
         dense_in_block=("shared_experts",),
+        router_kind="deepseek_v2",
+        shared_kind="deepseek",
     ),
     Architecture(
         name="deepseek_v3",
@@ -110,6 +122,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         model_types=("deepseek_v3",),
         layer_rule="first_k_dense",
         dense_in_block=("shared_experts",),
+        router_kind="deepseek_v3",
+        shared_kind="deepseek",
     ),
     Architecture(
         name="olmoe",

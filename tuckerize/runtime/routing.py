@@ -1,0 +1,83 @@
+"""Routers of the supported architectures, identical to transformers' implementations.
+
+``route(logits_input, weight, ...) -> (top_k_weights [T, K], top_k_index [T, K])``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from tuckerize.arch import Architecture
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    kind: str
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    topk_method: str = "greedy"
+
+    @classmethod
+    def from_config(cls, arch: Architecture, config: Mapping[str, Any], num_experts: int, top_k: int) -> "RouterSpec":
+        return cls(
+            kind=arch.router_kind,
+            num_experts=num_experts,
+            top_k=top_k,
+            norm_topk_prob=bool(config.get("norm_topk_prob", False)) or arch.always_norm_topk,
+            routed_scaling_factor=float(config.get("routed_scaling_factor") or 1.0),
+            n_group=config.get("n_group"),
+            topk_group=config.get("topk_group"),
+            topk_method=config.get("topk_method") or "greedy",
+        )
+
+
+def _group_mask(scores: torch.Tensor, group_scores: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+    n_group = int(spec.n_group)  # type: ignore[arg-type]
+    group_idx = torch.topk(group_scores, k=int(spec.topk_group), dim=-1, sorted=False)[1]  # type: ignore[arg-type]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    per = spec.num_experts // n_group
+    return group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, spec.num_experts).bool()
+
+
+def route(
+    hidden: torch.Tensor, weight: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing weights and expert indices for ``hidden`` [T, H]."""
+    if spec.kind == "softmax_topk":
+        logits = F.linear(hidden, weight)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
+        if spec.norm_topk_prob:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        return top_w.to(logits.dtype), top_i
+    if spec.kind == "deepseek_v2":
+        logits = F.linear(hidden.float(), weight.float())
+        scores = logits.softmax(dim=-1, dtype=torch.float32)
+        if spec.topk_method == "group_limited_greedy":
+            n_group = int(spec.n_group)  # type: ignore[arg-type]
+            group_scores = scores.view(-1, n_group, spec.num_experts // n_group).max(dim=-1).values
+            scores = scores.masked_fill(~_group_mask(scores, group_scores, spec), 0.0)
+        top_w, top_i = torch.topk(scores, k=spec.top_k, dim=-1, sorted=False)
+        return top_w * spec.routed_scaling_factor, top_i
+    if spec.kind == "deepseek_v3":
+        logits = F.linear(hidden.float(), weight.float())
+        scores = logits.sigmoid()
+        choice = scores + (bias if bias is not None else 0.0)
+        n_group = int(spec.n_group or 1)
+        group_scores = choice.view(-1, n_group, spec.num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        choice = choice.masked_fill(~_group_mask(choice, group_scores, spec), float("-inf"))
+        top_i = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
+        top_w = scores.gather(1, top_i)
+        if spec.norm_topk_prob:
+            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+        return top_w * spec.routed_scaling_factor, top_i
+    raise ValueError(f"unknown router kind {spec.kind}")

@@ -1,0 +1,162 @@
+"""``tuckerize shard``: pre-slice a Tucker checkpoint per tensor-parallel rank.
+
+Output folder::
+
+    config.json, tokenizer files         shared by all ranks (config has a "shard" section)
+    rank-00000-of-00004/model-000LL-of-000NN.safetensors   rank 0's slices, one file per unit
+    rank-00000-of-00004/model.safetensors.index.json
+    ...
+    shard_manifest.json                  written last: layout, tp, per-rank files and
+                                         sha256, each tensor's split, source identity
+
+Every slice keeps its name from the unsharded checkpoint, so any rank's tensor can be
+checked against the whole (``tuckerize.shard.plan`` says which rows or columns it is).
+The source is read one unit (decoder layer) at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuckerize import __version__
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
+from tuckerize.errors import OutputConflictError, ShardError
+from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
+from tuckerize.progress import Progress, ensure
+from tuckerize.runtime.tucker_experts import LAYOUTS
+from tuckerize.shard.plan import check_tp, take, tensor_split
+
+SHARD_MANIFEST = "shard_manifest.json"
+
+
+def rank_dir(rank: int, tp: int) -> str:
+    return f"rank-{rank:05d}-of-{tp:05d}"
+
+
+def shard_checkpoint(
+    tucker: str | Path,
+    tp: int,
+    *,
+    layout: str = "intermediate",
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Write one safetensors set per rank holding only that rank's slices; returns the manifest."""
+    progress = ensure(progress)
+    if layout not in LAYOUTS:
+        raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
+    src = TuckerCheckpoint.open(tucker)
+    check_tp(src.config, tp)
+    out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
+    if out.exists():
+        ours = (out / SHARD_MANIFEST).is_file() or any(out.glob("rank-*-of-*"))
+        if any(out.iterdir()) and not ours:
+            raise OutputConflictError(f"output folder {out} exists and is not a shard set; choose another --out or remove it")
+        if any(out.iterdir()) and not overwrite:
+            raise OutputConflictError(f"shard folder {out} already exists; pass --overwrite to write it again")
+        shutil.rmtree(out)
+    tmp_out = out.with_name(f".{out.name}.partial")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    tmp_out.mkdir(parents=True)
+
+    files = src.tensors.files
+    progress.start("shard", len(files))
+    weight_maps: list[dict[str, str]] = [{} for _ in range(tp)]
+    rank_files: list[dict[str, dict[str, Any]]] = [{} for _ in range(tp)]
+    splits: dict[str, Any] = {}
+    for r in range(tp):
+        (tmp_out / rank_dir(r, tp)).mkdir()
+    for filename in files:
+        names = [n for n, f in src.tensors.weight_map.items() if f == filename]
+        full = {n: src.tensors.get(n) for n in names}
+        for r in range(tp):
+            local = {}
+            for n, t in full.items():
+                sp = tensor_split(n, list(t.shape), src.config, tp, r, layout)
+                local[n] = take(t, sp).contiguous()
+                if sp is not None:
+                    entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "ranges": [None] * tp})
+                    entry["ranges"][r] = [sp.start, sp.stop]
+            path = tmp_out / rank_dir(r, tp) / filename
+            save_safetensors(local, path, metadata={"format": "pt", "tuckerize_rank": str(r), "tp": str(tp)})
+            rank_files[r][filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            weight_maps[r].update({n: filename for n in local})
+        del full
+        progress.advance("shard", file=filename)
+    progress.finish("shard")
+
+    for r in range(tp):
+        write_json(tmp_out / rank_dir(r, tp) / INDEX_NAME, {"metadata": {}, "weight_map": weight_maps[r]})
+    for name in SIDE_FILES:
+        if (src.folder / name).is_file():
+            shutil.copyfile(src.folder / name, tmp_out / name)
+    config = dict(src.config)
+    config["shard"] = {"tp": tp, "layout": layout}
+    write_json(tmp_out / "config.json", config)
+    manifest = {
+        "tool": "tuckerize",
+        "version": __version__,
+        "tp": tp,
+        "layout": layout,
+        "source": {
+            "path": str(Path(tucker).resolve()),
+            "manifest_sha256": sha256_file(src.folder / MANIFEST_NAME),
+            "model": src.manifest.get("source", {}).get("model"),
+        },
+        "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
+        "splits": splits,
+    }
+    write_json(tmp_out / SHARD_MANIFEST, manifest)
+    tmp_out.rename(out)
+    manifest["out"] = str(out.resolve())
+    return manifest
+
+
+@dataclass
+class ShardSet:
+    """A shard set on disk, opened for one rank."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "ShardSet":
+        folder = Path(folder)
+        path = folder / SHARD_MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{folder} has no {SHARD_MANIFEST}: not a finished shard set; run `tuckerize shard` again")
+        manifest = json.loads(path.read_text())
+        config = json.loads((folder / "config.json").read_text())
+        return cls(folder=folder, manifest=manifest, config=config)
+
+    @property
+    def tp(self) -> int:
+        return int(self.manifest["tp"])
+
+    @property
+    def layout(self) -> str:
+        return str(self.manifest["layout"])
+
+    def rank_folder(self, rank: int, world: int, verify: bool = True) -> Path:
+        """This rank's folder, after checking the world size and the files' checksums."""
+        if world != self.tp:
+            raise ShardError(
+                f"shard set {self.folder} was written for tp={self.tp} but {world} processes were started; "
+                f"launch with torchrun --nproc_per_node {self.tp} or reshard with --tp {world}"
+            )
+        entry = self.manifest["ranks"][rank]
+        folder = self.folder / entry["dir"]
+        for filename, info in entry["files"].items():
+            path = folder / filename
+            if not path.is_file():
+                raise ShardError(f"shard file {path} is missing; run `tuckerize shard` again")
+            if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
+                raise ShardError(f"shard file {path} is corrupted (checksum mismatch); run `tuckerize shard` again")
+        return folder
