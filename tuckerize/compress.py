@@ -223,7 +223,7 @@ def decompose_checkpoint(
                     "seconds": round(time.time() - tp, 3),
                 }
                 progress.advance("decompose", 1, layer=layer, projection=proj, error=result.relative_error)
-        save_safetensors(tensors, out / filename, metadata={"format": "pt", "tuckerize": __version__})
+        save_safetensors(tensors, out / filename, metadata={"format": "pt"})
         journal["files"][filename] = {
             "file": filename,
             "layer": layer if unit else None,

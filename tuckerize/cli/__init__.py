@@ -56,3 +56,4 @@ def main(
 
 
 from tuckerize.cli import decompose as _decompose  # noqa: E402,F401
+from tuckerize.cli import shard as _shard  # noqa: E402,F401

@@ -40,6 +40,14 @@ class RichProgress:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if exc[0] is not None:
+            # Leaving on an error: drop the bars so that the one-line "error: ..." is all that
+            # stderr shows (rich otherwise re-renders them, plus a blank line, after the error
+            # when stderr is not a terminal).
+            if not self.bar.disable:
+                self.bar.live.transient = True
+                self.bar.live.stop()
+            return
         self.bar.__exit__(*exc)
 
     def start(self, task: str, total: int) -> None:

@@ -180,7 +180,7 @@ class TuckerExperts(nn.Module):
             flat_e, flat_w, flat_t = flat_e[keep] - e0, flat_w[keep], flat_t[keep]
         order = torch.argsort(flat_e, stable=True)
         pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
-        counts = torch.bincount(pair_e, minlength=e1 - e0).tolist()
+        counts = torch.bincount(pair_e, minlength=e1 - e0)
 
         # Shared input projections: once per token, shared by its experts.
         xg = x @ gate.U_H
@@ -204,14 +204,38 @@ class TuckerExperts(nn.Module):
                 f"experts={self.expert_range}, intermediate={self.inter_range}")
 
 
-def _per_expert(rows: torch.Tensor, cores: torch.Tensor, counts: list[int], transpose: bool) -> torch.Tensor:
-    """``rows[pairs of e] @ cores[e]`` (or ``@ cores[e].T``) for rows sorted by expert."""
-    out_dim = cores.shape[1] if transpose else cores.shape[2]
-    out = rows.new_empty(rows.shape[0], out_dim)
+_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
+    """``torch.nn.functional.grouped_mm`` where this torch, device and dtype support it
+    (one kernel, no host synchronisation); None where they do not."""
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    key = (rows.device.type, rows.dtype)
+    if fn is None or _GROUPED_OK.get(key) is False:
+        return None
+    try:
+        out = fn(rows, weights, offs=offs)
+    except (RuntimeError, NotImplementedError, TypeError):
+        _GROUPED_OK[key] = False
+        return None
+    _GROUPED_OK[key] = True
+    return out
+
+
+def _per_expert(rows: torch.Tensor, cores: torch.Tensor, counts: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """``rows[pairs of e] @ cores[e]`` (or ``@ cores[e].T``) for rows sorted by expert;
+    ``counts[e]`` rows belong to expert e."""
+    weights = cores.transpose(1, 2) if transpose else cores
+    if rows.shape[0] == 0:
+        return rows.new_zeros(0, weights.shape[2])
+    out = _grouped_mm(rows.contiguous(), weights, torch.cumsum(counts, 0).to(torch.int32))
+    if out is not None:
+        return out
+    out = rows.new_empty(rows.shape[0], weights.shape[2])
     start = 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts.tolist()):  # one host sync for the whole loop
         if n:
-            g = cores[e].T if transpose else cores[e]
-            torch.matmul(rows[start : start + n], g, out=out[start : start + n])
+            torch.matmul(rows[start : start + n], weights[e], out=out[start : start + n])
             start += n
     return out

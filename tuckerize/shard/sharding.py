@@ -84,7 +84,7 @@ def shard_checkpoint(
                     entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "ranges": [None] * tp})
                     entry["ranges"][r] = [sp.start, sp.stop]
             path = tmp_out / rank_dir(r, tp) / filename
-            save_safetensors(local, path, metadata={"format": "pt", "tuckerize_rank": str(r), "tp": str(tp)})
+            save_safetensors(local, path, metadata={"format": "pt"})
             rank_files[r][filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             weight_maps[r].update({n: filename for n in local})
         del full
