@@ -72,7 +72,7 @@ def _heads_split(num_heads: int, head_dim: int, tp: int, rank: int, axis: int, r
     raise ShardError(f"{num_heads} heads cannot be split over {tp} ranks")
 
 
-_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
+_ATTN = re.compile(r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj|q_norm|k_norm)\.(weight|bias)$")
 _MLP = re.compile(r"\.(mlp|shared_expert|shared_experts|block_sparse_moe)\.(?:shared_experts?\.)?(gate_proj|up_proj|down_proj)\.weight$")
 _FACTOR = re.compile(r"\.experts\.(gate|up|down)\.(U_E|U_H|U_I|core)$")
 
@@ -97,11 +97,12 @@ def tensor_split(
         proj = m.group(1)
         if proj == "o_proj":
             return _heads_split(heads, head_dim, tp, rank, axis=1, replicate_ok=False)
-        n = heads if proj == "q_proj" else kv
+        n = heads if proj.startswith("q_") else kv
         rows = shape[0]
-        if rows != n * head_dim:  # e.g. gated q_proj (Qwen3-Next) or MLA: leave replicated
+        # Per-head norms (Qwen3), gated q_proj (Qwen3-Next), MLA: not a per-head layout; replicated.
+        if rows != n * head_dim or (proj.endswith("norm") and n == 1):
             return None
-        return _heads_split(n, head_dim, tp, rank, axis=0, replicate_ok=proj != "q_proj")
+        return _heads_split(n, head_dim, tp, rank, axis=0, replicate_ok=not proj.startswith("q_"))
     if name.endswith(("embed_tokens.weight", "lm_head.weight")):
         return Split(0, *split_range(shape[0], tp, rank))
     m = _MLP.search(name)
