@@ -92,3 +92,23 @@ def copy_ckpt(tmp_path) -> Callable[[Path, str], Path]:
         return copy_checkpoint(src, tmp_path / name)
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def tucker_factory(tiny_factory, tmp_path_factory) -> Callable[..., tuple[Path, Path]]:
+    """``tucker_factory(arch, **overrides)`` -> (tiny source folder, its Tucker checkpoint),
+    decomposed once per session with the per-projection ranks of ``tucker_refs.PLAN_YAML``
+    (below full rank). Shared: never modify the folders in place."""
+    import tucker_refs
+
+    cache: dict[tuple, tuple[Path, Path]] = {}
+    root = tmp_path_factory.mktemp("tucker")
+
+    def get(arch: str, **overrides) -> tuple[Path, Path]:
+        key = (arch, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in cache:
+            src = tiny_factory(arch, **overrides)
+            cache[key] = (src, tucker_refs.decompose_tiny(src, root / f"{arch}-{len(cache)}"))
+        return cache[key]
+
+    return get

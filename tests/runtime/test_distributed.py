@@ -1,0 +1,140 @@
+"""Real tensor parallelism: gloo process groups of 2 and 4 spawned workers.
+
+Each worker opens the shard set that ``shard_checkpoint`` wrote (so it reads only its
+rank's files), builds the MoE blocks of every MoE layer and runs them; every rank's
+output must equal the single-process output of the unsharded Tucker checkpoint. One
+process group per world size runs all cases (two models x two layouts) to keep the
+number of spawned processes small.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dist_helpers
+import tucker_refs as R
+from tuckerize.runtime.loader import TensorSource, build_moe_block
+from tuckerize.runtime.parallel import ParallelContext
+from tuckerize.shard import shard_checkpoint
+
+#: Qwen3-MoE (no shared expert) and Qwen2-MoE (shared expert; I=18 splits unevenly over 4).
+MODELS = {"qwen3_moe": {}, "qwen2_moe": {"moe_intermediate_size": 18}}
+LAYOUTS = ("intermediate", "expert")
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tucker_factory, tmp_path_factory):
+    """Lazily, per world size: shard sets, one spawned gloo group, its outputs and the
+    single-process references."""
+    root = tmp_path_factory.mktemp("dist")
+    tuckers = {arch: tucker_factory(arch, **ov)[1] for arch, ov in MODELS.items()}
+    shards: dict[tuple[str, int, str], Path] = {}
+
+    def shard_dir(arch: str, tp: int, layout: str) -> Path:
+        key = (arch, tp, layout)
+        if key not in shards:
+            shards[key] = Path(shard_checkpoint(tuckers[arch], tp, layout=layout,
+                                                out=root / f"{arch}-tp{tp}-{layout}")["out"])
+        return shards[key]
+
+    runs: dict[int, dict] = {}
+
+    def get(tp: int) -> dict:
+        if tp in runs:
+            return runs[tp]
+        out = root / f"out-tp{tp}"
+        out.mkdir()
+        jobs, refs = [], {}
+        for i, (arch, tucker) in enumerate(tuckers.items()):
+            source = TensorSource.open(tucker, parallel=ParallelContext())
+            spec = source.spec
+            x = torch.randn(3, 5, spec.hidden_size, generator=torch.Generator().manual_seed(10 + i))
+            np.save(out / f"{arch}-x.npy", x.numpy())
+            for layer in spec.moe_layers:
+                block = build_moe_block(source, layer)
+                with torch.no_grad():
+                    refs[(arch, layer)] = block(x)
+                    _, top_i = block.gate(x.reshape(-1, spec.hidden_size))
+                # The routing reaches most experts, so every rank of the expert layout works.
+                assert len(set(top_i.flatten().tolist())) >= spec.num_experts - 1
+            for layout in LAYOUTS:
+                jobs.append({"name": f"{arch}-{layout}", "arch": arch, "layout": layout,
+                             "shard_dir": str(shard_dir(arch, tp, layout)),
+                             "input": str(out / f"{arch}-x.npy"), "layers": list(spec.moe_layers)})
+        # A shard set written for another world size must be refused, not hang.
+        other = 4 if tp == 2 else 2
+        jobs.append({"name": "wrong-world", "expect_error": True, "shard_dir": str(shard_dir("qwen3_moe", other,
+                                                                                              "intermediate"))})
+        jobs.append({"name": "wrong-layout", "expect_error": True, "layout": "expert",
+                     "shard_dir": str(shard_dir("qwen3_moe", tp, "intermediate"))})
+        (out / "jobs.json").write_text(json.dumps(jobs))
+        dist_helpers.run_workers(dist_helpers.moe_block_worker, tp, args=(str(out / "jobs.json"), str(out)),
+                                 timeout=150)
+        runs[tp] = {"out": out, "jobs": jobs, "refs": refs, "shards": shards}
+        return runs[tp]
+
+    return get
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_every_rank_matches_single_process(dist_runs, tp):
+    run = dist_runs(tp)
+    out, refs = run["out"], run["refs"]
+    checked = 0
+    for job in run["jobs"]:
+        if job.get("expect_error"):
+            continue
+        for layer in job["layers"]:
+            ref = refs[(job["arch"], layer)]
+            for rank in range(tp):
+                got = torch.from_numpy(np.load(out / f"{job['name']}-L{layer}-r{rank}.npy"))
+                err = R.rel_err(ref, got)
+                assert err < TOL, f"{job['name']} layer {layer} rank {rank} of {tp}: relative error {err:.2e}"
+                checked += 1
+    assert checked == tp * 2 * 2 * 2  # ranks x models x layouts x MoE layers
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_rank_reads_only_its_files(dist_runs, tp):
+    run = dist_runs(tp)
+    for job in run["jobs"]:
+        if job.get("expect_error"):
+            continue
+        for rank in range(tp):
+            info = json.loads((run["out"] / f"{job['name']}-r{rank}.json").read_text())
+            assert (info["kind"], info["rank"], info["world"], info["layout"]) == ("shard", rank, tp, job["layout"])
+            own = Path(job["shard_dir"]) / f"rank-{rank:05d}-of-{tp:05d}"
+            assert Path(info["folder"]) == own
+            assert info["opened"], "no file was read"
+            assert all(Path(p).parent == own for p in info["opened"]), info["opened"]
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_mismatched_shard_set_reports_shard_error(dist_runs, tp):
+    run = dist_runs(tp)
+    other = 4 if tp == 2 else 2
+    for rank in range(tp):
+        report = json.loads((run["out"] / f"wrong-world-r{rank}.json").read_text())
+        assert report["type"] == "ShardError", report
+        assert f"tp={other}" in report["error"] and f"{tp} processes" in report["error"]
+        report = json.loads((run["out"] / f"wrong-layout-r{rank}.json").read_text())
+        assert report["type"] == "ShardError" and "layout" in report["error"], report
+
+
+def test_worker_failure_is_reported_not_hung(tmp_path):
+    """A rank that dies before a collective: the others fail (gloo timeout or peer loss)
+    and run_workers raises within its deadline."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as info:
+        dist_helpers.run_workers(dist_helpers.failing_worker, 2, timeout=60)
+    assert time.monotonic() - t0 < 60
+    assert "rank 1 fails on purpose" in str(info.value) or "TimeoutError" in type(info.value).__name__
+

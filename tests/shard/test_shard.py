@@ -1,0 +1,319 @@
+"""``tuckerize shard``: every rank file against the unsharded Tucker checkpoint.
+
+The expected split of each tensor is derived here from the tensor's name and the
+config (heads, kv heads, sizes), independently of :mod:`tuckerize.shard.plan`; rank
+files are read with safetensors directly and checksums with hashlib.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tuckerize.errors import ShardError
+from tuckerize.runtime.loader import TensorSource
+from tuckerize.runtime.parallel import ParallelContext
+from tuckerize.shard import SHARD_MANIFEST, ShardSet, shard_checkpoint
+
+#: Tiny Qwen3-MoE (4 q heads, 2 kv heads, E=8, I=16) and Qwen2-MoE with a shared expert
+#: (4 heads, 2 kv heads, attention biases, E=6, I=18 so that I splits unevenly over 4).
+MODELS = {"qwen3_moe": {}, "qwen2_moe": {"moe_intermediate_size": 18}}
+
+
+def _read_all(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _even_ranges(n: int, tp: int) -> list[tuple[int, int]]:
+    """Contiguous ranges, the first n % tp ranks one longer (written out, not imported)."""
+    out, start = [], 0
+    for r in range(tp):
+        size = n // tp + (1 if r < n % tp else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def _expected_split(name: str, shape: list[int], cfg: dict, tp: int, layout: str):
+    """(axis, [ranges per rank]) or None for replicated."""
+    heads, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if ".experts." in name:
+        factor = name.rsplit(".", 1)[1]
+        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert")):
+            return 0, _even_ranges(shape[0], tp)
+        return None
+    if ".self_attn.q_proj." in name:
+        per = heads // tp
+        return 0, [(r * per * head_dim, (r + 1) * per * head_dim) for r in range(tp)]
+    if ".self_attn.o_proj." in name:
+        per = heads // tp
+        return 1, [(r * per * head_dim, (r + 1) * per * head_dim) for r in range(tp)]
+    if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+        if kv % tp == 0:
+            per = kv // tp
+            return 0, [(r * per * head_dim, (r + 1) * per * head_dim) for r in range(tp)]
+        # Fewer kv heads than ranks: each rank keeps the kv head of its query heads.
+        kv_of_rank = [(r * (heads // tp)) // (heads // kv) for r in range(tp)]
+        return 0, [(h * head_dim, (h + 1) * head_dim) for h in kv_of_rank]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+        return 0, _even_ranges(shape[0], tp)
+    if ".shared_expert." in name:
+        if name.endswith("down_proj.weight"):
+            return 1, _even_ranges(shape[1], tp)
+        return 0, _even_ranges(shape[0], tp)
+    return None  # norms, routers, shared_expert_gate
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request, tucker_factory):
+    arch = request.param
+    return arch, tucker_factory(arch, **MODELS[arch])[1]
+
+
+@pytest.mark.parametrize("layout", ["intermediate", "expert"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
+    arch, tucker = model
+    out = tmp_path / "shards"
+    manifest = shard_checkpoint(tucker, tp, layout=layout, out=out)
+    assert (manifest["tp"], manifest["layout"]) == (tp, layout)
+    assert json.loads((out / SHARD_MANIFEST).read_text())["splits"] == manifest["splits"]
+    cfg = json.loads((tucker / "config.json").read_text())
+    shard_cfg = json.loads((out / "config.json").read_text())
+    assert shard_cfg["shard"] == {"tp": tp, "layout": layout}
+    assert shard_cfg["tucker"] == cfg["tucker"]
+    whole = _read_all(tucker)
+    assert len(whole) > 20
+
+    # Rank folders: only their own files, each with the manifest's checksum.
+    rank_dirs = sorted(p.name for p in out.iterdir() if p.is_dir())
+    assert rank_dirs == [f"rank-{r:05d}-of-{tp:05d}" for r in range(tp)]
+    ranks = []
+    for r, entry in enumerate(manifest["ranks"]):
+        folder = out / entry["dir"]
+        assert entry["dir"] == rank_dirs[r]
+        assert sorted(p.name for p in folder.iterdir()) == sorted([*entry["files"], "model.safetensors.index.json"])
+        for filename, info in entry["files"].items():
+            data = (folder / filename).read_bytes()
+            assert hashlib.sha256(data).hexdigest() == info["sha256"]
+            assert len(data) == info["bytes"]
+        index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        assert set(index.values()) <= set(entry["files"])
+        tensors = _read_all(folder)
+        assert set(tensors) == set(whole) == set(index)
+        ranks.append(tensors)
+
+    # Each tensor: the slice the manifest names, which is the slice expected from its semantics.
+    splits = manifest["splits"]
+    n_split = 0
+    for name, full in whole.items():
+        expected = _expected_split(name, list(full.shape), cfg, tp, layout)
+        if expected is None:
+            assert name not in splits, name
+            for r in range(tp):
+                assert torch.equal(ranks[r][name], full), (name, r)
+            continue
+        n_split += 1
+        axis, want = expected
+        entry = splits[name]
+        assert entry["axis"] == axis and entry["full"] == list(full.shape), name
+        assert [tuple(x) for x in entry["ranges"]] == want, (name, entry["ranges"], want)
+        for r, (a, b) in enumerate(entry["ranges"]):
+            assert torch.equal(ranks[r][name], full.narrow(axis, a, b - a)), (name, r)
+        # Concatenating the distinct slices in rank order gives the whole, exactly.
+        distinct = []
+        for r, rng in enumerate(entry["ranges"]):
+            if not distinct or distinct[-1][0] != tuple(rng):
+                distinct.append((tuple(rng), ranks[r][name]))
+        assert [rng for rng, _ in distinct] == sorted({tuple(x) for x in entry["ranges"]})
+        assert torch.equal(torch.cat([t for _, t in distinct], dim=axis), full), name
+        replicated_kv = (".k_proj." in name or ".v_proj." in name) and tp > cfg["num_key_value_heads"]
+        assert len(distinct) == (cfg["num_key_value_heads"] if replicated_kv else tp), name
+    assert n_split == len(splits)
+
+    # Every layout splits something of the experts; U_H and the cores are never split.
+    factor_splits = {n.rsplit(".", 1)[1] for n in splits if ".experts." in n}
+    assert factor_splits == {"U_I" if layout == "intermediate" else "U_E"}
+
+    # The runtime loader slices an unsharded checkpoint exactly as the writer did.
+    for r in range(tp):
+        src = TensorSource.open(tucker, parallel=ParallelContext(rank=r, world=tp), layout=layout)
+        shard = TensorSource.open(out, parallel=ParallelContext(rank=r, world=tp))
+        assert shard.kind == "shard" and shard.layout == layout
+        assert Path(shard.tensors.folder) == out / f"rank-{r:05d}-of-{tp:05d}"
+        for name in whole:
+            assert torch.equal(src.local(name), shard.local(name)), (name, r)
+
+
+def test_kv_heads_replicated_when_tp_exceeds_them(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    manifest = shard_checkpoint(tucker, 4, out=tmp_path / "s")
+    whole = _read_all(tucker)
+    k = whole["model.layers.0.self_attn.k_proj.weight"]  # 2 kv heads x head_dim 8
+    assert k.shape[0] == 16
+    got = [_read_all(tmp_path / "s" / r["dir"])["model.layers.0.self_attn.k_proj.weight"] for r in manifest["ranks"]]
+    assert [g.shape[0] for g in got] == [8] * 4
+    assert torch.equal(got[0], k[:8]) and torch.equal(got[1], k[:8])
+    assert torch.equal(got[2], k[8:]) and torch.equal(got[3], k[8:])
+
+
+def test_default_output_folder_and_overwrite(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    copy = shutil.copytree(tucker, tmp_path / "tk")
+    manifest = shard_checkpoint(copy, 2)
+    out = Path(manifest["out"])
+    assert out == (tmp_path / "tk-tp2-intermediate").resolve()
+    assert not list(tmp_path.glob(".*partial"))
+    from tuckerize.errors import OutputConflictError
+
+    with pytest.raises(OutputConflictError, match="--overwrite"):
+        shard_checkpoint(copy, 2)
+    assert shard_checkpoint(copy, 2, overwrite=True)["tp"] == 2
+
+
+# ------------------------------------------------------------------ CLI errors
+
+
+def cli(*args: str):
+    from typer.testing import CliRunner
+
+    from tuckerize.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_cli_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert result.stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def test_cli_success_json(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    out = tmp_path / "s"
+    result = cli("shard", str(tucker), "--tp", "2", "--layout", "expert", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    on_disk = json.loads((out / SHARD_MANIFEST).read_text())
+    assert printed["splits"] == on_disk["splits"] and printed["ranks"] == on_disk["ranks"]
+    assert (printed["tp"], printed["layout"]) == (2, "expert")
+
+
+def test_cli_tp_not_dividing_heads(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    line = assert_cli_error(cli("shard", str(tucker), "--tp", "3", "--out", str(tmp_path / "s")),
+                            "--tp 3", "4 attention heads")
+    valid = [int(v) for v in line.split("use one of:")[1].replace(" ", "").split(",")]
+    assert valid == [1, 2, 4]
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_unknown_layout(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    assert_cli_error(cli("shard", str(tucker), "--tp", "2", "--layout", "diagonal", "--out", str(tmp_path / "s")),
+                     "diagonal", "intermediate", "expert")
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_missing_tucker_checkpoint(tmp_path):
+    missing = tmp_path / "no" / "such"
+    assert_cli_error(cli("shard", str(missing), "--tp", "2", "--out", str(tmp_path / "s")), str(missing))
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_original_checkpoint_is_not_tucker(tiny_factory, tmp_path):
+    assert_cli_error(cli("shard", str(tiny_factory("qwen3_moe")), "--tp", "2", "--out", str(tmp_path / "s")),
+                     "tuckerize decompose")
+
+
+def test_cli_existing_unrelated_output(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert_cli_error(cli("shard", str(tucker), "--tp", "2", "--out", str(out)), str(out), "not a shard set")
+    assert_cli_error(cli("shard", str(tucker), "--tp", "2", "--out", str(out), "--overwrite"), "not a shard set")
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+# ------------------------------------------------------------------ reading a damaged or mismatched shard set
+
+
+@pytest.fixture
+def shard_copy(tucker_factory, tmp_path):
+    """A fresh tp=2 shard set of the tiny Qwen3-MoE in tmp_path (safe to damage)."""
+    _, tucker = tucker_factory("qwen3_moe")
+    out = tmp_path / "shards"
+    shard_checkpoint(tucker, 2, out=out)
+    return out
+
+
+def test_rank_folder_wrong_world(shard_copy):
+    shards = ShardSet.open(shard_copy)
+    assert shards.tp == 2 and shards.layout == "intermediate"
+    assert shards.rank_folder(1, 2) == shard_copy / "rank-00001-of-00002"
+    with pytest.raises(ShardError, match=r"tp=2.*3 processes"):
+        shards.rank_folder(0, 3)
+    with pytest.raises(ShardError, match="tp=2"):
+        shards.rank_folder(0, 1)
+
+
+def test_tensor_source_wrong_world_or_layout(shard_copy):
+    with pytest.raises(ShardError, match="tp=2"):
+        TensorSource.open(shard_copy, parallel=ParallelContext(rank=0, world=4))
+    with pytest.raises(ShardError, match="layout"):
+        TensorSource.open(shard_copy, parallel=ParallelContext(rank=0, world=2), layout="expert")
+    # Without a process group: one rank of one, which the tp=2 set refuses too.
+    with pytest.raises(ShardError, match="tp=2"):
+        TensorSource.open(shard_copy)
+
+
+def test_missing_rank_file(shard_copy):
+    manifest = json.loads((shard_copy / SHARD_MANIFEST).read_text())
+    victim = sorted(manifest["ranks"][1]["files"])[-1]
+    (shard_copy / "rank-00001-of-00002" / victim).unlink()
+    shards = ShardSet.open(shard_copy)
+    with pytest.raises(ShardError, match=rf"{victim}.*missing"):
+        shards.rank_folder(1, 2)
+    assert shards.rank_folder(0, 2)  # rank 0 reads only its own files
+
+
+def test_corrupted_rank_file(shard_copy):
+    folder = shard_copy / "rank-00000-of-00002"
+    victim = sorted(folder.glob("*.safetensors"))[-1]
+    data = bytearray(victim.read_bytes())
+    for i in range(len(data) - 64, len(data) - 56):  # inside the tensor data, same size
+        data[i] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    shards = ShardSet.open(shard_copy)
+    with pytest.raises(ShardError, match=rf"{victim.name}.*corrupted"):
+        shards.rank_folder(0, 2)
+    with pytest.raises(ShardError, match="corrupted"):
+        TensorSource.open(shard_copy, parallel=ParallelContext(rank=0, world=2))
+    assert shards.rank_folder(1, 2)
+    # A truncated file is caught by its size even without hashing.
+    victim.write_bytes(bytes(data[:-10]))
+    with pytest.raises(ShardError, match="corrupted"):
+        shards.rank_folder(0, 2, verify=False)
+
+
+def test_unfinished_shard_set(shard_copy):
+    (shard_copy / SHARD_MANIFEST).unlink()
+    with pytest.raises(ShardError, match=SHARD_MANIFEST):
+        ShardSet.open(shard_copy)
