@@ -100,7 +100,7 @@ def moe_block_worker(rank: int, world: int, init_method: str, jobs_file: str, ou
                 with torch.no_grad():
                     y = block(x)
                 np.save(out / f"{job['name']}-L{layer}-r{rank}.npy", y.numpy())
-            opened = sorted(str(Path(source.tensors.folder) / f) for f in source.tensors._handles)
+            opened = sorted(str(Path(source.tensors.folder) / f) for f in source.tensors._headers)
             info = {"kind": source.kind, "rank": source.parallel.rank, "world": source.parallel.world,
                     "layout": source.layout, "folder": str(source.tensors.folder), "opened": opened}
             (out / f"{job['name']}-r{rank}.json").write_text(json.dumps(info))

@@ -123,13 +123,59 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass
+class _Entry:
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offset in the file
+    stop: int
+
+
+def read_header(path: Path) -> dict[str, _Entry]:
+    """Parse a safetensors header; an error naming the file if it is truncated or corrupt."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than its header")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header runs past the end of the file")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"safetensors file {path} is truncated or corrupt ({exc}); download it again") from None
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        entries[name] = _Entry(info["dtype"], list(info["shape"]), 8 + n + a, 8 + n + b)
+    end = max((e.stop for e in entries.values()), default=8 + n)
+    if end > size:
+        raise InputError(f"safetensors file {path} is truncated ({size} of {end} bytes); download it again")
+    return entries
+
+
 @dataclass
 class Checkpoint:
-    """Lazy access to the tensors of a safetensors checkpoint (single file or indexed)."""
+    """Tensors of a safetensors checkpoint (single file or indexed), read one at a time.
+
+    Each tensor is read with a positioned read into its own buffer, not through a memory
+    map: a decomposition touches every byte of a 60 GB checkpoint once, and mapped pages
+    would count against resident memory until the map is dropped.
+    """
 
     folder: Path
     weight_map: dict[str, str]
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+    _headers: dict[str, dict[str, _Entry]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def open(cls, folder: str | Path) -> "Checkpoint":
@@ -147,11 +193,8 @@ class Checkpoint:
                                  "convert the checkpoint to safetensors first")
             if len(files) > 1:
                 raise InputError(f"{folder} has {len(files)} safetensors files but no {INDEX_NAME}; restore the index")
-            weight_map = {}
             ckpt = cls(folder=folder, weight_map={})
-            for name in ckpt._handle(files[0].name).keys():
-                weight_map[name] = files[0].name
-            ckpt.weight_map = weight_map
+            ckpt.weight_map = {name: files[0].name for name in ckpt._header(files[0].name)}
             return ckpt
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
@@ -168,42 +211,48 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _handle(self, filename: str) -> Any:
-        if filename not in self._handles:
-            from safetensors import SafetensorError, safe_open
+    def _header(self, filename: str) -> dict[str, _Entry]:
+        if filename not in self._headers:
+            self._headers[filename] = read_header(self.folder / filename)
+        return self._headers[filename]
 
-            path = self.folder / filename
-            try:
-                self._handles[filename] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise InputError(
-                    f"safetensors file {path} is truncated or corrupt ({str(exc).splitlines()[0][:80]}); download it again"
-                ) from None
-        return self._handles[filename]
+    def _entry(self, name: str) -> _Entry:
+        if name not in self.weight_map:
+            raise InputError(f"tensor {name} is not in {self.folder}; is the checkpoint complete?")
+        filename = self.weight_map[name]
+        entry = self._header(filename).get(name)
+        if entry is None:
+            raise InputError(f"tensor {name} is listed in the index but missing from {self.folder / filename}; "
+                             "download the checkpoint again")
+        return entry
 
     def shape(self, name: str) -> list[int]:
-        return list(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+        return list(self._entry(name).shape)
 
     def dtype(self, name: str) -> str:
-        return str(self._handle(self.weight_map[name]).get_slice(name).get_dtype())
+        return self._entry(name).dtype
 
     def get(self, name: str) -> "Any":
         """One tensor, read now, in its stored dtype."""
-        if name not in self.weight_map:
-            raise InputError(f"tensor {name} is not in {self.folder}; is the checkpoint complete?")
-        from safetensors import SafetensorError
+        import torch
 
-        filename = self.weight_map[name]
-        try:
-            return self._handle(filename).get_tensor(name)
-        except (SafetensorError, OSError) as exc:
-            raise InputError(
-                f"cannot read {name} from {self.folder / filename} ({str(exc).splitlines()[0][:80]}): "
-                "the file is truncated or corrupt; download it again"
-            ) from None
+        e = self._entry(name)
+        if e.dtype not in _DTYPES:
+            raise InputError(f"tensor {name} has dtype {e.dtype}, which tuckerize cannot read")
+        dtype = getattr(torch, _DTYPES[e.dtype])
+        nbytes = e.stop - e.start
+        buf = bytearray(nbytes)
+        path = self.folder / self.weight_map[name]
+        with open(path, "rb") as f:
+            got = f.seek(e.start) == e.start and f.readinto(buf)
+        if got != nbytes:
+            raise InputError(f"cannot read {name} from {path}: the file is truncated; download it again")
+        if nbytes == 0:
+            return torch.empty(e.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        self._headers.clear()
 
 
 def layer_of(name: str) -> int | None:

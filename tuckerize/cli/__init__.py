@@ -57,3 +57,4 @@ def main(
 
 from tuckerize.cli import decompose as _decompose  # noqa: E402,F401
 from tuckerize.cli import shard as _shard  # noqa: E402,F401
+from tuckerize.cli import eval as _eval  # noqa: E402,F401

@@ -1,0 +1,440 @@
+"""``tuckerize eval``: perplexity, fidelity and task accuracy of a Tucker model against its original.
+
+Conventions (DESIGN.md): the text is tokenised whole, cut into non-overlapping windows of
+``seqlen`` tokens (the remainder dropped), each window scored on its ``seqlen - 1``
+next-token predictions; perplexity is exp of the mean token cross-entropy. Baseline and
+Tucker model are scored on exactly the same windows.
+
+Fidelity: per-token KL(original || Tucker) of the next-token distributions, top-1
+agreement, and the relative error of every MoE block's output on the same inputs (the
+inputs the Tucker model's blocks see on the first ``layer_tokens`` tokens, fed to the
+original dense block of that layer, one layer in memory at a time).
+
+The KL uses the original model's top-``kl_topk`` probabilities plus one bucket for the
+rest of the vocabulary (exact when ``kl_topk`` covers the vocabulary; otherwise a lower
+bound, tight when the tail mass is small). This is what lets the baseline be cached per
+model and text, so comparing several rank choices does not recompute it.
+
+Runs alone or under ``torchrun --nproc_per_node N``: every rank computes, rank 0 reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from tuckerize import __version__
+from tuckerize.demo import DEMO_DIR, resolve_demo
+from tuckerize.errors import BackendError, InputError
+from tuckerize.progress import Progress, ensure
+from tuckerize.runtime.parallel import ParallelContext
+
+CACHE_DIR = Path(os.environ.get("TUCKERIZE_CACHE", Path.home() / ".cache" / "tuckerize")) / "baselines"
+
+
+# -- text -------------------------------------------------------------------------------------
+def load_text(text: str | None, model_folder: Path) -> tuple[str, str]:
+    """``(label, text)`` for ``--text``: a file path, ``demo`` (the demo's held-out text),
+    ``wikitext2`` (through ``datasets``), or None: the model's own held-out text if it has
+    one (the demo), else WikiText-2."""
+    if text is None:
+        text = "demo" if (model_folder / "heldout.txt").is_file() else "wikitext2"
+    if text == "demo":
+        path = model_folder / "heldout.txt"
+        path = path if path.is_file() else DEMO_DIR / "heldout.txt"
+        return f"demo held-out ({path.name})", path.read_text()
+    if text in ("wikitext2", "wikitext-2"):
+        try:
+            import datasets  # noqa: F401
+            from datasets import load_dataset
+
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        except ImportError:
+            raise InputError("--text wikitext2 needs the `datasets` package: pip install 'tuckerize[eval]'") from None
+        except Exception as exc:  # offline, no cache
+            raise InputError(
+                f"WikiText-2 could not be loaded ({type(exc).__name__}); connect to the hub once to cache it, "
+                "or pass a local file with --text PATH"
+            ) from None
+        return "wikitext-2-raw-v1 test", "\n\n".join(rows)
+    path = Path(text)
+    if not path.is_file():
+        raise InputError(f"--text {text} is neither a file nor one of: demo, wikitext2")
+    return str(path), path.read_text()
+
+
+def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
+    n = ids.numel() // seqlen
+    if max_windows:
+        n = min(n, max_windows)
+    if n == 0:
+        raise InputError(f"the text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+                         "use a longer text or a smaller --seqlen")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+# -- distributed set-up -----------------------------------------------------------------------
+def setup(backend: str) -> tuple[ParallelContext, torch.device]:
+    """Device and process group from ``--backend`` and torchrun's environment."""
+    from tuckerize.devices import collective_backend, resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(backend, local_rank if world > 1 else None)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group(collective_backend(device))
+    return ParallelContext.current(), device
+
+
+# -- models -----------------------------------------------------------------------------------
+@dataclass
+class EvalModel:
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    module: torch.nn.Module
+    runtime: str
+    moe_blocks: dict[int, torch.nn.Module]
+
+
+def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto") -> EvalModel:
+    from tuckerize.runtime.loader import TensorSource
+    from tuckerize.runtime.model import CausalLM, native_supported
+
+    source = TensorSource.open(path, parallel)
+    native = native_supported(source.spec.arch.name)
+    if runtime == "native" and not native:
+        raise InputError(f"the native runtime does not cover {source.spec.arch.classes[0]}; use --runtime hf")
+    if runtime == "hf" or (runtime == "auto" and not native):
+        if parallel.world > 1:
+            raise BackendError("the transformers runtime (--runtime hf) runs in one process; start without torchrun")
+        if source.kind == "shard":
+            raise InputError("the transformers runtime loads a Tucker checkpoint, not a shard set; pass the unsharded folder")
+        from tuckerize.runtime.hf import load_hf_model
+
+        model = load_hf_model(path, dtype=dtype, device=device)
+        blocks = {i: model.model.layers[i].mlp for i in source.spec.moe_layers}
+        return EvalModel(path, lambda ids: model(ids).logits, model, "hf", blocks)
+    model = CausalLM(source, dense_experts=not source.is_tucker, dtype=dtype, device=device).eval()
+    return EvalModel(path, model, model, "native", model.moe_blocks())
+
+
+# -- scoring ----------------------------------------------------------------------------------
+def _baseline_key(baseline: str, text_sha: str, seqlen: int, n_windows: int, dtype: str, topk: int) -> str:
+    folder = Path(baseline)
+    ident = [str(folder.resolve())]
+    for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        if f.is_file():
+            st = f.stat()
+            ident.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
+    blob = json.dumps([ident, text_sha, seqlen, n_windows, dtype, topk, __version__])
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@torch.no_grad()
+def score_baseline(model: EvalModel, windows: torch.Tensor, topk: int, device, progress: Progress) -> dict[str, Any]:
+    nll, top1, lp_top, idx_top = [], [], [], []
+    progress.start("baseline", len(windows))
+    t0 = time.perf_counter()
+    for w in windows:
+        ids = w[None].to(device)
+        logp = torch.log_softmax(model.forward(ids)[0, :-1].float(), -1)
+        target = ids[0, 1:]
+        nll.append(-logp.gather(-1, target[:, None])[:, 0].cpu())
+        top1.append(logp.argmax(-1).cpu())
+        v, i = logp.topk(min(topk, logp.shape[-1]), dim=-1)
+        lp_top.append(v.cpu())
+        idx_top.append(i.to(torch.int32).cpu())
+        progress.advance("baseline")
+    seconds = time.perf_counter() - t0
+    progress.finish("baseline")
+    return {"nll": torch.stack(nll), "top1": torch.stack(top1), "lp_top": torch.stack(lp_top),
+            "idx_top": torch.stack(idx_top), "seconds": seconds, "vocab": int(logp.shape[-1])}
+
+
+def _coarse_kl(lp_top: torch.Tensor, idx_top: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the top-k of p plus one bucket for the rest, per token."""
+    p = lp_top.exp()
+    lq = logq.gather(-1, idx_top.long())
+    kl = (p * (lp_top - lq)).sum(-1)
+    p_rest = (1 - p.sum(-1)).clamp_min(0)
+    q_rest = (1 - lq.exp().sum(-1)).clamp_min(1e-30)
+    tail = torch.where(p_rest > 1e-12, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - torch.log(q_rest)),
+                       torch.zeros_like(p_rest))
+    return kl + tail
+
+
+@torch.no_grad()
+def score_tucker(model: EvalModel, windows: torch.Tensor, base: dict[str, Any], device, layer_tokens: int,
+                 progress: Progress) -> dict[str, Any]:
+    captured: dict[int, list[torch.Tensor]] = {i: [] for i in model.moe_blocks}
+    budget = {"left": layer_tokens}
+
+    def hook(layer):
+        def fn(_mod, args):
+            if budget["left"] > 0:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                captured[layer].append(x[: budget["left"]].detach().clone())
+        return fn
+
+    handles = [blk.register_forward_pre_hook(hook(i)) for i, blk in model.moe_blocks.items()]
+    nll, kl, agree = [], [], []
+    progress.start("tucker", len(windows))
+    t0 = time.perf_counter()
+    for n, w in enumerate(windows):
+        ids = w[None].to(device)
+        logq = torch.log_softmax(model.forward(ids)[0, :-1].float(), -1).cpu()
+        if n == 0 or budget["left"] > 0:
+            budget["left"] -= ids.numel()
+            if budget["left"] <= 0:
+                for h in handles:
+                    h.remove()
+                handles = []
+        target = ids[0, 1:].cpu()
+        nll.append(-logq.gather(-1, target[:, None])[:, 0])
+        kl.append(_coarse_kl(base["lp_top"][n].float(), base["idx_top"][n], logq))
+        agree.append((logq.argmax(-1) == base["top1"][n]).float())
+        progress.advance("tucker")
+    seconds = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    progress.finish("tucker")
+    inputs = {i: torch.cat(v)[:layer_tokens] for i, v in captured.items() if v}
+    return {"nll": torch.stack(nll), "kl": torch.stack(kl), "agree": torch.stack(agree), "seconds": seconds,
+            "inputs": inputs}
+
+
+@torch.no_grad()
+def layer_errors(tucker: EvalModel, baseline_path: str, inputs: dict[int, torch.Tensor], parallel, device, dtype,
+                 progress: Progress) -> dict[int, float]:
+    """Relative error of each MoE block's output against the original dense block, same inputs."""
+    from tuckerize.runtime.loader import TensorSource, build_moe_block
+
+    source = TensorSource.open(baseline_path, parallel)
+    out = {}
+    progress.start("layers", len(inputs))
+    for layer, x in sorted(inputs.items()):
+        dense = build_moe_block(source, layer, dense=True, dtype=dtype, device=device)
+        ref = dense(x)
+        got = tucker.moe_blocks[layer](x)
+        if isinstance(got, tuple):
+            got = got[0]
+        out[layer] = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
+        del dense
+        progress.advance("layers", layer=layer)
+    progress.finish("layers")
+    return out
+
+
+# -- tasks ------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_jsonl(model: EvalModel, tokenizer, path: Path, device, limit: int | None = None) -> dict[str, float]:
+    """Multiple-choice accuracy by log-likelihood on a local JSONL file with lines
+    ``{"context": str, "choices": [str, ...], "label": int}``: ``acc`` takes the choice with
+    the highest summed log-probability, ``acc_norm`` the highest per character."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise InputError(f"task file {path} has no examples")
+    acc = acc_norm = 0
+    for row in rows:
+        try:
+            ctx, choices, label = row["context"], row["choices"], int(row["label"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{path}: each line needs context, choices and label") from None
+        ctx_ids = tokenizer(ctx, add_special_tokens=False)["input_ids"]
+        scores, norms = [], []
+        for choice in choices:
+            cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx_ids + cont], device=device)
+            logp = torch.log_softmax(model.forward(ids)[0, :-1].float(), -1)
+            pos = torch.arange(len(ctx_ids) - 1, ids.shape[1] - 1, device=device)
+            s = float(logp[pos, ids[0, pos + 1]].sum())
+            scores.append(s)
+            norms.append(s / max(1, len(choice)))
+        acc += int(max(range(len(choices)), key=scores.__getitem__) == label)
+        acc_norm += int(max(range(len(choices)), key=norms.__getitem__) == label)
+    return {"acc": acc / len(rows), "acc_norm": acc_norm / len(rows), "examples": len(rows)}
+
+
+def score_lm_eval(model_path: str, tokenizer, tasks: list[str], dtype, device, limit: int | None) -> dict[str, Any]:
+    """lm-eval-harness tasks on the transformers path (single process), the model wrapped as built."""
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        raise InputError("--tasks needs lm-eval-harness: pip install 'tuckerize[eval]'") from None
+    from tuckerize.runtime.hf import load_hf_model
+
+    model = load_hf_model(model_path, dtype=dtype, device=device)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1)
+    res = simple_evaluate(model=lm, tasks=tasks, limit=limit)
+    return {t: {k: v for k, v in r.items() if isinstance(v, (int, float))} for t, r in res["results"].items()}
+
+
+# -- the command ------------------------------------------------------------------------------
+def evaluate(
+    model: str,
+    baseline: str | None = None,
+    *,
+    text: str | None = None,
+    seqlen: int = 2048,
+    max_windows: int | None = None,
+    backend: str = "cpu",
+    dtype: str = "float32",
+    runtime: str = "auto",
+    kl_topk: int = 256,
+    layer_tokens: int = 512,
+    tasks_jsonl: list[str] | None = None,
+    tasks: list[str] | None = None,
+    task_limit: int | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (Tucker checkpoint or shard set) against ``baseline`` (the original;
+    by default the source recorded in the Tucker manifest). Returns the report."""
+    from transformers import AutoTokenizer
+
+    from tuckerize.runtime.hf import quiet_transformers
+
+    progress = ensure(progress)
+    started = time.time()
+    model = resolve_demo(model)
+    folder = Path(model)
+    if not folder.is_dir():
+        raise InputError(f"--model {model} does not exist; pass a Tucker checkpoint or shard folder")
+    if baseline is None:
+        manifest = _tucker_manifest(folder)
+        baseline = manifest.get("source", {}).get("path") if manifest else None
+        if not baseline or not Path(baseline).is_dir():
+            raise InputError("cannot find the original model; pass it with --baseline PATH")
+    baseline = resolve_demo(baseline)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if torch_dtype is None:
+        raise InputError(f"--dtype {dtype} is not one of float32, bfloat16, float16")
+    if seqlen < 2:
+        raise InputError(f"--seqlen {seqlen} must be at least 2")
+    parallel, device = setup(backend)
+
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(baseline)
+    text_label, raw = load_text(text, Path(baseline))
+    ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    windows = token_windows(ids, seqlen, max_windows)
+    text_sha = hashlib.sha256(raw.encode()).hexdigest()
+
+    key = _baseline_key(baseline, text_sha, seqlen, len(windows), dtype, kl_topk)
+    cache_file = CACHE_DIR / f"{key}.pt"
+    base = None
+    if use_cache and cache_file.is_file():
+        base = torch.load(cache_file)
+        base_cached = True
+    if base is None:
+        base_model = load_model(baseline, parallel, device, torch_dtype, runtime)
+        base = score_baseline(base_model, windows, kl_topk, device, progress)
+        del base_model
+        base_cached = False
+        if use_cache and parallel.rank == 0:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+            torch.save(base, tmp)
+            os.replace(tmp, cache_file)
+
+    tucker_model = load_model(model, parallel, device, torch_dtype, runtime)
+    tk = score_tucker(tucker_model, windows, base, device, layer_tokens, progress)
+    per_layer = layer_errors(tucker_model, baseline, tk.pop("inputs"), parallel, device, torch_dtype, progress)
+
+    n_tokens = int(base["nll"].numel())
+    report: dict[str, Any] = {
+        "tool": "tuckerize", "version": __version__,
+        "model": str(folder), "baseline": str(baseline),
+        "settings": {"seqlen": seqlen, "backend": backend, "device": str(device), "dtype": dtype,
+                     "runtime": tucker_model.runtime, "world_size": parallel.world, "kl_topk": kl_topk,
+                     "kl": "exact" if base["lp_top"].shape[-1] >= base["vocab"]
+                     else f"top-{base['lp_top'].shape[-1]} of {base['vocab']} + rest bucket (a lower bound)",
+                     "layer_tokens": layer_tokens},
+        "text": {"source": text_label, "sha256": text_sha, "tokens_in_text": int(ids.numel()),
+                 "windows": len(windows), "tokens_scored": n_tokens},
+        "baseline_result": {"perplexity": math.exp(float(base["nll"].mean())), "mean_nll": float(base["nll"].mean()),
+                            "cached": base_cached, "tokens_per_s": None if base_cached else
+                            windows.numel() / max(base["seconds"], 1e-9)},
+        "tucker_result": {"perplexity": math.exp(float(tk["nll"].mean())), "mean_nll": float(tk["nll"].mean()),
+                          "tokens_per_s": windows.numel() / max(tk["seconds"], 1e-9)},
+        "fidelity": {"kl_mean": float(tk["kl"].mean()), "top1_agreement": float(tk["agree"].mean()),
+                     "layer_relative_error": {str(k): v for k, v in per_layer.items()}},
+        "tokens_used": windows.reshape(-1)[:64].tolist(),
+    }
+    report["perplexity_ratio"] = report["tucker_result"]["perplexity"] / report["baseline_result"]["perplexity"]
+    manifest = _tucker_manifest(folder)
+    if manifest:
+        report["compression"] = manifest.get("params")
+    if tasks_jsonl:
+        report["tasks_jsonl"] = {}
+        for path in tasks_jsonl:
+            p = Path(path)
+            if not p.is_file():
+                raise InputError(f"task file {path} does not exist")
+            base_model = load_model(baseline, parallel, device, torch_dtype, runtime)
+            report["tasks_jsonl"][p.stem] = {
+                "baseline": score_jsonl(base_model, tokenizer, p, device, task_limit),
+                "tucker": score_jsonl(tucker_model, tokenizer, p, device, task_limit),
+            }
+            del base_model
+    if tasks:
+        if parallel.world > 1:
+            raise BackendError("--tasks (lm-eval) runs in one process; start without torchrun")
+        report["lm_eval"] = {
+            "baseline": score_lm_eval(baseline, tokenizer, tasks, torch_dtype, device, task_limit),
+            "tucker": score_lm_eval(model, tokenizer, tasks, torch_dtype, device, task_limit),
+        }
+    report["wall_seconds"] = time.time() - started
+    return report
+
+
+def _tucker_manifest(folder: Path) -> dict[str, Any] | None:
+    from tuckerize.format import MANIFEST_NAME
+    from tuckerize.shard.sharding import SHARD_MANIFEST
+
+    if (folder / SHARD_MANIFEST).is_file():
+        src = json.loads((folder / SHARD_MANIFEST).read_text())["source"]["path"]
+        folder = Path(src)
+    path = folder / MANIFEST_NAME
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def plot_report(report: dict[str, Any], path: str | Path) -> None:
+    """PNG: per-layer MoE output error, and the two perplexities."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), gridspec_kw={"width_ratios": [3, 1]})
+    layers = sorted(report["fidelity"]["layer_relative_error"], key=int)
+    a.bar([int(x) for x in layers], [report["fidelity"]["layer_relative_error"][x] for x in layers], color="#4477aa")
+    a.set_xlabel("MoE layer")
+    a.set_ylabel("relative error of block output")
+    a.set_title("per-layer error (same inputs)")
+    vals = [report["baseline_result"]["perplexity"], report["tucker_result"]["perplexity"]]
+    b.bar(["original", "Tucker"], vals, color=["#999999", "#ee6677"])
+    b.set_title("perplexity")
+    for i, v in enumerate(vals):
+        b.text(i, v, f"{v:.2f}", ha="center", va="bottom")
+    fig.suptitle(Path(report["model"]).name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
