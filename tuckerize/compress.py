@@ -34,7 +34,7 @@ from tuckerize.checkpoint import (
     sha256_file,
     write_json,
 )
-from tuckerize.errors import OutputConflictError, RankError
+from tuckerize.errors import CalibrationError, OutputConflictError, RankError
 from tuckerize.experts import expert_tensor_names, stack_projection
 from tuckerize.format import (
     CONFIG_KEY,
@@ -47,14 +47,24 @@ from tuckerize.format import (
 from tuckerize.progress import Progress, ensure
 from tuckerize.ranks import RankPlan, load_plan, uniform_plan
 
+#: Files of the calibration that an output folder may hold besides the checkpoint;
+#: --overwrite keeps them (statistics are reusable across rank choices).
+CALIBRATION_FILES = ("calibration_stats.safetensors", "calibration_stats.json")
+
 #: HOOI sweeps after ST-HOSVD. Measured (BENCHMARKS.md): on expert tensors a sweep
 #: lowers the relative error by well under 1% of itself at about 1.6x the HOSVD cost,
 #: so the default is the HOSVD alone; ``--iters`` buys the last bit of error.
 DEFAULT_ITERS = 0
 
 
-def default_out(model: str, plan: RankPlan) -> Path:
-    stem = re.sub(r"[^\w.\-]+", "-", Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--"))
+def model_stem(model: str) -> str:
+    return re.sub(r"[^\w.\-]+", "-", Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--"))
+
+
+def default_out(model: str, plan: RankPlan | None, tag: str | None = None) -> Path:
+    stem = model_stem(model)
+    if plan is None:
+        return Path(f"{stem}-tucker-{tag}")
     if plan.default is not None and not plan.projections and not plan.layers and not plan.layer_projections:
         tag = "-".join(map(str, plan.default))
     else:
@@ -68,30 +78,78 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """Create or validate the output folder; return the journal of files already done."""
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Check that ``out`` is free or ours; with ``overwrite``, empty it (calibration
+    statistics excepted: they do not depend on the ranks)."""
     if out.exists() and not out.is_dir():
         raise OutputConflictError(f"--out {out} is a file; choose a folder path")
-    ours = out.is_dir() and ((out / JOURNAL_NAME).is_file() or (out / MANIFEST_NAME).is_file())
+    ours = out.is_dir() and any((out / n).is_file() for n in (JOURNAL_NAME, MANIFEST_NAME, *CALIBRATION_FILES))
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise OutputConflictError(
             f"output folder {out} exists and is not a tuckerize checkpoint; choose another --out or remove it"
         )
     if ours and overwrite:
-        shutil.rmtree(out)
+        for child in out.iterdir():
+            if child.name in CALIBRATION_FILES:
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    if ours and not overwrite:
-        for name in (JOURNAL_NAME, MANIFEST_NAME):
-            path = out / name
-            if path.is_file():
-                previous = json.loads(path.read_text())
-                if previous.get("fingerprint") != fingerprint:
-                    raise OutputConflictError(
-                        f"{out} holds a decomposition with other settings or another source; "
-                        "pass --overwrite to start over or choose another --out"
-                    )
-                return previous.get("files", {})
+
+
+def _previous_fingerprint(out: Path) -> dict[str, Any] | None:
+    for name in (JOURNAL_NAME, MANIFEST_NAME):
+        path = out / name
+        if path.is_file():
+            return json.loads(path.read_text()).get("fingerprint")
+    return None
+
+
+def _conflict(out: Path) -> OutputConflictError:
+    return OutputConflictError(
+        f"{out} holds a decomposition with other settings or another source; "
+        "pass --overwrite to start over or choose another --out"
+    )
+
+
+def _prepare_out(out: Path, fingerprint: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    """Create or validate the output folder; return the journal of files already done."""
+    _claim_out(out, overwrite)
+    for name in (JOURNAL_NAME, MANIFEST_NAME):
+        path = out / name
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            if previous.get("fingerprint") != fingerprint:
+                raise _conflict(out)
+            return previous.get("files", {})
     return {}
+
+
+def _write_plan(plan: RankPlan, path: Path, header: str) -> None:
+    import yaml
+
+    from tuckerize.checkpoint import atomic_write
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(plan.to_dict(), sort_keys=False, default_flow_style=None)
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int, tensors: dict[str, Any]):
+    """The Tucker experts module of ``layer`` from its just-written factors (sequential calibration)."""
+    import torch
+
+    from tuckerize.runtime.tucker_experts import TuckerExperts
+
+    E, H, I = spec.shape
+    prefix = spec.arch.experts_prefix(layer)
+    experts = TuckerExperts(E, H, I, {p: plan.ranks_for(layer, p) for p in PROJECTIONS},
+                            act=src_config.get("hidden_act", "silu"), dtype=torch.float32)
+    experts.load_factors({f"{p}.{f}": tensors[factor_name(prefix, p, f)] for p in PROJECTIONS for f in FACTORS})
+    return experts
 
 
 def _verified(out: Path, entry: dict[str, Any] | None) -> bool:
@@ -107,12 +165,26 @@ def decompose_checkpoint(
     *,
     ranks: str | tuple[int, int, int] | None = None,
     config: str | Path | None = None,
+    ratio: float | None = None,
+    params: int | None = None,
     revision: str | None = None,
     iters: int = DEFAULT_ITERS,
     tol: float = 1e-4,
     device: str = "cpu",
     overwrite: bool = False,
     progress: Progress | None = None,
+    calibration: str | None = None,
+    samples: int = 128,
+    seqlen: int = 512,
+    stats: str | Path | None = None,
+    whiten: bool = True,
+    whiten_options: Any = None,
+    sequential: bool = False,
+    expert_rank: str = "full",
+    normalise: str = "relative",
+    save_config: str | Path | None = None,
+    per_expert_stats: bool = False,
+    calibration_batch: int = 8,
 ) -> dict[str, Any]:
     """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
 
@@ -121,30 +193,76 @@ def decompose_checkpoint(
     model : hub id or local folder of a Hugging Face MoE checkpoint.
     out : output folder (default: ``<model>-tucker-<ranks>`` in the working directory).
     ranks : ``"r_E,r_H,r_I"`` for every layer and projection, or
-    config : a YAML rank plan (see :mod:`tuckerize.ranks`).
+    config : a YAML rank plan (see :mod:`tuckerize.ranks`), or
+    ratio : fraction of the routed experts' parameters to keep, or
+    params : number of routed-expert parameters to keep; with ``ratio``/``params`` the
+        ranks are allocated per layer and projection (:mod:`tuckerize.allocate`) and the
+        plan is written to ``save_config`` (default ``configs/<model>-keep<ratio>.yaml``)
+        and to ``out/rank_plan.yaml``.
     iters : HOOI sweeps after ST-HOSVD.
     device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
+    calibration : calibration text (see :func:`tuckerize.calibrate.read_calibration_text`);
+        with it, ``samples`` windows of ``seqlen`` tokens are run through the model one
+        layer at a time and each projection is decomposed whitened by its input statistics
+        (:mod:`tuckerize.decompose.whiten`), unless ``whiten=False``.
+    stats : saved statistics (``calibration_stats.safetensors`` or its folder) to use
+        instead of collecting them; statistics found in ``out`` with matching settings
+        are reused too.
+    sequential : feed each layer the hidden states of the already compressed layers.
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``).
     """
     import torch
 
+    from tuckerize.calibrate import WhitenOptions, mode_weights
     from tuckerize.decompose import tucker
+    from tuckerize.decompose.whiten import whitened_tucker
 
     started = time.time()
     progress = ensure(progress)
-    if (ranks is None) == (config is None):
-        raise RankError("give exactly one of --ranks r_E,r_H,r_I or --config FILE.yaml")
-    plan = uniform_plan(ranks) if ranks is not None else load_plan(config)  # type: ignore[arg-type]
+    if sum(x is not None for x in (ranks, config, ratio, params)) != 1:
+        raise RankError("give exactly one of --ranks r_E,r_H,r_I, --config FILE.yaml, --ratio F or --params N")
+    plan: RankPlan | None = None
+    if ranks is not None:
+        plan = uniform_plan(ranks)
+    elif config is not None:
+        plan = load_plan(config)
     if iters < 0:
         raise RankError(f"--iters {iters} is negative; use 0 (ST-HOSVD only) or a positive number of HOOI sweeps")
+    calibrated = calibration is not None or stats is not None
+    if sequential and calibration is None:
+        raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the compressed layers)")
+    if sequential and not whiten:
+        raise CalibrationError("--sequential only changes the whitening statistics; drop --no-whiten or --sequential")
+    if calibration is not None and (samples < 1 or seqlen < 2):
+        raise CalibrationError(f"--samples {samples} --seqlen {seqlen}: need at least 1 sample of at least 2 tokens")
+    if ratio is not None and not (0.0 < ratio <= 1.0):
+        raise RankError(f"--ratio {ratio} is outside (0, 1]; it is the fraction of expert parameters kept, e.g. 0.75")
+    if params is not None and params < 1:
+        raise RankError(f"--params {params} must be a positive number of routed-expert parameters to keep")
+    if expert_rank not in ("full", "auto"):
+        raise RankError(f"--expert-rank {expert_rank} is not 'full' (r_E = number of experts) or 'auto'")
+    options = whiten_options if whiten_options is not None else WhitenOptions()
+    cal_text = None
+    if calibration is not None:
+        from tuckerize.calibrate import read_calibration_text
+
+        cal_text = read_calibration_text(calibration)  # a missing file fails here, before any work
     dev = _device(device)
 
     source: ModelSource = resolve_model(model, revision)
     src_config = load_config(source.path)
     spec = moe_spec(src_config)
-    plan.check(spec.moe_layers, spec.shape)
+    if plan is not None:
+        plan.check(spec.moe_layers, spec.shape)
     ckpt = Checkpoint.open(source.path)
+    E, H, I = spec.shape
+    n_tensors = len(spec.moe_layers) * len(PROJECTIONS)
+    budget = None
+    if plan is None:
+        from tuckerize.allocate import expert_budget
+
+        budget = expert_budget(spec.shape, n_tensors, ratio=ratio, params=params)
 
     # Which source tensors each output unit holds: unit 0 everything outside decoder
     # layers, unit L+1 decoder layer L.
@@ -176,6 +294,123 @@ def decompose_checkpoint(
         "eigensolver": "float64 symmetric (Gram matrices)",
         "factor_dtype": "float32",
     }
+    whitening_on = calibrated and whiten
+    if whitening_on:
+        settings["algorithm"] = "whitened-" + settings["algorithm"]
+    if budget is not None:
+        tag = f"keep{ratio:g}" if ratio is not None else f"params{params}"
+    else:
+        tag = None
+    out = Path(out) if out is not None else default_out(model, plan, tag)
+    _claim_out(out, overwrite)
+    previous = None if overwrite else _previous_fingerprint(out)
+    if previous is not None and (
+        previous.get("source_files") != source_files
+        or previous.get("settings") != settings
+        or bool(previous.get("calibration")) != calibrated
+        or (previous.get("calibration") or {}).get("sequential", False) != sequential
+    ):
+        raise _conflict(out)  # before spending time on calibration
+
+    # ---- calibration statistics (dense stream), when whitening or allocation needs them
+    cal_settings = None
+    cal_stats = None
+    tokens = None
+    cal_info: dict[str, Any] | None = None
+    if calibrated:
+        from tuckerize.calibrate import (
+            STATS_NAME,
+            CalibrationSettings,
+            CalibrationStats,
+            calibration_tokens,
+            collect_statistics,
+            model_fingerprint,
+            text_sha256,
+        )
+
+        model_sha = model_fingerprint(source_files)
+        if calibration is not None:
+            assert cal_text is not None
+            text, label = cal_text
+            cal_text = None
+            cal_settings = CalibrationSettings(source=label, samples=samples, seqlen=seqlen,
+                                               text_sha256=text_sha256(text), model_sha256=model_sha,
+                                               per_expert=per_expert_stats)
+            tokens = calibration_tokens(text, source.path, samples, seqlen)
+            del text
+        need_dense = not sequential or plan is None
+        if need_dense:
+            candidates = [Path(stats)] if stats is not None else []
+            if (out / STATS_NAME).is_file():
+                candidates.append(out / STATS_NAME)
+            for cand in candidates:
+                loaded = CalibrationStats.load(cand)
+                if loaded.settings.model_sha256 != model_sha:
+                    if stats is not None and cand == Path(stats):
+                        raise CalibrationError(f"calibration statistics {cand} were collected on another model or "
+                                               "checkpoint version; drop --stats or pass this model's")
+                    continue
+                if cal_settings is not None and loaded.settings.key() != cal_settings.key():
+                    if stats is not None and cand == Path(stats):
+                        raise CalibrationError(f"calibration statistics {cand} were collected with other settings "
+                                               "(text, --samples or --seqlen); drop --stats to recollect")
+                    continue
+                cal_stats = loaded
+                break
+            if cal_stats is None:
+                cal_stats = collect_statistics(source.path, cal_settings, tokens, batch_size=calibration_batch,
+                                               progress=progress)
+            cal_stats.check_model(spec.moe_layers, spec.shape)
+            if cal_stats.path is None or cal_stats.path.resolve() != (out / STATS_NAME).resolve():
+                cal_stats.save(out)
+            cal_settings = cal_stats.settings
+        cal_info = {
+            "settings": cal_settings.to_dict() if cal_settings is not None else None,
+            "stats_file": STATS_NAME if cal_stats is not None else None,
+            "collect_seconds": round(cal_stats.seconds, 3) if cal_stats is not None else None,
+            "whitening": options.to_dict() if whitening_on else None,
+            "sequential": sequential,
+        }
+
+    # ---- rank allocation to the budget
+    allocation_info = None
+    if plan is None:
+        from tuckerize.allocate import allocate, plan_from_ranks, plan_params
+        from tuckerize.decompose.whiten import mode_spectra
+
+        assert budget is not None
+        progress.start("allocate", n_tensors)
+        spectra = {}
+        for layer in spec.moe_layers:
+            for proj in PROJECTIONS:
+                weights = (mode_weights(cal_stats.layers[layer], proj, options)
+                           if whitening_on and cal_stats is not None else None)
+                stacked = stack_projection(ckpt, spec, layer, proj).to(dev)
+                spectra[(layer, proj)] = [v.cpu() for v in mode_spectra(stacked, weights)]
+                del stacked
+                progress.advance("allocate", 1, layer=layer, projection=proj)
+        progress.finish("allocate")
+        chosen = allocate(spectra, spec.shape, budget, expert_rank=expert_rank, normalise=normalise)
+        plan = plan_from_ranks(chosen, source="allocated")
+        plan.check(spec.moe_layers, spec.shape)
+        used = plan_params(plan, spec.moe_layers, spec.shape)
+        stem = model_stem(model)
+        save_path = Path(save_config) if save_config is not None else Path("configs") / f"{stem}-{tag}.yaml"
+        what = "whitened" if whitening_on else "plain"
+        header = (f"Ranks allocated by tuckerize for {source.label}: {used:,} of {E * H * I * n_tensors:,} routed-expert "
+                  f"parameters ({used / (E * H * I * n_tensors):.2%}; budget {budget:,}),\n"
+                  f"greedy on {what} mode spectra, expert rank {expert_rank}, {normalise} errors"
+                  + (f", calibration {cal_settings.source} ({cal_settings.samples} x {cal_settings.seqlen} tokens)."
+                     if cal_settings is not None else "."))
+        _write_plan(plan, save_path, header)
+        _write_plan(plan, out / "rank_plan.yaml", header)
+        allocation_info = {
+            "budget": budget, "ratio": ratio, "params": params, "allocated": used,
+            "expert_rank": expert_rank, "normalise": normalise, "spectra": what,
+            "config": str(save_path),
+        }
+    assert plan is not None
+
     layer_ranks = {
         str(layer): {p: list(plan.ranks_for(layer, p)) for p in PROJECTIONS} for layer in spec.moe_layers
     }
@@ -185,8 +420,20 @@ def decompose_checkpoint(
         "ranks": layer_ranks,
         "settings": settings,
     }
-    out = Path(out) if out is not None else default_out(model, plan)
-    done = _prepare_out(out, fingerprint, overwrite)
+    if cal_info is not None:
+        fingerprint["calibration"] = {
+            "settings": cal_settings.key() if cal_settings is not None else None,
+            "whitening": cal_info["whitening"],
+            "sequential": sequential,
+        }
+    done = _prepare_out(out, fingerprint, overwrite=False)
+
+    runner = None
+    if sequential:
+        from tuckerize.calibrate import LayerwiseRunner
+        from tuckerize.runtime.loader import TensorSource
+
+        runner = LayerwiseRunner(TensorSource.open(source.path), tokens, batch_size=calibration_batch)
 
     journal: dict[str, Any] = {"fingerprint": fingerprint, "files": {}}
     units = sorted(units_of)
@@ -203,16 +450,38 @@ def decompose_checkpoint(
             journal["files"][filename] = entry
             weight_map.update({n: filename for n in entry["tensors"]})
             progress.advance("decompose", steps, layer=layer, skipped=True)
+            if runner is not None and layer >= 0:  # sequential: advance through the finished layer
+                experts = None
+                if is_moe:
+                    from safetensors.torch import load_file
+
+                    experts = _tucker_experts(spec, src_config, plan, layer, load_file(str(out / filename)))
+                runner.run(layer, experts=experts)
             continue
         t0 = time.time()
         tensors = {name: ckpt.get(name) for name in units_of[unit]}
         errors: dict[str, Any] = {}
         if is_moe:
             prefix = spec.arch.experts_prefix(layer)
+            layer_stats = None
+            if whitening_on:
+                if runner is not None:
+                    from tuckerize.calibrate import LayerStats
+
+                    collected = LayerStats(E, H, I)
+                    runner.run(layer, stats=collected, update=False)
+                    layer_stats = collected.t
+                else:
+                    assert cal_stats is not None
+                    layer_stats = cal_stats.layers[layer]
             for proj in PROJECTIONS:
                 tp = time.time()
                 stacked = stack_projection(ckpt, spec, layer, proj).to(dev)
-                result = tucker(stacked, plan.ranks_for(layer, proj), n_iter_max=iters, tol=tol)
+                if layer_stats is None:
+                    result = tucker(stacked, plan.ranks_for(layer, proj), n_iter_max=iters, tol=tol)
+                else:
+                    weights = mode_weights(layer_stats, proj, options)
+                    result = whitened_tucker(stacked, plan.ranks_for(layer, proj), weights, n_iter_max=iters, tol=tol)
                 del stacked
                 for fname, value in zip(FACTORS, [*result.factors, result.core]):
                     tensors[factor_name(prefix, proj, fname)] = value.to("cpu", torch.float32).contiguous()
@@ -222,7 +491,12 @@ def decompose_checkpoint(
                     "error_history": result.error_history,
                     "seconds": round(time.time() - tp, 3),
                 }
+                if layer_stats is not None:
+                    # relative error in the whitened space: the relative calibration-set output error
+                    errors[proj]["whitened_error"] = result.whitened_error
                 progress.advance("decompose", 1, layer=layer, projection=proj, error=result.relative_error)
+        if runner is not None and layer >= 0:
+            runner.run(layer, experts=_tucker_experts(spec, src_config, plan, layer, tensors) if is_moe else None)
         save_safetensors(tensors, out / filename, metadata={"format": "pt"})
         journal["files"][filename] = {
             "file": filename,
@@ -303,6 +577,10 @@ def decompose_checkpoint(
         "files": journal["files"],
         "wall_seconds": round(time.time() - started, 3),
     }
+    if cal_info is not None:
+        manifest["calibration"] = cal_info
+    if allocation_info is not None:
+        manifest["allocation"] = allocation_info
     write_json(out / MANIFEST_NAME, manifest)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     ckpt.close()

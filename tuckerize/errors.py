@@ -35,3 +35,7 @@ class ShardError(TuckerizeError):
 
 class BackendError(TuckerizeError):
     """A device or collective backend is unavailable."""
+
+
+class CalibrationError(TuckerizeError):
+    """Calibration text, settings or saved statistics cannot be used as given."""

@@ -333,7 +333,8 @@ def evaluate(
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(baseline)
     text_label, raw = load_text(text, Path(baseline))
-    ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    with quiet_transformers():  # the whole text is longer than model_max_length; windows are cut below
+        ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, seqlen, max_windows)
     text_sha = hashlib.sha256(raw.encode()).hexdigest()
 

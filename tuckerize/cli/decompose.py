@@ -24,31 +24,57 @@ def decompose(
     device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
     overwrite: Annotated[bool, typer.Option(help="Start over in an existing output folder.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks are allocated per layer and projection.")] = None,
+    params: Annotated[Optional[int], typer.Option(help="Routed-expert parameters to keep (instead of --ratio).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Calibration text: a text file, a folder of .txt files, a .jsonl with 'text', hf:DATASET[:CONFIG[:SPLIT]], or 'demo'. Enables whitened Tucker.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    stats: Annotated[Optional[Path], typer.Option(help="Reuse saved calibration statistics (calibration_stats.safetensors or the output folder holding it).")] = None,
+    whiten: Annotated[bool, typer.Option(help="Whiten by the calibration statistics (--no-whiten: plain Tucker, statistics used for allocation only).")] = True,
+    sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
+    expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
+    damp: Annotated[float, typer.Option(help="Whitening ridge, relative to the mean covariance eigenvalue.")] = 1e-2,
+    save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core."""
     from tuckerize.compress import decompose_checkpoint
     from tuckerize.demo import resolve_demo
 
     model_path = resolve_demo(model)
-    with RichProgress(enabled=not json_out) as progress:
-        manifest = run_or_exit(
-            lambda: decompose_checkpoint(
-                model_path, out, ranks=ranks, config=config, revision=revision, iters=iters,
-                device=device, overwrite=overwrite, progress=progress,
-            )
+
+    def call():
+        from tuckerize.calibrate import WhitenOptions
+        from tuckerize.errors import CalibrationError
+
+        if not damp > 0:
+            raise CalibrationError(f"--damp {damp} must be positive (a ridge relative to the mean eigenvalue, e.g. 0.01)")
+        return decompose_checkpoint(
+            model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision, iters=iters,
+            device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
+            seqlen=seqlen, stats=stats, whiten=whiten, sequential=sequential, expert_rank=expert_rank,
+            whiten_options=WhitenOptions(damp=damp), save_config=save_config,
         )
+
+    with RichProgress(enabled=not json_out) as progress:
+        manifest = run_or_exit(call)
     if json_out:
         print_json(manifest)
         return
     from rich.table import Table
 
     table = Table(title=f"Tucker decomposition of {manifest['source']['model']}")
-    for col in ("layer", "projection", "ranks (r_E, r_H, r_I)", "rel. error", "params", "seconds"):
+    whitened = "calibration" in manifest and (manifest["calibration"].get("whitening") is not None)
+    cols = ["layer", "projection", "ranks (r_E, r_H, r_I)", "rel. error"]
+    cols += ["output error"] if whitened else []
+    for col in cols + ["params", "seconds"]:
         table.add_column(col, justify="right")
     for t in manifest["tensors"]:
-        table.add_row(str(t["layer"]), t["projection"], ",".join(map(str, t["ranks"])),
-                      f"{t['relative_error']:.4f}", f"{t['params']:,}", f"{t['seconds']:.2f}")
+        row = [str(t["layer"]), t["projection"], ",".join(map(str, t["ranks"])), f"{t['relative_error']:.4f}"]
+        row += [f"{t['whitened_error']:.4f}"] if whitened else []
+        table.add_row(*row, f"{t['params']:,}", f"{t['seconds']:.2f}")
     console.print(table)
+    if "allocation" in manifest:
+        console.print(f"rank plan written to {manifest['allocation']['config']} (reuse with --config)")
     p = manifest["params"]
     console.print(
         f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "

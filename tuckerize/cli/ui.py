@@ -15,6 +15,8 @@ LABELS = {
     "decompose": "decomposing experts",
     "shard": "writing shards",
     "eval": "evaluating",
+    "calibrate": "calibrating",
+    "allocate": "allocating ranks",
 }
 
 

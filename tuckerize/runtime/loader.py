@@ -103,11 +103,16 @@ def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=N
     return experts
 
 
-def build_moe_block(source: TensorSource, layer: int, dense: bool = False, dtype=None, device=None) -> MoEBlock:
+def build_moe_block(source: TensorSource, layer: int, dense: bool = False, dtype=None, device=None,
+                    experts: torch.nn.Module | None = None) -> MoEBlock:
+    """Router, routed experts and shared expert of ``layer``. ``experts`` replaces the routed
+    experts module (anything with ``partial(x, top_k_index, top_k_weights)`` and ``finish(s)``,
+    e.g. the calibration's statistics collector); by default they are built from ``source``."""
     spec = source.spec
     arch = spec.arch
     router = RouterSpec.from_config(arch, source.config, spec.num_experts, spec.top_k)
-    experts = build_experts(source, layer, dense=dense, dtype=dtype, device=device)
+    if experts is None:
+        experts = build_experts(source, layer, dense=dense, dtype=dtype, device=device)
     block = MoEBlock(arch, source.config, router, experts, source.parallel, dtype=dtype, device=device)
     prefix = arch.moe_prefix.format(layer=layer)
     source.load(block.gate.weight, f"{prefix}.{arch.router}")

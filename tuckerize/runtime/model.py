@@ -200,6 +200,28 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def build_decoder_layer(source: TensorSource, i: int, dense_experts: bool = False, mlp: nn.Module | None = None,
+                        dtype=None, device=None) -> DecoderLayer:
+    """Decoder layer ``i`` built and loaded from ``source`` on its own (the calibration pass
+    runs one layer at a time). ``mlp`` replaces the layer's MoE block or MLP (already loaded)."""
+    config, spec = source.config, source.spec
+    style = ATTENTION[spec.arch.name]
+    parallel = source.parallel
+    own_mlp = mlp is None
+    if mlp is None:
+        if i in spec.moe_layers:
+            mlp = build_moe_block(source, i, dense=dense_experts, dtype=dtype, device=device)
+        else:
+            hidden, inter = int(config["hidden_size"]), int(config.get("intermediate_size"))
+            mlp = ParallelMLP(hidden, inter, parallel, config.get("hidden_act", "silu"), dtype, device)
+    layer = DecoderLayer(config, style, parallel, mlp, dtype, device)
+    for name, p in layer.named_parameters():
+        if name.startswith("mlp.") and (i in spec.moe_layers or not own_mlp):
+            continue  # the MoE block loaded itself (build_moe_block)
+        source.load(p, f"model.layers.{i}.{name}")
+    return layer
+
+
 class CausalLM(nn.Module):
     """Logits for token ids [B, S] (full vocabulary on every rank)."""
 
@@ -218,21 +240,15 @@ class CausalLM(nn.Module):
             self.sliding_window = int(config["sliding_window"])
         else:
             self.sliding_window = None
-        style = ATTENTION[arch.name]
         self.config = config
         self.parallel = parallel
         hidden, vocab = int(config["hidden_size"]), int(config["vocab_size"])
         _, _, head_dim = attention_dims(config)
         self.embed_tokens = VocabParallelEmbedding(vocab, hidden, parallel, dtype, device)
-        layers = []
-        for i in range(spec.num_layers):
-            if i in spec.moe_layers:
-                mlp = build_moe_block(source, i, dense=dense_experts, dtype=dtype, device=device)
-            else:
-                inter = int(config.get("intermediate_size"))
-                mlp = ParallelMLP(hidden, inter, parallel, config.get("hidden_act", "silu"), dtype, device)
-            layers.append(DecoderLayer(config, style, parallel, mlp, dtype, device))
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(
+            build_decoder_layer(source, i, dense_experts=dense_experts, dtype=dtype, device=device)
+            for i in range(spec.num_layers)
+        )
         self.norm = RMSNorm(hidden, float(config.get("rms_norm_eps", 1e-6)), dtype=dtype, device=device)
         self.lm_head = ParallelLMHead(vocab, hidden, parallel, dtype, device)
         self.rotary = Rotary(head_dim, rope_theta(config), device=device)
@@ -243,11 +259,7 @@ class CausalLM(nn.Module):
         tied = "lm_head.weight" not in source.tensors  # tie_word_embeddings
         source.load(self.lm_head.weight, "model.embed_tokens.weight" if tied else "lm_head.weight")
         source.load(self.norm.weight, "model.norm.weight")
-        for i, layer in enumerate(self.layers):
-            for name, p in layer.named_parameters():
-                if i in spec.moe_layers and name.startswith("mlp."):
-                    continue  # the MoE block loaded itself (build_moe_block)
-                source.load(p, f"model.layers.{i}.{name}")
+        # decoder layers loaded themselves (build_decoder_layer)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -268,4 +280,4 @@ class CausalLM(nn.Module):
         return {i: self.layers[i].mlp for i in spec_layers}
 
 
-__all__ = ["CausalLM", "native_supported", "ATTENTION", "RMSNorm"]
+__all__ = ["CausalLM", "build_decoder_layer", "native_supported", "ATTENTION", "RMSNorm", "Rotary", "rope_theta"]

@@ -1,0 +1,469 @@
+"""Calibration statistics for whitened Tucker, collected one decoder layer at a time.
+
+Calibration tokens (``--calibration TEXT_OR_DATASET --samples N --seqlen L``) are
+embedded once; their hidden states ``[N, L, H]`` (float32) are the only activations
+kept. Then for each decoder layer: that layer alone is loaded (attention, norms, router,
+experts in their stored dtype), run over the kept hidden states in micro-batches, its
+MoE block's inputs feed the statistics, its output replaces the kept hidden states, and
+the layer is dropped. Peak memory is one layer plus the kept activations (plus the
+token embedding while embedding).
+
+Statistics per MoE layer, accumulated in float64 (``x``: the block input of a token,
+``a_e = act(x W_gate,e) * (x W_up,e)``: the input of expert e's down projection,
+``w_e``: the routing weight of the token for expert e):
+
+``hidden``          sum_t x^T x                    (H x H)  input covariance of gate/up
+``hidden_routed``   sum_t (sum_k w_k^2) x^T x      (H x H)  the same, weighted as the block output
+``inter``           sum_e sum_{t->e} a_e^T a_e     (I x I)  input covariance of down, pooled
+``inter_routed``    sum_e sum_{t->e} w_e^2 a_e^T a_e
+``expert_count``    tokens routed to each expert   (E)
+``expert_mass``     sum_{t->e} w_e^2               (E)
+``hidden_expert``, ``inter_expert`` (only with ``per_expert=True``, for measurements
+on small models): the routed covariances of each expert, (E x H x H) and (E x I x I).
+
+Why these: the squared error that a change dW_e of expert e's gate/up makes in the
+block output is, to first order, sum_{t->e} w_e^2 ||x dW_e (...)||^2, and of its down
+projection exactly sum_{t->e} w_e^2 ||a_e dW_e^T||^2. The Tucker factors U_H, U_I are
+shared by all experts, so one pooled covariance per side is what a mode weight can
+carry; which pooling wins is measured (BENCHMARKS.md, calibration section).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tuckerize.arch import PROJECTIONS
+from tuckerize.checkpoint import save_safetensors, sha256_file, write_json
+from tuckerize.errors import CalibrationError
+
+STATS_NAME = "calibration_stats.safetensors"
+STATS_META = "calibration_stats.json"
+STATS_VERSION = 1
+DEMO_CALIBRATION = Path(__file__).parent / "demo" / "calibration.txt"
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
+
+
+# ------------------------------------------------------------------------------ text and tokens
+
+
+def read_calibration_text(source: str | Path) -> tuple[str, str]:
+    """``(text, label)`` from ``demo`` (the text shipped with the demo models, disjoint from
+    their held-out text), a text file, a folder of text files (sorted, joined by blank
+    lines), a ``.jsonl`` file (its ``"text"`` fields) or ``hf:NAME[:CONFIG[:SPLIT]]`` (a
+    Hugging Face dataset's ``text`` column, through the optional ``datasets`` package)."""
+    src = str(source)
+    if src == "demo":
+        return DEMO_CALIBRATION.read_text(encoding="utf-8"), "demo"
+    if src.startswith("hf:"):
+        return _hf_dataset_text(src[3:]), src
+    path = Path(src).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise CalibrationError(f"calibration folder {path} holds no {'/'.join(TEXT_SUFFIXES)} files; "
+                                   "pass a text file or a folder of them")
+        return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files), str(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration text {src} does not exist; pass a text file, a folder of .txt files, "
+                               "a .jsonl file with a 'text' field, hf:DATASET, or 'demo'")
+    if path.suffix == ".jsonl":
+        parts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                parts.append(str(json.loads(line)["text"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CalibrationError(f"{path} line {n} is not a JSON object with a 'text' field; fix the file") from None
+        return "\n\n".join(parts), str(path)
+    return path.read_text(encoding="utf-8", errors="replace"), str(path)
+
+
+def _hf_dataset_text(spec: str) -> str:
+    parts = spec.split(":")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), (
+        parts[2] if len(parts) > 2 else "train")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise CalibrationError("hf: calibration data needs the 'datasets' package: pip install datasets "
+                               "(or pass a local text file)") from None
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a user-fixable input problem
+        raise CalibrationError(f"cannot load dataset {spec}: {str(exc).splitlines()[0]}; check the name or pass a text file") from None
+    if "text" not in ds.column_names:
+        raise CalibrationError(f"dataset {spec} has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return "\n\n".join(t for t in ds["text"] if t)
+
+
+def calibration_tokens(text: str, tokenizer_folder: str | Path, samples: int, seqlen: int) -> torch.Tensor:
+    """``samples`` windows of ``seqlen`` tokens ``[samples, seqlen]``: the text is tokenized
+    whole, cut into non-overlapping windows, and windows evenly spaced over the text are
+    taken (deterministic, and covering the whole text rather than its beginning)."""
+    if samples < 1 or seqlen < 2:
+        raise CalibrationError(f"--samples {samples} --seqlen {seqlen}: need at least 1 sample of at least 2 tokens")
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except Exception as exc:  # noqa: BLE001
+        raise CalibrationError(f"cannot load the tokenizer of {tokenizer_folder} ({type(exc).__name__}); "
+                               "calibration needs the model's tokenizer files next to config.json") from None
+    ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    windows = len(ids) // seqlen
+    if windows < samples:
+        raise CalibrationError(f"calibration text has {len(ids):,} tokens: {windows} windows of {seqlen}, fewer than "
+                               f"--samples {samples}; give more text or lower --samples/--seqlen")
+    starts = torch.linspace(0, windows - 1, samples).round().long() * seqlen
+    t = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([t[s : s + seqlen] for s in starts.tolist()])
+
+
+# ------------------------------------------------------------------------------ settings
+
+
+@dataclass
+class CalibrationSettings:
+    """What a set of statistics depends on (stored with them; a mismatch means recollect)."""
+
+    source: str
+    samples: int
+    seqlen: int
+    text_sha256: str
+    model_sha256: str = ""
+    per_expert: bool = False
+    version: int = STATS_VERSION
+    #: "dense": every layer sees the original model's hidden states.
+    stream: str = "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> dict[str, Any]:
+        """The fields that must match for statistics to be reused (not the label)."""
+        d = self.to_dict()
+        d.pop("source")
+        return d
+
+
+def model_fingerprint(source_files: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(sorted(source_files.items()))).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ accumulation
+
+
+class LayerStats:
+    """Float64 accumulators of one MoE layer (see the module docstring for the fields)."""
+
+    def __init__(self, E: int, H: int, I: int, per_expert: bool = False):
+        f64 = {"dtype": torch.float64}
+        self.E, self.H, self.I = E, H, I
+        self.t: dict[str, torch.Tensor] = {
+            "hidden": torch.zeros(H, H, **f64),
+            "hidden_routed": torch.zeros(H, H, **f64),
+            "inter": torch.zeros(I, I, **f64),
+            "inter_routed": torch.zeros(I, I, **f64),
+            "expert_count": torch.zeros(E, **f64),
+            "expert_mass": torch.zeros(E, **f64),
+            "tokens": torch.zeros(1, **f64),
+        }
+        if per_expert:
+            self.t["hidden_expert"] = torch.zeros(E, H, H, **f64)
+            self.t["inter_expert"] = torch.zeros(E, I, I, **f64)
+
+    def add_tokens(self, x: torch.Tensor, w2: torch.Tensor) -> None:
+        """Block inputs ``x`` [T, H] and ``w2`` [T] = sum over the token's experts of w^2."""
+        x64 = x.detach().to(torch.float64)
+        self.t["hidden"].addmm_(x64.T, x64)
+        self.t["hidden_routed"].addmm_((x64 * w2.to(torch.float64)[:, None]).T, x64)
+        self.t["tokens"] += x.shape[0]
+
+    def add_expert(self, e: int, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
+        """Expert ``e``'s routed tokens: block inputs ``x`` [n, H], down inputs ``a`` [n, I], weights [n]."""
+        a64 = a.detach().to(torch.float64)
+        w2 = w.detach().to(torch.float64).pow(2)
+        self.t["inter"].addmm_(a64.T, a64)
+        self.t["inter_routed"].addmm_((a64 * w2[:, None]).T, a64)
+        self.t["expert_count"][e] += a.shape[0]
+        self.t["expert_mass"][e] += w2.sum()
+        if "hidden_expert" in self.t:
+            x64 = x.detach().to(torch.float64)
+            self.t["hidden_expert"][e].addmm_((x64 * w2[:, None]).T, x64)
+            self.t["inter_expert"][e].addmm_((a64 * w2[:, None]).T, a64)
+
+
+class CollectingExperts(nn.Module):
+    """Dense routed experts (weights in their stored dtype, computed in float32 one expert
+    at a time) that accumulate :class:`LayerStats` as a side effect of the forward.
+
+    Plugs into :class:`tuckerize.runtime.moe.MoEBlock` as its experts module."""
+
+    def __init__(self, stacked: Mapping[str, torch.Tensor], act: str, stats: LayerStats | None):
+        super().__init__()
+        from tuckerize.runtime.tucker_experts import ACTIVATIONS
+
+        self.w = dict(stacked)  # semantic [E, H, I] per projection, any float dtype
+        self.num_experts = self.w["gate"].shape[0]
+        self.act_fn = ACTIVATIONS[act]
+        self.stats = stats
+
+    def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        out = torch.zeros_like(x)
+        T, K = top_k_index.shape
+        w = top_k_weights.float()
+        if self.stats is not None:
+            self.stats.add_tokens(x, w.pow(2).sum(-1))
+        flat_e = top_k_index.reshape(-1)
+        flat_t = torch.arange(T, device=x.device).repeat_interleave(K)
+        flat_w = w.reshape(-1)
+        order = torch.argsort(flat_e, stable=True)
+        pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
+        counts = torch.bincount(pair_e, minlength=self.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            if not n:
+                continue
+            t = pair_t[start : start + n]
+            we = pair_w[start : start + n]
+            h = x[t]
+            a = self.act_fn(h @ self.w["gate"][e].float()) * (h @ self.w["up"][e].float())
+            if self.stats is not None:
+                self.stats.add_expert(e, h, a, we)
+            out.index_add_(0, t, (a @ self.w["down"][e].float().T) * we[:, None])
+            start += n
+        return out
+
+    def finish(self, s: torch.Tensor) -> torch.Tensor:
+        return s
+
+
+# ------------------------------------------------------------------------------ layer by layer
+
+
+class LayerwiseRunner:
+    """Runs calibration tokens through a checkpoint one decoder layer at a time.
+
+    ``hidden`` [N, S, H] float32 holds the kept activations: the input of the next layer.
+    :meth:`run` builds one layer from the source, runs it over ``hidden`` in micro-batches
+    (optionally collecting statistics, or with replacement routed experts, e.g. the Tucker
+    experts of a sequential calibration), updates ``hidden`` in place and drops the layer.
+    """
+
+    def __init__(self, source, tokens: torch.Tensor, batch_size: int = 8):
+        from tuckerize.runtime.model import Rotary, native_supported, rope_theta
+        from tuckerize.shard.plan import attention_dims
+
+        self.source = source
+        spec = source.spec
+        if not native_supported(spec.arch.name):
+            raise CalibrationError(
+                f"calibration runs the native runtime, which does not cover {spec.arch.classes[0]} yet; "
+                "decompose it without --calibration (plain Tucker)"
+            )
+        config = source.config
+        window = config.get("sliding_window")
+        if window and config.get("use_sliding_window", True) and spec.arch.name == "mixtral" and tokens.shape[1] > window:
+            raise CalibrationError(f"--seqlen {tokens.shape[1]} exceeds the sliding window {window}; use --seqlen {window}")
+        self.spec = spec
+        self.batch_size = max(1, int(batch_size))
+        self.position = 0
+        emb = source.get("model.embed_tokens.weight")
+        vocab = emb.shape[0]
+        if int(tokens.max()) >= vocab:
+            raise CalibrationError(f"calibration token id {int(tokens.max())} is outside the vocabulary ({vocab}); "
+                                   "is the tokenizer the model's?")
+        self.hidden = F.embedding(tokens, emb).to(torch.float32)
+        del emb
+        _, _, head_dim = attention_dims(config)
+        rot = Rotary(head_dim, rope_theta(config))
+        self.cos, self.sin = rot(torch.arange(tokens.shape[1]), torch.float32)
+
+    def stacked_experts(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's routed experts as semantic [E, H, I] tensors in their stored dtype."""
+        from tuckerize.experts import expert_tensor_names, stack_projection
+
+        names = expert_tensor_names(self.source.tensors, self.spec, layer)
+        stored = self.source.tensors.get(names[0]).dtype
+        dtype = stored if stored in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+        return {p: stack_projection(self.source.tensors, self.spec, layer, p, dtype=dtype) for p in PROJECTIONS}
+
+    @torch.no_grad()
+    def run(self, layer: int, *, stats: LayerStats | None = None, experts: nn.Module | None = None,
+            update: bool = True, on_block_input: Callable[[int, torch.Tensor], None] | None = None) -> None:
+        from tuckerize.runtime.loader import build_moe_block
+        from tuckerize.runtime.model import build_decoder_layer
+
+        if layer != self.position:
+            raise RuntimeError(f"layer {layer} run out of order (next is {self.position})")
+        is_moe = layer in self.spec.moe_layers
+        mlp = None
+        if is_moe:
+            if experts is None:
+                experts = CollectingExperts(self.stacked_experts(layer), self.source.config.get("hidden_act", "silu"), stats)
+            mlp = build_moe_block(self.source, layer, experts=experts, dtype=torch.float32)
+        block = build_decoder_layer(self.source, layer, mlp=mlp, dtype=torch.float32)
+        for b0 in range(0, self.hidden.shape[0], self.batch_size):
+            x = self.hidden[b0 : b0 + self.batch_size]
+            h = x + block.self_attn(block.input_layernorm(x), self.cos, self.sin)
+            m = block.post_attention_layernorm(h)
+            if on_block_input is not None and is_moe:
+                on_block_input(layer, m)
+            out = h + block.mlp(m)
+            if update:
+                self.hidden[b0 : b0 + self.batch_size] = out
+        del block, mlp, experts
+        if update:
+            self.position += 1
+
+
+# ------------------------------------------------------------------------------ the statistics
+
+
+@dataclass
+class CalibrationStats:
+    settings: CalibrationSettings
+    layers: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+    path: Path | None = None
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layers.{L}.{k}": v.contiguous() for L, d in self.layers.items() for k, v in d.items()}
+        path = folder / STATS_NAME
+        save_safetensors(tensors, path, metadata={"format": "pt", "tuckerize": "calibration statistics"})
+        write_json(folder / STATS_META, {"settings": self.settings.to_dict(), "layers": sorted(self.layers),
+                                         "seconds": round(self.seconds, 3), "file_sha256": sha256_file(path)})
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        """From ``calibration_stats.safetensors`` (or the folder holding it and its .json)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATS_NAME
+        meta_path = path.with_name(STATS_META)
+        if not path.is_file() or not meta_path.is_file():
+            raise CalibrationError(f"calibration statistics {path} (with {STATS_META} beside it) do not exist; "
+                                   "pass the file written by a calibrated decompose, or drop --stats")
+        try:
+            meta = json.loads(meta_path.read_text())
+            settings = CalibrationSettings(**meta["settings"])
+            flat = load_file(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"calibration statistics {path} are unreadable ({type(exc).__name__}); "
+                                   "delete them and calibrate again") from None
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in flat.items():
+            _, L, name = k.split(".", 2)
+            layers.setdefault(int(L), {})[name] = v
+        return cls(settings=settings, layers=layers, seconds=float(meta.get("seconds", 0.0)), path=path)
+
+    def check_model(self, moe_layers, shape) -> None:
+        E, H, I = shape
+        missing = [L for L in moe_layers if L not in self.layers]
+        if missing:
+            raise CalibrationError(f"calibration statistics have no layer {missing[0]}; they are of another model")
+        for L in moe_layers:
+            d = self.layers[L]
+            if tuple(d["hidden"].shape) != (H, H) or tuple(d["inter"].shape) != (I, I) or d["expert_mass"].numel() != E:
+                raise CalibrationError(f"calibration statistics of layer {L} do not fit (E, H, I) = {shape}; "
+                                       "they are of another model")
+
+
+def collect_statistics(
+    model_folder: str | Path,
+    settings: CalibrationSettings,
+    tokens: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress=None,
+    on_block_input: Callable[[int, torch.Tensor], None] | None = None,
+) -> CalibrationStats:
+    """Statistics of every MoE layer from the original model's hidden states (dense stream)."""
+    from tuckerize.progress import ensure
+    from tuckerize.runtime.loader import TensorSource
+
+    t0 = time.time()
+    progress = ensure(progress)
+    source = TensorSource.open(model_folder)
+    spec = source.spec
+    runner = LayerwiseRunner(source, tokens, batch_size=batch_size)
+    stats = CalibrationStats(settings=settings)
+    progress.start("calibrate", spec.num_layers)
+    for layer in range(spec.num_layers):
+        st = LayerStats(*spec.shape, per_expert=settings.per_expert) if layer in spec.moe_layers else None
+        runner.run(layer, stats=st, on_block_input=on_block_input)
+        if st is not None:
+            stats.layers[layer] = st.t
+        progress.advance("calibrate", 1, layer=layer)
+    progress.finish("calibrate")
+    stats.seconds = time.time() - t0
+    if not all(bool(torch.isfinite(v).all()) for d in stats.layers.values() for v in d.values()):
+        raise CalibrationError("calibration produced NaN or Inf activations; the checkpoint or the text is unusable")
+    return stats
+
+
+# ------------------------------------------------------------------------------ from statistics to mode weights
+
+
+@dataclass(frozen=True)
+class WhitenOptions:
+    """How statistics become mode weights (see :mod:`tuckerize.decompose.whiten`).
+
+    ``weighting``: ``"routed"`` (covariances weighted by squared routing weights, as the
+    block output weighs each expert's error) or ``"tokens"`` (every routed token once).
+    ``expert_weight``: also weight the expert mode by each expert's routed mass (a
+    diagonal weight; approximates per-expert covariances C_e by m_e * C).
+    ``damp``: eigenvalue ridge relative to the mean eigenvalue.
+    """
+
+    weighting: str = "routed"
+    expert_weight: bool = False
+    damp: float = 1e-2
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mode_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, options: WhitenOptions):
+    """``[W_E, W_H, W_I]`` (:class:`~tuckerize.decompose.whiten.Whitening` or None) of one
+    projection: the hidden side of gate/up, the intermediate side of down."""
+    from tuckerize.decompose.whiten import diagonal_whitening, whitening
+
+    suffix = "_routed" if options.weighting == "routed" else ""
+    if options.weighting not in ("routed", "tokens"):
+        raise CalibrationError(f"whitening weighting {options.weighting!r} is not 'routed' or 'tokens'")
+    wE = None
+    if options.expert_weight:
+        mass = layer_stats["expert_mass" if options.weighting == "routed" else "expert_count"]
+        wE = diagonal_whitening(mass, options.damp)
+    if projection == "down":
+        return [wE, None, whitening(layer_stats["inter" + suffix], options.damp)]
+    return [wE, whitening(layer_stats["hidden" + suffix], options.damp), None]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+__all__ = [
+    "CalibrationError", "CalibrationSettings", "CalibrationStats", "CollectingExperts", "LayerStats",
+    "LayerwiseRunner", "WhitenOptions", "calibration_tokens", "collect_statistics", "mode_weights",
+    "model_fingerprint", "read_calibration_text", "text_sha256", "STATS_NAME", "STATS_META",
+]
