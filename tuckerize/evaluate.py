@@ -166,13 +166,19 @@ def score_baseline(model: EvalModel, windows: torch.Tensor, topk: int, device, p
 
 
 def _coarse_kl(lp_top: torch.Tensor, idx_top: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
-    """KL(p || q) over the top-k of p plus one bucket for the rest, per token."""
+    """KL(p || q) over the top-k of p plus one bucket for the rest, per token (float64).
+    No bucket when the top-k covers the vocabulary: 1 - sum(p) is then rounding only,
+    and a rounding-sized p_rest against q_rest ~ 0 made a spurious term of ~1e-6."""
+    lp_top, logq = lp_top.double(), logq.double()
     p = lp_top.exp()
     lq = logq.gather(-1, idx_top.long())
     kl = (p * (lp_top - lq)).sum(-1)
+    if lp_top.shape[-1] >= logq.shape[-1]:
+        return kl
     p_rest = (1 - p.sum(-1)).clamp_min(0)
-    q_rest = (1 - lq.exp().sum(-1)).clamp_min(1e-30)
-    tail = torch.where(p_rest > 1e-12, p_rest * (torch.log(p_rest.clamp_min(1e-30)) - torch.log(q_rest)),
+    # log of q's mass outside p's top-k, summed in log space (1 - sum(q_top) cancels)
+    log_q_rest = logq.scatter(-1, idx_top.long(), float("-inf")).logsumexp(-1)
+    tail = torch.where(p_rest > 1e-12, p_rest * (torch.log(p_rest.clamp_min(1e-300)) - log_q_rest),
                        torch.zeros_like(p_rest))
     return kl + tail
 
@@ -229,9 +235,10 @@ def layer_errors(tucker: EvalModel, baseline_path: str, inputs: dict[int, torch.
     for layer, x in sorted(inputs.items()):
         dense = build_moe_block(source, layer, dense=True, dtype=dtype, device=device)
         ref = dense(x)
-        got = tucker.moe_blocks[layer](x)
+        got = tucker.moe_blocks[layer](x[None])  # transformers' MoE blocks take [batch, seq, hidden]
         if isinstance(got, tuple):
             got = got[0]
+        got = got.reshape(ref.shape)
         out[layer] = float((got.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
         del dense
         progress.advance("layers", layer=layer)

@@ -35,12 +35,17 @@ def eval_(
     from tuckerize.evaluate import evaluate, plot_report
 
     rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
-    with RichProgress(enabled=rank0) as progress:
-        report = run_or_exit(lambda: evaluate(
-            model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, backend=backend, dtype=dtype,
-            runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens, tasks_jsonl=tasks_jsonl,
-            tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
-            use_cache=not no_cache, progress=progress))
+    done = False
+    try:
+        with RichProgress(enabled=rank0) as progress:
+            report = run_or_exit(lambda: evaluate(
+                model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, backend=backend, dtype=dtype,
+                runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens, tasks_jsonl=tasks_jsonl,
+                tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
+                use_cache=not no_cache, progress=progress))
+        done = True
+    finally:
+        _leave_process_group(done)
     if not rank0:
         return
     if json_out:
@@ -71,3 +76,19 @@ def eval_(
     console.print(table)
     errs = f["layer_relative_error"]
     console.print("MoE block output error by layer: " + ", ".join(f"{l}: {e:.4f}" for l, e in errs.items()))
+
+
+def _leave_process_group(done: bool) -> None:
+    """Leave torchrun's process group before the process exits (after a barrier when every
+    rank finished): a gloo group left to interpreter teardown made ranks abort at exit
+    ("terminate called without an active exception", exit code -6) after a good run."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if done:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -125,10 +125,10 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim, eps, **kw)
         elif style.qk_norm == "full":
             self.q_norm = RMSNorm(self.n_q * head_dim, eps, heads * head_dim, parallel, **kw)
-            kv_full = kv * head_dim
-            # a replicated kv head is normalised locally over the whole (unsplit) projection
-            self.k_norm = RMSNorm(self.n_kv * head_dim, eps, kv_full if kv % world == 0 else None,
-                                  parallel if kv % world == 0 else None, **kw)
+            # The norm spans all kv heads. With fewer kv heads than ranks each head is replicated
+            # on world // kv ranks, so the all-reduced sum of squares counts it that many times.
+            replicas = 1 if kv % world == 0 else world // kv
+            self.k_norm = RMSNorm(self.n_kv * head_dim, eps, kv * head_dim * replicas, parallel, **kw)
         self.clip_qkv = config.get("clip_qkv")
         self.scaling = head_dim**-0.5
         for p in self.parameters():
