@@ -88,11 +88,21 @@ def main():
     print(f"sgemm {rate / 1e9:.1f} GFLOP/s; ST-HOSVD {flops / 1e9:.0f} GFLOP -> floor {floor:.2f} s")
 
     for iters in (0, 1, 2):
-        t = time.perf_counter()
-        out = tucker(W, ranks, n_iter_max=iters, tol=0.0)
-        dt = time.perf_counter() - t
-        res["ours"][iters] = {"seconds": dt, "error": out.relative_error, "floor_ratio": dt / floor}
-        print(f"tuckerize iters={iters}: {dt:.2f} s ({dt / floor:.2f}x floor), error {out.relative_error:.6f}")
+        best = float("inf")
+        for _ in range(2 if iters == 0 else 1):
+            t = time.perf_counter()
+            out = tucker(W, ranks, n_iter_max=iters, tol=0.0)
+            best = min(best, time.perf_counter() - t)
+        res["ours"][iters] = {"seconds": best, "error": out.relative_error}
+        print(f"tuckerize iters={iters}: {best:.2f} s, error {out.relative_error:.6f}")
+    # The floor uses the best matrix-multiply rate seen before or after (conservative when the
+    # machine is shared: a slow sgemm sample would flatter the ratio).
+    rate = max(rate, sgemm_rate())
+    floor = flops / rate
+    res["sgemm_gflops"], res["floor_s"] = rate / 1e9, floor
+    for iters, r in res["ours"].items():
+        r["floor_ratio"] = r["seconds"] / floor
+        print(f"iters={iters}: {r['floor_ratio']:.2f}x the floor ({floor:.2f} s at {rate / 1e9:.0f} GFLOP/s)")
 
     import tensorly as tl
     from tensorly.decomposition import tucker as tl_tucker

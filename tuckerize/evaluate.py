@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from tuckerize import __version__
 from tuckerize.demo import DEMO_DIR, resolve_demo

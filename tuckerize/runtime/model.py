@@ -108,7 +108,7 @@ class Attention(nn.Module):
         super().__init__()
         heads, kv, head_dim = attention_dims(config)
         hidden = int(config["hidden_size"])
-        world, rank = parallel.world, parallel.rank
+        world = parallel.world
         self.parallel = parallel
         self.head_dim = head_dim
         self.n_q = heads // world

@@ -7,11 +7,10 @@ all-reduced together in one buffer.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tuckerize.arch import PROJECTIONS, Architecture
 from tuckerize.runtime.parallel import ParallelContext, split_range
