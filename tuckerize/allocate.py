@@ -87,8 +87,8 @@ def allocate(
     """Ranks per (layer, projection) with total parameters <= ``budget`` (see module docstring)."""
     if expert_rank not in ("full", "auto"):
         raise RankError(f"expert rank mode {expert_rank!r} is not 'full' or 'auto'")
-    if normalise not in ("relative", "absolute"):
-        raise RankError(f"normalisation {normalise!r} is not 'relative' or 'absolute'")
+    if normalise not in ("relative", "absolute", "layer"):
+        raise RankError(f"normalisation {normalise!r} is not 'relative', 'absolute' or 'layer'")
     shape = tuple(int(d) for d in shape)
     steps = tuple(steps) if steps is not None else tuple(default_step(d) for d in shape)
     keys = sorted(spectra)
@@ -104,12 +104,16 @@ def allocate(
             tail = torch.cat([lam.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.float64)])
             per_mode.append(tail.tolist())
         tails[k] = per_mode
-        energy = max(per_mode[1][0], per_mode[0][0], per_mode[2][0])
-        weight[k] = (1.0 / energy if energy > 0 else 0.0) if normalise == "relative" else 1.0
+    for k in keys:
+        # a tensor's energy is the sum of any mode's eigenvalues (tail at rank 0)
+        ref = (k[0], "down") if normalise == "layer" and (k[0], "down") in tails else k
+        energy = max(tails[ref][n][0] for n in range(3))
+        weight[k] = (1.0 / energy if energy > 0 else 0.0) if normalise in ("relative", "layer") else 1.0
 
     ranks: dict[Key, list[int]] = {}
     for k in keys:
-        r = [min(steps[n], shape[n]) for n in range(3)]
+        # from (1, 1, 1) no single step would be useful (r_n <= product of the others)
+        r = [min(max(2, steps[n]), shape[n]) for n in range(3)]
         if expert_rank == "full":
             r[0] = shape[0]
         ranks[k] = r

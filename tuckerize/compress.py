@@ -12,6 +12,7 @@ the manifest is written last and marks the folder complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -50,6 +51,8 @@ from tuckerize.ranks import RankPlan, load_plan, uniform_plan
 #: Files of the calibration that an output folder may hold besides the checkpoint;
 #: --overwrite keeps them (statistics are reusable across rank choices).
 CALIBRATION_FILES = ("calibration_stats.safetensors", "calibration_stats.json")
+#: The allocated rank plan, copied into the output folder.
+PLAN_NAME = "rank_plan.yaml"
 
 #: HOOI sweeps after ST-HOSVD. Measured (BENCHMARKS.md): on expert tensors a sweep
 #: lowers the relative error by well under 1% of itself at about 1.6x the HOSVD cost,
@@ -72,6 +75,19 @@ def default_out(model: str, plan: RankPlan | None, tag: str | None = None) -> Pa
     return Path(f"{stem}-tucker-{tag}")
 
 
+def _config_stem(model: str, path: Path) -> str:
+    """Name of an allocated rank plan: ``demo``/``demo-mixtral`` for the embedded demo
+    models (whose folders are called model/ and mixtral/), else the model's name."""
+    from tuckerize.demo import DEMO_DIR
+
+    p = path.resolve()
+    if p == DEMO_DIR.resolve():
+        return "demo"
+    if p.parent == DEMO_DIR.parent.resolve():
+        return f"demo-{p.name}"
+    return model_stem(model)
+
+
 def _device(name: str):
     from tuckerize.devices import resolve_device
 
@@ -83,7 +99,7 @@ def _claim_out(out: Path, overwrite: bool) -> None:
     statistics excepted: they do not depend on the ranks)."""
     if out.exists() and not out.is_dir():
         raise OutputConflictError(f"--out {out} is a file; choose a folder path")
-    ours = out.is_dir() and any((out / n).is_file() for n in (JOURNAL_NAME, MANIFEST_NAME, *CALIBRATION_FILES))
+    ours = out.is_dir() and any((out / n).is_file() for n in (JOURNAL_NAME, MANIFEST_NAME, PLAN_NAME, *CALIBRATION_FILES))
     if out.is_dir() and any(out.iterdir()) and not ours:
         raise OutputConflictError(
             f"output folder {out} exists and is not a tuckerize checkpoint; choose another --out or remove it"
@@ -138,7 +154,7 @@ def _write_plan(plan: RankPlan, path: Path, header: str) -> None:
         tmp.write_text(text)
 
 
-def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int, tensors: dict[str, Any]):
+def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int, tensors: dict[str, Any], device=None):
     """The Tucker experts module of ``layer`` from its just-written factors (sequential calibration)."""
     import torch
 
@@ -147,9 +163,39 @@ def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int
     E, H, I = spec.shape
     prefix = spec.arch.experts_prefix(layer)
     experts = TuckerExperts(E, H, I, {p: plan.ranks_for(layer, p) for p in PROJECTIONS},
-                            act=src_config.get("hidden_act", "silu"), dtype=torch.float32)
+                            act=src_config.get("hidden_act", "silu"), dtype=torch.float32, device=device)
     experts.load_factors({f"{p}.{f}": tensors[factor_name(prefix, p, f)] for p in PROJECTIONS for f in FACTORS})
     return experts
+
+
+def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options, layer_stats, dev,
+                 refit_damp: float) -> None:
+    """Refit each expert's core of ``layer`` to its own routed calibration data
+    (:class:`tuckerize.calibrate.RefitCollector`) and recompute the reported errors."""
+    from tuckerize.calibrate import RefitCollector, mode_weights
+    from tuckerize.decompose.whiten import factor_errors
+
+    prefix = spec.arch.experts_prefix(layer)
+    factors = {p: {f: tensors[factor_name(prefix, p, f)] for f in FACTORS} for p in PROJECTIONS}
+    collector = RefitCollector(runner.stacked_experts(layer), src_config.get("hidden_act", "silu"), factors)
+    runner.run(layer, experts=collector, update=False)
+    cores = collector.cores(refit_damp)
+    for p in PROJECTIONS:
+        U_E = factors[p]["U_E"]
+        if U_E.shape[0] != U_E.shape[1]:
+            errors[p]["refit"] = False  # r_E < E: the per-expert cores are not free
+            continue
+        tensors[factor_name(prefix, p, "core")] = cores[p].cpu().contiguous()
+        stacked = stack_projection(ckpt, spec, layer, p).to(dev)
+        weights = mode_weights(layer_stats, p, options) if layer_stats is not None else None
+        f = [factors[p][k].to(dev) for k in ("U_E", "U_H", "U_I")]
+        rel, white = factor_errors(stacked, f, cores[p].to(dev), weights)
+        errors[p]["relative_error"] = rel
+        if white is not None:
+            errors[p]["whitened_error"] = white
+        errors[p]["refit"] = True
+        del stacked
+    del collector
 
 
 def _verified(out: Path, entry: dict[str, Any] | None) -> bool:
@@ -185,6 +231,9 @@ def decompose_checkpoint(
     save_config: str | Path | None = None,
     per_expert_stats: bool = False,
     calibration_batch: int = 8,
+    refit: bool = False,
+    alloc_damp: float | None = None,
+    refit_damp: float = 1e-2,
 ) -> dict[str, Any]:
     """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
 
@@ -198,7 +247,8 @@ def decompose_checkpoint(
     params : number of routed-expert parameters to keep; with ``ratio``/``params`` the
         ranks are allocated per layer and projection (:mod:`tuckerize.allocate`) and the
         plan is written to ``save_config`` (default ``configs/<model>-keep<ratio>.yaml``)
-        and to ``out/rank_plan.yaml``.
+        and to ``out/rank_plan.yaml``; ``alloc_damp`` is the whitening ridge of the spectra
+        it compares (default :data:`~tuckerize.decompose.whiten.DEFAULT_ALLOC_DAMP`).
     iters : HOOI sweeps after ST-HOSVD.
     device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
     calibration : calibration text (see :func:`tuckerize.calibrate.read_calibration_text`);
@@ -209,6 +259,9 @@ def decompose_checkpoint(
         instead of collecting them; statistics found in ``out`` with matching settings
         are reused too.
     sequential : feed each layer the hidden states of the already compressed layers.
+    refit : after the (pooled-)whitened decomposition of a layer, refit each expert's core
+        to that expert's own routed calibration data (needs ``calibration``; one more pass
+        of the calibration tokens through each layer; only where r_E = E).
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``).
     """
@@ -216,7 +269,7 @@ def decompose_checkpoint(
 
     from tuckerize.calibrate import WhitenOptions, mode_weights
     from tuckerize.decompose import tucker
-    from tuckerize.decompose.whiten import whitened_tucker
+    from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP, whitened_tucker
 
     started = time.time()
     progress = ensure(progress)
@@ -232,6 +285,8 @@ def decompose_checkpoint(
     calibrated = calibration is not None or stats is not None
     if sequential and calibration is None:
         raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the compressed layers)")
+    if refit and calibration is None:
+        raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each layer)")
     if sequential and not whiten:
         raise CalibrationError("--sequential only changes the whitening statistics; drop --no-whiten or --sequential")
     if calibration is not None and (samples < 1 or seqlen < 2):
@@ -249,6 +304,8 @@ def decompose_checkpoint(
 
         cal_text = read_calibration_text(calibration)  # a missing file fails here, before any work
     dev = _device(device)
+    # Calibration runs where float64 accumulation is available: CUDA, else the CPU.
+    cal_device = dev if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
 
     source: ModelSource = resolve_model(model, revision)
     src_config = load_config(source.path)
@@ -357,12 +414,11 @@ def decompose_checkpoint(
                     continue
                 cal_stats = loaded
                 break
-            if cal_stats is None:
-                cal_stats = collect_statistics(source.path, cal_settings, tokens, batch_size=calibration_batch,
-                                               progress=progress)
+            if cal_stats is None:  # streamed to out/ layer by layer
+                cal_stats = collect_statistics(source.path, cal_settings, tokens, out=out,
+                                               batch_size=calibration_batch, progress=progress, device=cal_device)
             cal_stats.check_model(spec.moe_layers, spec.shape)
-            if cal_stats.path is None or cal_stats.path.resolve() != (out / STATS_NAME).resolve():
-                cal_stats.save(out)
+            cal_stats.save(out)  # a copy next to the output when they came from elsewhere
             cal_settings = cal_stats.settings
         cal_info = {
             "settings": cal_settings.to_dict() if cal_settings is not None else None,
@@ -370,6 +426,8 @@ def decompose_checkpoint(
             "collect_seconds": round(cal_stats.seconds, 3) if cal_stats is not None else None,
             "whitening": options.to_dict() if whitening_on else None,
             "sequential": sequential,
+            "refit": refit,
+            "refit_damp": refit_damp if refit else None,
         }
 
     # ---- rank allocation to the budget
@@ -381,10 +439,12 @@ def decompose_checkpoint(
         assert budget is not None
         progress.start("allocate", n_tensors)
         spectra = {}
+        alloc_options = dataclasses.replace(options, damp=alloc_damp if alloc_damp is not None else DEFAULT_ALLOC_DAMP)
         for layer in spec.moe_layers:
+            layer_stats_alloc = cal_stats.layers[layer] if whitening_on and cal_stats is not None else None
             for proj in PROJECTIONS:
-                weights = (mode_weights(cal_stats.layers[layer], proj, options)
-                           if whitening_on and cal_stats is not None else None)
+                weights = (mode_weights(layer_stats_alloc, proj, alloc_options)
+                           if layer_stats_alloc is not None else None)
                 stacked = stack_projection(ckpt, spec, layer, proj).to(dev)
                 spectra[(layer, proj)] = [v.cpu() for v in mode_spectra(stacked, weights)]
                 del stacked
@@ -394,7 +454,7 @@ def decompose_checkpoint(
         plan = plan_from_ranks(chosen, source="allocated")
         plan.check(spec.moe_layers, spec.shape)
         used = plan_params(plan, spec.moe_layers, spec.shape)
-        stem = model_stem(model)
+        stem = _config_stem(model, source.path)
         save_path = Path(save_config) if save_config is not None else Path("configs") / f"{stem}-{tag}.yaml"
         what = "whitened" if whitening_on else "plain"
         header = (f"Ranks allocated by tuckerize for {source.label}: {used:,} of {E * H * I * n_tensors:,} routed-expert "
@@ -403,10 +463,10 @@ def decompose_checkpoint(
                   + (f", calibration {cal_settings.source} ({cal_settings.samples} x {cal_settings.seqlen} tokens)."
                      if cal_settings is not None else "."))
         _write_plan(plan, save_path, header)
-        _write_plan(plan, out / "rank_plan.yaml", header)
         allocation_info = {
             "budget": budget, "ratio": ratio, "params": params, "allocated": used,
             "expert_rank": expert_rank, "normalise": normalise, "spectra": what,
+            "damp": alloc_options.damp if whitening_on else None,
             "config": str(save_path),
         }
     assert plan is not None
@@ -426,14 +486,18 @@ def decompose_checkpoint(
             "whitening": cal_info["whitening"],
             "sequential": sequential,
         }
+        if refit:
+            fingerprint["calibration"]["refit"] = refit_damp
     done = _prepare_out(out, fingerprint, overwrite=False)
+    if allocation_info is not None:
+        _write_plan(plan, out / PLAN_NAME, header)
 
     runner = None
-    if sequential:
+    if sequential or refit:
         from tuckerize.calibrate import LayerwiseRunner
         from tuckerize.runtime.loader import TensorSource
 
-        runner = LayerwiseRunner(TensorSource.open(source.path), tokens, batch_size=calibration_batch)
+        runner = LayerwiseRunner(TensorSource.open(source.path), tokens, batch_size=calibration_batch, device=cal_device)
 
     journal: dict[str, Any] = {"fingerprint": fingerprint, "files": {}}
     units = sorted(units_of)
@@ -450,12 +514,13 @@ def decompose_checkpoint(
             journal["files"][filename] = entry
             weight_map.update({n: filename for n in entry["tensors"]})
             progress.advance("decompose", steps, layer=layer, skipped=True)
-            if runner is not None and layer >= 0:  # sequential: advance through the finished layer
+            if runner is not None and layer >= 0:  # advance the calibration stream through the finished layer
                 experts = None
-                if is_moe:
+                if is_moe and sequential:
                     from safetensors.torch import load_file
 
-                    experts = _tucker_experts(spec, src_config, plan, layer, load_file(str(out / filename)))
+                    experts = _tucker_experts(spec, src_config, plan, layer, load_file(str(out / filename)),
+                                              runner.device)
                 runner.run(layer, experts=experts)
             continue
         t0 = time.time()
@@ -468,7 +533,7 @@ def decompose_checkpoint(
                 if runner is not None:
                     from tuckerize.calibrate import LayerStats
 
-                    collected = LayerStats(E, H, I)
+                    collected = LayerStats(E, H, I, device=runner.device)
                     runner.run(layer, stats=collected, update=False)
                     layer_stats = collected.t
                 else:
@@ -495,8 +560,14 @@ def decompose_checkpoint(
                     # relative error in the whitened space: the relative calibration-set output error
                     errors[proj]["whitened_error"] = result.whitened_error
                 progress.advance("decompose", 1, layer=layer, projection=proj, error=result.relative_error)
+        if is_moe and refit:
+            assert runner is not None
+            _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options,
+                         layer_stats if whitening_on else None, dev, refit_damp)
         if runner is not None and layer >= 0:
-            runner.run(layer, experts=_tucker_experts(spec, src_config, plan, layer, tensors) if is_moe else None)
+            seq_experts = (_tucker_experts(spec, src_config, plan, layer, tensors, runner.device)
+                           if (is_moe and sequential) else None)
+            runner.run(layer, experts=seq_experts)
         save_safetensors(tensors, out / filename, metadata={"format": "pt"})
         journal["files"][filename] = {
             "file": filename,

@@ -33,7 +33,9 @@ def decompose(
     whiten: Annotated[bool, typer.Option(help="Whiten by the calibration statistics (--no-whiten: plain Tucker, statistics used for allocation only).")] = True,
     sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
     expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
-    damp: Annotated[float, typer.Option(help="Whitening ridge, relative to the mean covariance eigenvalue.")] = 1e-2,
+    damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the decomposition, relative to the mean covariance eigenvalue (default 1).")] = None,
+    alloc_damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the spectra that --ratio/--params allocation compares (default 10).")] = None,
+    refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
     save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core."""
@@ -46,13 +48,15 @@ def decompose(
         from tuckerize.calibrate import WhitenOptions
         from tuckerize.errors import CalibrationError
 
-        if not damp > 0:
-            raise CalibrationError(f"--damp {damp} must be positive (a ridge relative to the mean eigenvalue, e.g. 0.01)")
+        for name, value in (("--damp", damp), ("--alloc-damp", alloc_damp)):
+            if value is not None and not value > 0:
+                raise CalibrationError(f"{name} {value} must be positive (a ridge relative to the mean eigenvalue, e.g. 1)")
         return decompose_checkpoint(
             model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision, iters=iters,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
             seqlen=seqlen, stats=stats, whiten=whiten, sequential=sequential, expert_rank=expert_rank,
-            whiten_options=WhitenOptions(damp=damp), save_config=save_config,
+            whiten_options=WhitenOptions(damp=damp) if damp is not None else None, save_config=save_config,
+            alloc_damp=alloc_damp, refit=refit,
         )
 
     with RichProgress(enabled=not json_out) as progress:

@@ -33,12 +33,16 @@ import torch
 from tuckerize.decompose.tucker import TuckerTensor, mode_dot, squared_norm, tucker
 
 __all__ = ["Whitening", "whitening", "diagonal_whitening", "whiten", "fold_back", "whitened_tucker",
-           "mode_spectra", "DEFAULT_DAMP"]
+           "factor_errors", "mode_spectra", "DEFAULT_DAMP", "DEFAULT_ALLOC_DAMP"]
 
-#: Ridge added to every eigenvalue of a covariance, relative to their mean. Measured on
-#: the demo models (BENCHMARKS.md, calibration section): 1e-2 is as good as 1e-3 with
-#: 128 samples and better with few samples (unseen directions keep some weight).
-DEFAULT_DAMP = 1e-2
+#: Ridge added to every eigenvalue of a covariance, relative to their mean, for the
+#: decomposition. Measured on the demo models (BENCHMARKS.md, calibration section): held-out
+#: perplexity at uniform ranks is lowest near 1 (0.01, a near-exact whitening, fits the
+#: calibration set better and held-out text worse; 100 is close to plain Tucker).
+DEFAULT_DAMP = 1.0
+#: The same ridge for the spectra that rank allocation compares (measured best near 10:
+#: a heavier prior that every input direction matters keeps gate/up from being cut too deep).
+DEFAULT_ALLOC_DAMP = 10.0
 
 
 @dataclass
@@ -180,6 +184,21 @@ def whitened_tucker(
     out.relative_error = _reconstruct_error(x, out, squared_norm(x))
     out.whitened_error = whitened_error  # type: ignore[attr-defined]
     return out
+
+
+def factor_errors(tensor: torch.Tensor, factors: Sequence[torch.Tensor], core: torch.Tensor,
+                  weights: Sequence[Whitening | None] | None = None) -> tuple[float, float | None]:
+    """``(relative error, whitened relative error or None)`` of ``core x_n factors[n]``
+    against ``tensor`` (float32 arithmetic, float64 sums)."""
+    x = tensor.to(torch.float32)
+    approx = TuckerTensor(core=core.to(torch.float32), factors=[f.to(torch.float32) for f in factors])
+    rel = _reconstruct_error(x, approx, squared_norm(x))
+    if weights is None or all(w is None for w in weights):
+        return rel, None
+    xw = whiten(x, weights)
+    dense = whiten(approx.to_tensor(), weights)
+    white = math.sqrt(squared_norm(xw - dense) / squared_norm(xw)) if squared_norm(xw) > 0 else 0.0
+    return rel, white
 
 
 def mode_spectra(tensor: torch.Tensor, weights: Sequence[Whitening | None] | None = None) -> list[torch.Tensor]:
