@@ -459,7 +459,9 @@ def decompose_checkpoint(
         what = "whitened" if whitening_on else "plain"
         header = (f"Ranks allocated by tuckerize for {source.label}: {used:,} of {E * H * I * n_tensors:,} routed-expert "
                   f"parameters ({used / (E * H * I * n_tensors):.2%}; budget {budget:,}),\n"
-                  f"greedy on {what} mode spectra, expert rank {expert_rank}, {normalise} errors"
+                  f"greedy on {what} mode spectra"
+                  + (f" (ridge {alloc_options.damp:g})" if whitening_on else "")
+                  + f", expert rank {expert_rank}, {normalise} errors"
                   + (f", calibration {cal_settings.source} ({cal_settings.samples} x {cal_settings.seqlen} tokens)."
                      if cal_settings is not None else "."))
         _write_plan(plan, save_path, header)

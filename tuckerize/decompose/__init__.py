@@ -9,5 +9,7 @@ from tuckerize.decompose.tucker import (
     sthosvd_flops,
     tucker,
 )
+from tuckerize.decompose.whiten import Whitening, mode_spectra, whitened_tucker, whitening
 
-__all__ = ["TuckerTensor", "tucker", "hosvd", "hooi_sweep", "mode_dot", "cheapest_mode_order", "sthosvd_flops"]
+__all__ = ["TuckerTensor", "tucker", "hosvd", "hooi_sweep", "mode_dot", "cheapest_mode_order", "sthosvd_flops",
+           "Whitening", "whitening", "whitened_tucker", "mode_spectra"]
