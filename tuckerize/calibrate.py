@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from tuckerize.arch import PROJECTIONS
 from tuckerize.checkpoint import sha256_file, write_json
 from tuckerize.decompose.whiten import DEFAULT_DAMP
+from tuckerize.runtime.routing import expert_groups, sorted_pairs
 from tuckerize.errors import CalibrationError
 
 STATS_NAME = "calibration_stats.safetensors"
@@ -224,28 +225,18 @@ class CollectingExperts(nn.Module):
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x = x.float()
         out = torch.zeros_like(x)
-        T, K = top_k_index.shape
         w = top_k_weights.float()
         if self.stats is not None:
             self.stats.add_tokens(x, w.pow(2).sum(-1))
-        flat_e = top_k_index.reshape(-1)
-        flat_t = torch.arange(T, device=x.device).repeat_interleave(K)
-        flat_w = w.reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
-        counts = torch.bincount(pair_e, minlength=self.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if not n:
-                continue
-            t = pair_t[start : start + n]
-            we = pair_w[start : start + n]
+        pair_e, pair_t, pair_w = sorted_pairs(top_k_index, w)
+        for e, a0, a1 in expert_groups(pair_e, self.num_experts):
+            t = pair_t[a0:a1]
+            we = pair_w[a0:a1]
             h = x[t]
             a = self.act_fn(h @ self.w["gate"][e].float()) * (h @ self.w["up"][e].float())
             if self.stats is not None:
                 self.stats.add_expert(e, h, a, we)
             out.index_add_(0, t, (a @ self.w["down"][e].float().T) * we[:, None])
-            start += n
         return out
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
@@ -284,19 +275,10 @@ class RefitCollector(nn.Module):
 
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x = x.float()
-        T, K = top_k_index.shape
-        flat_e = top_k_index.reshape(-1)
-        flat_t = torch.arange(T, device=x.device).repeat_interleave(K)
-        flat_w = top_k_weights.float().reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
-        counts = torch.bincount(pair_e, minlength=self.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if not n:
-                continue
-            t = pair_t[start : start + n]
-            w2 = pair_w[start : start + n].double().pow(2)[:, None]
+        pair_e, pair_t, pair_w = sorted_pairs(top_k_index, top_k_weights.float())
+        for e, a0, a1 in expert_groups(pair_e, self.num_experts):
+            t = pair_t[a0:a1]
+            w2 = pair_w[a0:a1].double().pow(2)[:, None]
             h = x[t]
             outs = {}
             for p in ("gate", "up"):
@@ -312,7 +294,6 @@ class RefitCollector(nn.Module):
             y = ((a @ Wd.T) @ self.f["down"]["U_H"]).double()
             self.A["down"][e] += (z * w2).T @ z
             self.B["down"][e] += (y * w2).T @ z
-            start += n
         return torch.zeros_like(x)
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:

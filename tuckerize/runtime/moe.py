@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from tuckerize.arch import PROJECTIONS, Architecture
 from tuckerize.runtime.parallel import ParallelContext, split_range
-from tuckerize.runtime.routing import RouterSpec, route
+from tuckerize.runtime.routing import RouterSpec, expert_groups, route, sorted_pairs
 from tuckerize.runtime.tucker_experts import ACTIVATIONS
 
 
@@ -64,20 +64,12 @@ class DenseExperts(nn.Module):
 
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
-        flat_e = top_k_index.reshape(-1)
-        flat_t = torch.arange(x.shape[0], device=x.device).repeat_interleave(top_k_index.shape[1])
-        flat_w = top_k_weights.reshape(-1)
-        order = torch.argsort(flat_e, stable=True)
-        pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
-        counts = torch.bincount(pair_e, minlength=self.num_experts).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                t = pair_t[start : start + n]
-                h = x[t]
-                a = self.act_fn(h @ self.gate[e]) * (h @ self.up[e])
-                out.index_add_(0, t, (a @ self.down[e].T) * pair_w[start : start + n, None].to(x.dtype))
-                start += n
+        pair_e, pair_t, pair_w = sorted_pairs(top_k_index, top_k_weights)
+        for e, a0, a1 in expert_groups(pair_e, self.num_experts):
+            t = pair_t[a0:a1]
+            h = x[t]
+            a = self.act_fn(h @ self.gate[e]) * (h @ self.up[e])
+            out.index_add_(0, t, (a @ self.down[e].T) * pair_w[a0:a1, None].to(x.dtype))
         return out
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:

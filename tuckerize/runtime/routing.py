@@ -81,3 +81,23 @@ def route(
             top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
         return top_w * spec.routed_scaling_factor, top_i
     raise ValueError(f"unknown router kind {spec.kind}")
+
+
+def sorted_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+    """Routed ``(expert, token, weight)`` pairs, sorted by expert (stable)."""
+    T, K = top_k_index.shape
+    flat_e = top_k_index.reshape(-1)
+    flat_t = torch.arange(T, device=top_k_index.device).repeat_interleave(K)
+    flat_w = top_k_weights.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)
+    return flat_e[order], flat_t[order], flat_w[order]
+
+
+def expert_groups(pair_e: torch.Tensor, num_experts: int):
+    """``(expert, start, stop)`` for each expert with at least one of the sorted pairs
+    (one host synchronisation for the whole loop)."""
+    start = 0
+    for e, n in enumerate(torch.bincount(pair_e, minlength=num_experts).tolist()):
+        if n:
+            yield e, start, start + n
+            start += n
