@@ -108,11 +108,6 @@ def main():
     from tensorly.decomposition import tucker as tl_tucker
 
     tl.set_backend("pytorch")
-    calls: list[float] = []
-
-    def cb(_cp, rec_error=None):
-        calls.append(time.perf_counter())
-
     t0 = time.perf_counter()
     core, factors = tl_tucker(W, rank=list(ranks), n_iter_max=args.tl_iters, tol=1e-4, random_state=0)
     t1 = time.perf_counter()
@@ -124,13 +119,11 @@ def main():
     # TensorLy does one SVD-based initialisation then n_iter_max HOOI iterations. Time the
     # initialisation alone (n_iter_max=0 is not accepted; 1 iteration = init + 1 sweep).
     t2 = time.perf_counter()
-    from tensorly.tenalg import multi_mode_dot
     from tensorly.decomposition._tucker import initialize_tucker
 
     initialize_tucker(W, list(ranks), list(range(3)), init="svd", svd="truncated_svd", random_state=0)
     init_s = time.perf_counter() - t2
     per_iter = max((t1 - t0 - init_s) / args.tl_iters, 0.0)
-    del multi_mode_dot
     res["tensorly"] = {"n_iter_max": args.tl_iters, "seconds": t1 - t0, "error": tl_err,
                        "init_seconds": init_s, "seconds_per_iteration": per_iter}
     ours = res["ours"][0]

@@ -162,7 +162,6 @@ def hooi_sweep_flops(shape: Sequence[int], rank: Sequence[int]) -> float:
             flops += 2.0 * rank[mode] * math.prod(dims)
             dims[mode] = rank[mode]
         flops += 2.0 * dims[skip] ** 2 * (math.prod(dims) // dims[skip])
-    # final core projection (only after the last sweep, counted here once per sweep)
     return flops
 
 
