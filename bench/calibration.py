@@ -5,11 +5,11 @@ For the embedded demo Qwen3-MoE (tuckerize/demo/model) and the Mixtral-named dem
 
 * baseline (dense experts),
 * plain Tucker, uniform ranks (one (r_E, r_H, r_I) for every layer and projection),
-* whitened Tucker, the same uniform ranks,
+* whitened Tucker (the default: per-expert two-sided weights, ALS), the same uniform ranks,
+* whitened Tucker with the pooled whitening (``--whitening pooled``), the same ranks,
 * whitened Tucker, ranks allocated to the same budget (``--ratio``),
-* (extra) plain Tucker, allocated on unwhitened spectra,
-* (extra) whitened, allocated, with each expert's core refitted to its own routed
-  calibration data (``--refit``).
+* (extra) ``--expert-hidden``, ``--sequential``, ``--whitening pooled --refit``, plain
+  Tucker allocated on unwhitened spectra.
 
 Perplexity: heldout.txt (never trained on, disjoint from the calibration text, checked
 here), tokenised whole, non-overlapping windows of 256 tokens, mean next-token
@@ -148,6 +148,8 @@ class Bench:
 
 
 def main_table(args) -> list[dict]:
+    from tuckerize.calibrate import WhitenOptions
+
     rows = []
     for name, folder in MODELS.items():
         check_disjoint("demo", folder / "heldout.txt")
@@ -157,21 +159,30 @@ def main_table(args) -> list[dict]:
         print(f"  {name:15s} {'baseline':42s} ppl {base:8.3f}  params {b.dense:>9,}", flush=True)
         cal_s = b.calibrate()
         rows[-1]["calibration_seconds"] = round(cal_s, 2)
+        pooled = WhitenOptions(method="pooled")
+        cal = {"calibration": "demo", "samples": args.samples, "seqlen": args.seqlen}
         for ratio in args.ratios:
             u = b.uniform(ratio)
             tag = f"{1 - ratio:.0%} removed"
-            rows.append(b.run(f"plain, uniform {u} ({tag})", ranks=u) | {"ratio": ratio, "kind": "plain-uniform"})
-            rows.append(b.run(f"whitened, uniform {u} ({tag})", ranks=u, calibrated=True)
-                        | {"ratio": ratio, "kind": "whitened-uniform"})
-            rows.append(b.run(f"whitened, allocated ({tag})", ratio=ratio, calibrated=True)
-                        | {"ratio": ratio, "kind": "whitened-allocated"})
-            rows.append(b.run(f"plain, allocated ({tag})", ratio=ratio) | {"ratio": ratio, "kind": "plain-allocated"})
-            rows.append(b.run(f"whitened, uniform {u}, refit ({tag})", ranks=u, calibration="demo",
-                              samples=args.samples, seqlen=args.seqlen, stats=b.stats, refit=True)
-                        | {"ratio": ratio, "kind": "whitened-uniform+refit"})
-            rows.append(b.run(f"whitened, allocated, refit ({tag})", ratio=ratio, calibration="demo",
-                              samples=args.samples, seqlen=args.seqlen, stats=b.stats, refit=True)
-                        | {"ratio": ratio, "kind": "whitened-allocated+refit"})
+
+            def add(kind, label, **kw):
+                rows.append(b.run(f"{label} ({tag})", **kw) | {"ratio": ratio, "kind": kind})
+
+            add("plain-uniform", f"plain, uniform {u}", ranks=u)
+            add("whitened-uniform", f"whitened (per-expert), uniform {u}", ranks=u, calibrated=True)
+            add("pooled-uniform", f"whitened (pooled), uniform {u}", ranks=u, calibrated=True, whiten_options=pooled)
+            add("whitened-uniform+expert-hidden", f"whitened (per-expert, --expert-hidden), uniform {u}", ranks=u,
+                per_expert_stats=True, whiten_options=WhitenOptions(expert_hidden=True), **cal)
+            add("whitened-uniform+sequential", f"whitened (per-expert, --sequential), uniform {u}", ranks=u,
+                sequential=True, **cal)
+            add("pooled-uniform+refit", f"whitened (pooled, --refit), uniform {u}", ranks=u, stats=b.stats,
+                refit=True, whiten_options=pooled, **cal)
+            add("whitened-allocated", "whitened (per-expert), allocated", ratio=ratio, calibrated=True)
+            add("plain-allocated", "plain, allocated", ratio=ratio)
+            add("pooled-allocated+refit", "whitened (pooled, --refit), allocated", ratio=ratio, stats=b.stats,
+                refit=True, whiten_options=pooled, **cal)
+            add("whitened-allocated+expert-hidden", "whitened (per-expert, --expert-hidden), allocated", ratio=ratio,
+                per_expert_stats=True, whiten_options=WhitenOptions(expert_hidden=True), **cal)
         if args.output_errors:
             rows.extend(output_errors(b, args))
     return rows
@@ -179,7 +190,7 @@ def main_table(args) -> list[dict]:
 
 def output_errors(b: Bench, args) -> list[dict]:
     """Per-layer MoE block output error on calibration inputs: plain vs whitened, same ranks."""
-    from tuckerize.calibrate import calibration_tokens, moe_output_errors, read_calibration_text
+    from tuckerize.calibrate import WhitenOptions, calibration_tokens, moe_output_errors, read_calibration_text
 
     text, _ = read_calibration_text("demo")
     tokens = calibration_tokens(text, b.folder, args.samples, args.seqlen)
@@ -187,12 +198,15 @@ def output_errors(b: Bench, args) -> list[dict]:
     for ratio in args.ratios:
         u = b.uniform(ratio)
         plain = b.run(f"plain, uniform {u}", ranks=u)
-        white = b.run(f"whitened, uniform {u}", ranks=u, calibrated=True)
-        errs = moe_output_errors(b.folder, [plain["out"], white["out"]], tokens)
+        pooled = b.run(f"whitened (pooled), uniform {u}", ranks=u, calibrated=True,
+                       whiten_options=WhitenOptions(method="pooled"))
+        white = b.run(f"whitened (per-expert), uniform {u}", ranks=u, calibrated=True)
+        errs = moe_output_errors(b.folder, [plain["out"], pooled["out"], white["out"]], tokens)
         rows.append({"model": b.name, "variant": "block output error", "ratio": ratio, "ranks": list(u),
-                     "plain": errs[0], "whitened": errs[1]})
+                     "plain": errs[0], "pooled": errs[1], "whitened": errs[2]})
         print(f"  {b.name:15s} block output error at {u}: plain {[round(v, 4) for v in errs[0].values()]} "
-              f"whitened {[round(v, 4) for v in errs[1].values()]}", flush=True)
+              f"pooled {[round(v, 4) for v in errs[1].values()]} per-expert {[round(v, 4) for v in errs[2].values()]}",
+              flush=True)
     return rows
 
 
@@ -212,16 +226,29 @@ def ablations(args) -> list[dict]:
             def add(label, **kw):
                 rows.append(b.run(f"{label} ({tag})", **kw) | {"ratio": ratio, "ablation": label})
 
+            pooled = WhitenOptions(method="pooled")
             add("uniform, plain", ranks=u)
+            for damp in (0.01, 0.03, 0.1, 0.3, 1.0):
+                add(f"uniform, per-expert, ridge {damp:g}" + (" (default)" if damp == 0.1 else ""), ranks=u,
+                    calibrated=True, whiten_options=WhitenOptions(damp=damp))
+            for it in (0, 1, 3, 10):
+                add(f"uniform, per-expert, {it} ALS sweeps" + (" (default)" if it == 3 else ""), ranks=u,
+                    calibrated=True, whiten_options=WhitenOptions(iters=it))
+            add("uniform, per-expert, tokens weighting of the hidden side", ranks=u, calibrated=True,
+                whiten_options=WhitenOptions(weighting="tokens"))
             for damp in (0.01, 0.1, 1.0, 10.0, 100.0):
-                add(f"uniform, damp {damp:g}" + (" (default)" if damp == 1.0 else ""), ranks=u, calibrated=True,
-                    whiten_options=WhitenOptions(damp=damp))
-            add("uniform, tokens weighting", ranks=u, calibrated=True, whiten_options=WhitenOptions(weighting="tokens"))
-            add("uniform, expert-mode weight", ranks=u, calibrated=True, whiten_options=WhitenOptions(expert_weight=True))
+                add(f"uniform, pooled, ridge {damp:g}" + (" (pooled default)" if damp == 1.0 else ""), ranks=u,
+                    calibrated=True, whiten_options=WhitenOptions(method="pooled", damp=damp))
+            add("uniform, pooled, tokens weighting", ranks=u, calibrated=True,
+                whiten_options=WhitenOptions(method="pooled", weighting="tokens"))
+            add("uniform, pooled, expert-mode weight", ranks=u, calibrated=True,
+                whiten_options=WhitenOptions(method="pooled", expert_weight=True))
+            add("uniform, pooled, per-expert core refit", ranks=u, stats=b.stats, refit=True, whiten_options=pooled,
+                **cal)
             E = b.spec.num_experts
             u_e = b.uniform(ratio, expert_rank=E * 3 // 4)
-            add(f"uniform r_E={E * 3 // 4} {u_e}", ranks=u_e, calibrated=True)
-            add("uniform, per-expert core refit", ranks=u, stats=b.stats, refit=True, **cal)
+            add(f"uniform r_E={E * 3 // 4} {u_e}, per-expert", ranks=u_e, calibrated=True)
+            add(f"uniform r_E={E * 3 // 4} {u_e}, pooled", ranks=u_e, calibrated=True, whiten_options=pooled)
             add("allocated, plain spectra", ratio=ratio)
             for damp in (0.01, 1.0, 10.0, 100.0):
                 add(f"allocated, alloc damp {damp:g}" + (" (default)" if damp == 10.0 else ""), ratio=ratio,
@@ -232,8 +259,10 @@ def ablations(args) -> list[dict]:
             add("allocated, sequential", ratio=ratio, sequential=True, **cal)
             add("allocated, 16 calibration samples", ratio=ratio, calibration="demo", samples=16, seqlen=args.seqlen)
             add("allocated, 1 HOOI sweep", ratio=ratio, calibrated=True, iters=1)
-            add("allocated, per-expert core refit (ridge 0.01, default)", ratio=ratio, stats=b.stats, refit=True, **cal)
-            add("allocated, per-expert core refit, ridge 1", ratio=ratio, stats=b.stats, refit=True, refit_damp=1.0, **cal)
+            add("allocated, pooled, refit (ridge 0.01, default)", ratio=ratio, stats=b.stats, refit=True,
+                whiten_options=pooled, **cal)
+            add("allocated, pooled, refit, ridge 1", ratio=ratio, stats=b.stats, refit=True, refit_damp=1.0,
+                whiten_options=pooled, **cal)
     return rows
 
 

@@ -39,6 +39,7 @@ from tuckerize.ranks import load_plan
 DEMO = demo_path()
 SAMPLES, SEQLEN = 8, 64
 UNIFORM = (16, 100, 50)  # demo (E, H, I) = (16, 128, 64); about 75% of the expert parameters
+POOLED = WhitenOptions(method="pooled")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,20 +57,28 @@ def demo_runs(tmp_path_factory):
     m_white = decompose_checkpoint(str(DEMO), white, ranks=UNIFORM, calibration="demo", samples=SAMPLES, seqlen=SEQLEN)
     plain = root / "plain"
     m_plain = decompose_checkpoint(str(DEMO), plain, ranks=UNIFORM)
+    pooled = root / "pooled"
+    m_pooled = decompose_checkpoint(str(DEMO), pooled, ranks=UNIFORM, stats=white, whiten_options=POOLED)
     text, _ = read_calibration_text("demo")
     tokens = calibration_tokens(text, DEMO, SAMPLES, SEQLEN)
-    return {"root": root, "white": white, "plain": plain, "m_white": m_white, "m_plain": m_plain, "tokens": tokens}
+    return {"root": root, "white": white, "plain": plain, "pooled": pooled, "m_white": m_white, "m_plain": m_plain,
+            "m_pooled": m_pooled, "tokens": tokens}
 
 
 def test_whitening_reduces_output_error_of_every_moe_layer(demo_runs):
-    plain, white = moe_output_errors(DEMO, [demo_runs["plain"], demo_runs["white"]], demo_runs["tokens"])
-    assert set(plain) == set(white) == {0, 1, 2, 3}
+    """Both weightings beat plain Tucker on every layer's calibration output error, and the
+    per-expert one (the default) beats the pooled one."""
+    plain, pooled, white = moe_output_errors(DEMO, [demo_runs["plain"], demo_runs["pooled"], demo_runs["white"]],
+                                             demo_runs["tokens"])
+    assert set(plain) == set(white) == set(pooled) == {0, 1, 2, 3}
     for layer in plain:
-        assert white[layer] < 0.97 * plain[layer], (layer, plain[layer], white[layer])
+        assert pooled[layer] < 0.97 * plain[layer], (layer, plain[layer], pooled[layer])
+        assert white[layer] < 0.97 * pooled[layer], (layer, pooled[layer], white[layer])
     # and the weight-space error is larger: whitening trades weight error for output error
-    for tp, tw in zip(demo_runs["m_plain"]["tensors"], demo_runs["m_white"]["tensors"]):
-        assert tw["relative_error"] >= tp["relative_error"] - 1e-6
-        assert tw["whitened_error"] < tw["relative_error"]
+    for run in ("m_pooled", "m_white"):
+        for tp, tw in zip(demo_runs["m_plain"]["tensors"], demo_runs[run]["tensors"]):
+            assert tw["relative_error"] >= tp["relative_error"] - 1e-6
+            assert tw["whitened_error"] < tw["relative_error"]
 
 
 def test_per_expert_core_refit_reduces_output_error_further(demo_runs, tmp_path):
@@ -79,13 +88,13 @@ def test_per_expert_core_refit_reduces_output_error_further(demo_runs, tmp_path)
 
     out = tmp_path / "refit"
     m = decompose_checkpoint(str(DEMO), out, ranks=UNIFORM, calibration="demo", samples=SAMPLES, seqlen=SEQLEN,
-                             stats=demo_runs["white"], refit=True)
+                             stats=demo_runs["white"], refit=True, whiten_options=POOLED)
     assert m["calibration"]["refit"] is True and all(t["refit"] for t in m["tensors"])
-    white, refit = moe_output_errors(DEMO, [demo_runs["white"], out], demo_runs["tokens"])
+    white, refit = moe_output_errors(DEMO, [demo_runs["pooled"], out], demo_runs["tokens"])
     for layer in white:
         assert refit[layer] < white[layer], (layer, white[layer], refit[layer])
     # same shared factors, other cores; the reported error is that of the written factors
-    a, b = TuckerCheckpoint.open(demo_runs["white"]), TuckerCheckpoint.open(out)
+    a, b = TuckerCheckpoint.open(demo_runs["pooled"]), TuckerCheckpoint.open(out)
     fa, fb = a.factors(2, "down"), b.factors(2, "down")
     assert torch.equal(fa["U_H"], fb["U_H"]) and torch.equal(fa["U_I"], fb["U_I"])
     assert not torch.equal(fa["core"], fb["core"])
@@ -113,10 +122,10 @@ def test_fold_back_of_written_factors(demo_runs):
     from tuckerize.experts import stack_projection
 
     stats = CalibrationStats.load(demo_runs["white"])
-    ckpt = TuckerCheckpoint.open(demo_runs["white"])
+    ckpt = TuckerCheckpoint.open(demo_runs["pooled"])
     src = Checkpoint.open(DEMO)
     spec = moe_spec(load_config(DEMO))
-    damp = WhitenOptions().damp
+    damp = POOLED.damp
     for layer, proj in ((0, "gate"), (3, "down")):
         cov = stats.layers[layer]["hidden_routed" if proj != "down" else "inter_routed"]
         vals, vecs = torch.linalg.eigh(cov)
@@ -135,7 +144,7 @@ def test_fold_back_of_written_factors(demo_runs):
         for name in ("U_E", "U_H", "U_I"):
             u = f[name].double()
             assert torch.allclose(u.T @ u, torch.eye(u.shape[1], dtype=torch.float64), atol=1e-5), name
-        entry = next(x for x in demo_runs["m_white"]["tensors"] if x["layer"] == layer and x["projection"] == proj)
+        entry = next(x for x in demo_runs["m_pooled"]["tensors"] if x["layer"] == layer and x["projection"] == proj)
         assert entry["relative_error"] == pytest.approx(rel(got, W), rel=1e-4)
 
 
@@ -204,7 +213,9 @@ def test_statistics_equal_float64_hooks_on_transformers(tiny_factory, arch):
                                        "inter": torch.zeros(twoI // 2, twoI // 2, dtype=torch.float64),
                                        "inter_routed": torch.zeros(twoI // 2, twoI // 2, dtype=torch.float64),
                                        "expert_mass": torch.zeros(E, dtype=torch.float64),
-                                       "hidden_expert": torch.zeros(E, H, H, dtype=torch.float64)})
+                                       "hidden_expert": torch.zeros(E, H, H, dtype=torch.float64),
+                                       **{k: torch.zeros(E, twoI // 2, twoI // 2, dtype=torch.float64)
+                                          for k in ("inter_expert", "up_expert", "gate_expert")}})
             d["hidden"] += x.T @ x
             d["hidden_routed"] += (x * w.pow(2).sum(-1, keepdim=True)).T @ x
             for t in range(x.shape[0]):
@@ -216,6 +227,12 @@ def test_statistics_equal_float64_hooks_on_transformers(tiny_factory, arch):
                     d["inter_routed"] += w[t, k] ** 2 * torch.outer(a, a)
                     d["expert_mass"][e] += w[t, k] ** 2
                     d["hidden_expert"][e] += w[t, k] ** 2 * torch.outer(x[t], x[t])
+                    d["inter_expert"][e] += w[t, k] ** 2 * torch.outer(a, a)
+                    sig = torch.sigmoid(g)
+                    s = g * sig  # silu, and its derivative by hand
+                    q = u * sig * (1 + g * (1 - sig))
+                    d["up_expert"][e] += w[t, k] ** 2 * torch.outer(s, s)
+                    d["gate_expert"][e] += w[t, k] ** 2 * torch.outer(q, q)
         return fn
 
     for name, module in model.named_modules():
@@ -241,7 +258,9 @@ def test_streamed_statistics_file_equals_in_memory(tiny_factory, tmp_path):
     assert again.settings == settings and sorted(again.layers) == sorted(mem.layers) == [0, 1]
     for L in mem.layers:
         for k, v in mem.layers[L].items():
-            assert torch.equal(disk.layers[L][k], v) and torch.equal(again.layers[L][k], v), (L, k)
+            # per-expert fields are stored in float32 (E times larger than the rest), the rest in float64
+            want = v.float() if k.endswith("_expert") else v
+            assert torch.equal(disk.layers[L][k], want) and torch.equal(again.layers[L][k], want), (L, k)
     mem.save(tmp_path / "copy")
     assert torch.equal(CalibrationStats.load(tmp_path / "copy").layers[1]["inter_routed"], mem.layers[1]["inter_routed"])
 
@@ -320,6 +339,20 @@ def test_statistics_are_reused_and_checked(demo_runs, tmp_path, monkeypatch):
                              seqlen=SEQLEN, stats=demo_runs["white"])
     with pytest.raises(CalibrationError, match="do not exist"):
         decompose_checkpoint(str(DEMO), tmp_path / "c", ranks=(16, 32, 16), stats=tmp_path / "nowhere")
+    # statistics of an older format (no per-expert fields) are refused when passed, skipped when found
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("calibration_stats.safetensors", "calibration_stats.json"):
+        (old / name).write_bytes((demo_runs["white"] / name).read_bytes())
+    meta = json.loads((old / "calibration_stats.json").read_text())
+    meta["settings"]["version"] = 1
+    (old / "calibration_stats.json").write_text(json.dumps(meta))
+    with pytest.raises(CalibrationError, match="format 1, this tuckerize reads format 2"):
+        decompose_checkpoint(str(DEMO), tmp_path / "d", ranks=(16, 32, 16), stats=old)
+    # per-expert hidden covariances are not in statistics collected without them
+    with pytest.raises(CalibrationError, match="hidden_expert"):
+        decompose_checkpoint(str(DEMO), tmp_path / "e", ranks=(16, 32, 16), stats=demo_runs["white"],
+                             whiten_options=WhitenOptions(expert_hidden=True))
 
 
 def test_resume_refuses_other_calibration_settings(demo_runs, tmp_path):
@@ -329,7 +362,7 @@ def test_resume_refuses_other_calibration_settings(demo_runs, tmp_path):
         decompose_checkpoint(str(DEMO), out, ranks=UNIFORM)  # plain Tucker into a whitened folder
     with pytest.raises(OutputConflictError, match="other settings"):
         decompose_checkpoint(str(DEMO), out, ranks=UNIFORM, stats=demo_runs["white"],
-                             whiten_options=WhitenOptions(damp=0.1))
+                             whiten_options=WhitenOptions(damp=0.5))
 
 
 def test_sequential_calibration(tmp_path):
@@ -351,7 +384,7 @@ def test_sequential_resume_after_crash_equals_uninterrupted_run(tmp_path, monkey
     with their written factors, so it ends with the same checkpoint as an uninterrupted run."""
     import tuckerize.decompose.whiten as whiten_mod
 
-    kw = dict(ranks=UNIFORM, calibration="demo", samples=2, seqlen=32, sequential=True, refit=True)
+    kw = dict(ranks=UNIFORM, calibration="demo", samples=2, seqlen=32, sequential=True, refit=True, whiten_options=POOLED)
     ref = decompose_checkpoint(str(DEMO), tmp_path / "ref", **kw)
     real, calls = whiten_mod.tucker, []
 
@@ -402,6 +435,10 @@ def assert_one_line_error(result, fragment: str) -> None:
         (("--ranks", "16,64,32", "--calibration", "demo", "--damp", "0"), "--damp"),
         (("--ratio", "0.5", "--expert-rank", "some"), "--expert-rank"),
         (("--ranks", "16,64,32", "--stats", "/no/such/stats"), "do not exist"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--refit"), "--refit refits the cores of --whitening pooled"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "both"), "--whitening 'both'"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "pooled", "--expert-hidden"), "--expert-hidden"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--als-iters", "-1"), "--als-iters -1"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--samples", "100000", "--seqlen", "512"), "fewer than"),
     ],
 )
@@ -425,3 +462,16 @@ def test_cli_allocates_from_saved_statistics(tmp_path, demo_runs):
     assert m["allocation"]["config"] == str(tmp_path / "p.yaml") and load_plan(tmp_path / "p.yaml")
     assert abs(m["params"]["experts_ratio"] - 0.7) < 0.007
     assert m["calibration"]["settings"]["samples"] == SAMPLES  # the settings of the reused statistics
+
+
+def test_expert_hidden_covariances(demo_runs, tmp_path):
+    """--expert-hidden: statistics with each expert's own hidden covariance, used as the
+    hidden-side weight; every layer's calibration output error still beats the pooled whitening."""
+    out = tmp_path / "eh"
+    m = decompose_checkpoint(str(DEMO), out, ranks=UNIFORM, calibration="demo", samples=SAMPLES, seqlen=SEQLEN,
+                             per_expert_stats=True, whiten_options=WhitenOptions(expert_hidden=True))
+    assert m["calibration"]["whitening"]["expert_hidden"] is True
+    assert CalibrationStats.load(out).layers[0]["hidden_expert"].shape == (16, 128, 128)
+    pooled, eh = moe_output_errors(DEMO, [demo_runs["pooled"], out], demo_runs["tokens"])
+    for layer in pooled:
+        assert eh[layer] < 0.97 * pooled[layer], (layer, pooled[layer], eh[layer])

@@ -18,20 +18,30 @@ Statistics per MoE layer, accumulated in float64 (``x``: the block input of a to
 ``inter_routed``    sum_e sum_{t->e} w_e^2 a_e^T a_e
 ``expert_count``    tokens routed to each expert   (E)
 ``expert_mass``     sum_{t->e} w_e^2               (E)
-``hidden_expert``, ``inter_expert`` (only with ``per_expert=True``, for measurements
-on small models): the routed covariances of each expert, (E x H x H) and (E x I x I).
+``inter_expert``    sum_{t->e} w_e^2 a_e^T a_e     (E x I x I)  expert e's own down inputs
+``up_expert``       sum_{t->e} w_e^2 s^T s, s = act(g_e)            (E x I x I)
+``gate_expert``     sum_{t->e} w_e^2 q^T q, q = u_e * act'(g_e)     (E x I x I)
+``hidden_expert``   sum_{t->e} w_e^2 x^T x (E x H x H; only with ``per_expert=True``,
+                    ``--expert-hidden``: affordable for small models only)
+
+The per-expert tensors are stored in float32 (accumulated in float64): for Qwen3-30B-A3B
+they are 3 x 128 x 768^2 values per layer (0.9 GB, 43 GB for 48 layers).
 
 Why these: the squared error that a change dW_e of expert e's gate/up makes in the
-block output is, to first order, sum_{t->e} w_e^2 ||x dW_e (...)||^2, and of its down
-projection exactly sum_{t->e} w_e^2 ||a_e dW_e^T||^2. The Tucker factors U_H, U_I are
-shared by all experts, so one pooled covariance per side is what a mode weight can
-carry; which pooling wins is measured (BENCHMARKS.md, calibration section).
+block output is, to first order, sum_{t->e} w_e^2 ||(x dW_e o s) W_down,e^T||^2 (s as
+above for up, q for gate), and of its down projection exactly
+sum_{t->e} w_e^2 ||a_e dW_e^T||^2. The hidden side is shared by all experts (the same
+residual-stream coordinates), so the pooled ``hidden_routed`` serves it; the intermediate
+side is not (neuron i of two experts are unrelated), so it is weighted per expert
+(:mod:`tuckerize.decompose.expert_weighted`). The pooled ``inter_routed`` feeds the older
+pooled whitening (``--whitening pooled``) and the allocation's spectra.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from collections import abc
@@ -51,9 +61,15 @@ from tuckerize.errors import CalibrationError
 
 STATS_NAME = "calibration_stats.safetensors"
 STATS_META = "calibration_stats.json"
-STATS_VERSION = 1
+STATS_VERSION = 2
+#: Ridge of the per-expert weights (relative to each covariance's mean eigenvalue) and
+#: alternation sweeps of ``--whitening expert``: measured on the demo models (BENCHMARKS.md).
+DEFAULT_EXPERT_DAMP = 0.1
+DEFAULT_EXPERT_ITERS = 3
 DEMO_CALIBRATION = Path(__file__).parent / "demo" / "calibration.txt"
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".raw")
+#: Per-expert [E, I, I] statistics collected in every calibration (module docstring).
+EXPERT_FIELDS = ("inter_expert", "up_expert", "gate_expert")
 
 
 # ------------------------------------------------------------------------------ text and tokens
@@ -182,9 +198,10 @@ class LayerStats:
             "expert_mass": torch.zeros(E, **f64),
             "tokens": torch.zeros(1, **f64),
         }
+        for name in EXPERT_FIELDS:
+            self.t[name] = torch.zeros(E, I, I, **f64)
         if per_expert:
             self.t["hidden_expert"] = torch.zeros(E, H, H, **f64)
-            self.t["inter_expert"] = torch.zeros(E, I, I, **f64)
 
     def add_tokens(self, x: torch.Tensor, w2: torch.Tensor) -> None:
         """Block inputs ``x`` [T, H] and ``w2`` [T] = sum over the token's experts of w^2."""
@@ -193,18 +210,33 @@ class LayerStats:
         self.t["hidden_routed"].addmm_((x64 * w2.to(torch.float64)[:, None]).T, x64)
         self.t["tokens"] += x.shape[0]
 
-    def add_expert(self, e: int, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> None:
-        """Expert ``e``'s routed tokens: block inputs ``x`` [n, H], down inputs ``a`` [n, I], weights [n]."""
+    def add_expert(self, e: int, x: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                   s: torch.Tensor, q: torch.Tensor) -> None:
+        """Expert ``e``'s routed tokens: block inputs ``x`` [n, H], down inputs ``a`` [n, I],
+        weights [n], ``s = act(g)`` and ``q = u * act'(g)`` [n, I]."""
         a64 = a.detach().to(torch.float64)
         w2 = w.detach().to(torch.float64).pow(2)
         self.t["inter"].addmm_(a64.T, a64)
-        self.t["inter_routed"].addmm_((a64 * w2[:, None]).T, a64)
+        aw = a64 * w2[:, None]
+        self.t["inter_routed"].addmm_(aw.T, a64)
+        self.t["inter_expert"][e].addmm_(aw.T, a64)
+        for name, v in (("up_expert", s), ("gate_expert", q)):
+            v64 = v.detach().to(torch.float64)
+            self.t[name][e].addmm_((v64 * w2[:, None]).T, v64)
         self.t["expert_count"][e] += a.shape[0]
         self.t["expert_mass"][e] += w2.sum()
         if "hidden_expert" in self.t:
             x64 = x.detach().to(torch.float64)
             self.t["hidden_expert"][e].addmm_((x64 * w2[:, None]).T, x64)
-            self.t["inter_expert"][e].addmm_((a64 * w2[:, None]).T, a64)
+
+
+def activation_and_slope(act: Callable[[torch.Tensor], torch.Tensor], g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act(g)`` and its elementwise derivative ``act'(g)`` (autograd: any activation)."""
+    with torch.enable_grad():
+        gg = g.detach().requires_grad_(True)
+        y = act(gg)
+        (slope,) = torch.autograd.grad(y.sum(), gg)
+    return y.detach(), slope
 
 
 class CollectingExperts(nn.Module):
@@ -233,9 +265,13 @@ class CollectingExperts(nn.Module):
             t = pair_t[a0:a1]
             we = pair_w[a0:a1]
             h = x[t]
-            a = self.act_fn(h @ self.w["gate"][e].float()) * (h @ self.w["up"][e].float())
+            g, u = h @ self.w["gate"][e].float(), h @ self.w["up"][e].float()
             if self.stats is not None:
-                self.stats.add_expert(e, h, a, we)
+                s, ds = activation_and_slope(self.act_fn, g)
+                a = s * u
+                self.stats.add_expert(e, h, a, we, s, u * ds)
+            else:
+                a = self.act_fn(g) * u
             out.index_add_(0, t, (a @ self.w["down"][e].float().T) * we[:, None])
         return out
 
@@ -412,14 +448,21 @@ def stats_layout(moe_layers, shape, per_expert: bool = False) -> list[tuple[str,
     E, H, I = shape
     fields = [("hidden", (H, H)), ("hidden_routed", (H, H)), ("inter", (I, I)), ("inter_routed", (I, I)),
               ("expert_count", (E,)), ("expert_mass", (E,)), ("tokens", (1,))]
+    fields += [(name, (E, I, I)) for name in EXPERT_FIELDS]
     if per_expert:
-        fields += [("hidden_expert", (E, H, H)), ("inter_expert", (E, I, I))]
+        fields += [("hidden_expert", (E, H, H))]
     return [(f"layers.{L}.{k}", shp) for L in moe_layers for k, shp in fields]
 
 
+def stored_dtype(name: str) -> str:
+    """Safetensors dtype of a statistics field: per-expert tensors in float32 (they are
+    E times larger than the rest), the others in float64."""
+    return "F32" if name.rsplit(".", 1)[-1].endswith("_expert") else "F64"
+
+
 class _StreamingSafetensors:
-    """A float64 safetensors file written one tensor at a time: all shapes are known up
-    front, so the header is written first and each layer's statistics go to their offsets
+    """A safetensors file (float64, per-expert fields float32: :func:`stored_dtype`)
+    written one tensor at a time: all shapes are known up front, so the header is written first and each layer's statistics go to their offsets
     as soon as the layer is done (nothing of earlier layers stays in memory). Written under
     a temporary name and renamed into place by :meth:`commit`."""
 
@@ -428,12 +471,13 @@ class _StreamingSafetensors:
         import os
 
         header: dict[str, Any] = {"__metadata__": metadata}
-        self.offsets: dict[str, tuple[int, tuple[int, ...]]] = {}
+        self.offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
         off = 0
         for name, shp in entries:
-            n = _math.prod(shp) * 8
-            header[name] = {"dtype": "F64", "shape": list(shp), "data_offsets": [off, off + n]}
-            self.offsets[name] = (off, shp)
+            dt = stored_dtype(name)
+            n = _math.prod(shp) * (8 if dt == "F64" else 4)
+            header[name] = {"dtype": dt, "shape": list(shp), "data_offsets": [off, off + n]}
+            self.offsets[name] = (off, shp, torch.float64 if dt == "F64" else torch.float32)
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((8 - len(raw) % 8) % 8)
@@ -447,8 +491,8 @@ class _StreamingSafetensors:
         self.written: set[str] = set()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        off, shp = self.offsets[name]
-        t = tensor.detach().to("cpu", torch.float64).contiguous()
+        off, shp, dtype = self.offsets[name]
+        t = tensor.detach().to("cpu", dtype).contiguous()
         assert tuple(t.shape) == tuple(shp), (name, tuple(t.shape), shp)
         self.f.seek(self.base + off)
         self.f.write(t.numpy().tobytes())
@@ -681,24 +725,77 @@ def moe_output_errors(model_folder: str | Path, tucker_folders, tokens: torch.Te
 
 @dataclass(frozen=True)
 class WhitenOptions:
-    """How statistics become mode weights (see :mod:`tuckerize.decompose.whiten`).
+    """How statistics become the weights of the decomposition.
 
+    ``method``: ``"expert"`` (default): per-expert two-sided weights, solved by alternating
+    least squares (:mod:`tuckerize.decompose.expert_weighted`), started from the pooled
+    whitening; ``"pooled"``: one whitening matrix per mode
+    (:mod:`tuckerize.decompose.whiten`), the closed-form ST-HOSVD of the whitened tensor.
+    ``damp``: ridge relative to the mean eigenvalue of each covariance (default by method,
+    both measured on the demo models, BENCHMARKS.md: 0.1 for ``expert``, 1 for ``pooled``).
+    ``iters``: alternation sweeps of ``expert`` (measured: 3).
+    ``expert_hidden``: ``expert`` with each expert's own hidden covariance instead of the
+    pooled one (needs statistics collected with ``per_expert=True``; E x H x H per layer,
+    for small models).
     ``weighting``: ``"routed"`` (covariances weighted by squared routing weights, as the
-    block output weighs each expert's error) or ``"tokens"`` (every routed token once).
-    ``expert_weight``: also weight the expert mode by each expert's routed mass (a
-    diagonal weight; approximates per-expert covariances C_e by m_e * C).
-    ``damp``: eigenvalue ridge relative to the mean eigenvalue. Measured on both demo
-    models (BENCHMARKS.md): 1.0 gives the lowest held-out perplexity of 0.01, 0.3, 1, 3, 10,
-    100 at uniform ranks (0.01, the SVD-LLM-like near-exact whitening, fits the calibration
-    set better and held-out text worse).
+    block output weighs each expert's error) or ``"tokens"`` (every routed token once), for
+    the pooled covariances.
+    ``expert_weight``: ``pooled`` only: also weight the expert mode by each expert's routed
+    mass (a diagonal weight; approximates per-expert covariances C_e by m_e * C).
     """
 
+    method: str = "expert"
+    damp: float | None = None
+    iters: int = DEFAULT_EXPERT_ITERS
+    expert_hidden: bool = False
     weighting: str = "routed"
     expert_weight: bool = False
-    damp: float = DEFAULT_DAMP
+
+    def __post_init__(self) -> None:
+        if self.method not in ("expert", "pooled"):
+            raise CalibrationError(f"--whitening {self.method!r} is not 'expert' or 'pooled'")
+        if self.damp is None:
+            object.__setattr__(self, "damp", DEFAULT_EXPERT_DAMP if self.method == "expert" else DEFAULT_DAMP)
+        if not (self.damp >= 0 and math.isfinite(self.damp)):
+            raise CalibrationError(f"--damp {self.damp} must be a finite number >= 0")
+        if self.iters < 0:
+            raise CalibrationError(f"--als-iters {self.iters} is negative; use 0 or more sweeps")
+        if self.expert_hidden and self.method != "expert":
+            raise CalibrationError("--expert-hidden needs --whitening expert")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def expert_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, down: torch.Tensor | None,
+                   options: WhitenOptions) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(A, B)`` of :func:`~tuckerize.decompose.expert_weighted.expert_weighted_tucker` for
+    one projection: A on the hidden side (None for down, whose hidden side is the block
+    output), B [E, I, I] on the intermediate side. ``down``: the layer's down projection
+    [E, H, I] (semantic axes), needed for gate/up (their output reaches the block output
+    through it). Ridged by ``options.damp``; float64 on ``down``'s device (or the CPU)."""
+    from tuckerize.decompose.expert_weighted import ridge
+
+    missing = [k for k in EXPERT_FIELDS if k not in layer_stats]
+    if missing or (options.expert_hidden and "hidden_expert" not in layer_stats):
+        raise CalibrationError("the calibration statistics lack per-expert fields "
+                               f"({(missing or ['hidden_expert'])[0]}); they were written by an older tuckerize or "
+                               "without --expert-hidden: drop --stats (or delete them) to recollect")
+    device = down.device if down is not None else torch.device("cpu")
+    damp = float(options.damp)  # type: ignore[arg-type]
+    if projection == "down":
+        return None, ridge(layer_stats["inter_expert"].to(device), damp)
+    if down is None:
+        raise ValueError("gate/up weights need the layer's down projection")
+    D = down.to(device, torch.float64)
+    sens = layer_stats[f"{projection}_expert"].to(device, torch.float64)
+    B = ridge(torch.matmul(D.transpose(1, 2), D) * sens, damp)
+    if options.expert_hidden:
+        A = ridge(layer_stats["hidden_expert"].to(device), damp)
+    else:
+        key = "hidden_routed" if options.weighting == "routed" else "hidden"
+        A = ridge(layer_stats[key].to(device), damp)
+    return A, B
 
 
 def mode_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, options: WhitenOptions):
@@ -724,6 +821,6 @@ def text_sha256(text: str) -> str:
 
 __all__ = [
     "CalibrationError", "CalibrationSettings", "CalibrationStats", "CollectingExperts", "LayerStats", "RefitCollector",
-    "LayerwiseRunner", "WhitenOptions", "stats_layout", "calibration_tokens", "collect_statistics", "mode_weights",
+    "LayerwiseRunner", "WhitenOptions", "expert_weights", "stats_layout", "calibration_tokens", "collect_statistics", "mode_weights",
     "model_fingerprint", "moe_output_errors", "read_calibration_text", "text_sha256", "STATS_NAME", "STATS_META",
 ]

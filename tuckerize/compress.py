@@ -168,12 +168,51 @@ def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int
     return experts
 
 
+def _decompose_projection(stacked, rank, layer_stats, proj: str, options, down, iters: int, tol: float):
+    """One projection's Tucker factors: plain, pooled-whitened, or per-expert weighted
+    (started from the pooled whitening at r_E = E)."""
+    from tuckerize.calibrate import expert_weights, mode_weights
+    from tuckerize.decompose import tucker
+    from tuckerize.decompose.expert_weighted import expert_weighted_tucker
+    from tuckerize.decompose.whiten import whitened_tucker
+
+    if layer_stats is None:
+        return tucker(stacked, rank, n_iter_max=iters, tol=tol)
+    pooled = mode_weights(layer_stats, proj, options)
+    if options.method == "pooled":
+        return whitened_tucker(stacked, rank, pooled, n_iter_max=iters, tol=tol)
+    E = stacked.shape[0]
+    init = whitened_tucker(stacked, (E, rank[1], rank[2]), [None, *pooled[1:]], n_iter_max=iters, tol=tol)
+    A, B = expert_weights(layer_stats, proj, down, options)
+    return expert_weighted_tucker(stacked, rank, A, B, init=init, iters=options.iters)
+
+
+def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, down) -> tuple[float, float | None]:
+    """(relative error, relative weighted output error or None) of written factors, under
+    the weighting the decomposition used."""
+    from tuckerize.calibrate import expert_weights, mode_weights
+    import torch
+
+    from tuckerize.decompose import TuckerTensor
+    from tuckerize.decompose.expert_weighted import weighted_objective
+    from tuckerize.decompose.whiten import factor_errors
+
+    if layer_stats is None or options.method == "pooled":
+        weights = mode_weights(layer_stats, proj, options) if layer_stats is not None else None
+        return factor_errors(stacked, factors, core, weights)
+    rel, _ = factor_errors(stacked, factors, core, None)
+    A, B = expert_weights(layer_stats, proj, down, options)
+    recon = TuckerTensor(core=core.double(), factors=[f.double() for f in factors]).to_tensor()
+    f = weighted_objective(stacked, A, B, recon)
+    f0 = weighted_objective(stacked, A, B, torch.zeros_like(recon))
+    return rel, (f / f0) ** 0.5 if f0 > 0 else 0.0
+
+
 def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options, layer_stats, dev,
-                 refit_damp: float) -> None:
+                 refit_damp: float, down) -> None:
     """Refit each expert's core of ``layer`` to its own routed calibration data
     (:class:`tuckerize.calibrate.RefitCollector`) and recompute the reported errors."""
-    from tuckerize.calibrate import RefitCollector, mode_weights
-    from tuckerize.decompose.whiten import factor_errors
+    from tuckerize.calibrate import RefitCollector
 
     prefix = spec.arch.experts_prefix(layer)
     factors = {p: {f: tensors[factor_name(prefix, p, f)] for f in FACTORS} for p in PROJECTIONS}
@@ -187,9 +226,8 @@ def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options
             continue
         tensors[factor_name(prefix, p, "core")] = cores[p].cpu().contiguous()
         stacked = stack_projection(ckpt, spec, layer, p).to(dev)
-        weights = mode_weights(layer_stats, p, options) if layer_stats is not None else None
         f = [factors[p][k].to(dev) for k in ("U_E", "U_H", "U_I")]
-        rel, white = factor_errors(stacked, f, cores[p].to(dev), weights)
+        rel, white = _weighted_error(stacked, f, cores[p].to(dev), layer_stats, p, options, down)
         errors[p]["relative_error"] = rel
         if white is not None:
             errors[p]["whitened_error"] = white
@@ -268,8 +306,7 @@ def decompose_checkpoint(
     import torch
 
     from tuckerize.calibrate import WhitenOptions, mode_weights
-    from tuckerize.decompose import tucker
-    from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP, whitened_tucker
+    from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP
 
     started = time.time()
     progress = ensure(progress)
@@ -287,6 +324,9 @@ def decompose_checkpoint(
         raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the compressed layers)")
     if refit and calibration is None:
         raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each layer)")
+    if refit and whiten and (whiten_options is None or whiten_options.method == "expert"):
+        raise CalibrationError("--refit refits the cores of --whitening pooled; --whitening expert already fits each "
+                               "expert's core to its own statistics: drop --refit or add --whitening pooled")
     if sequential and not whiten:
         raise CalibrationError("--sequential only changes the whitening statistics; drop --no-whiten or --sequential")
     if calibration is not None and (samples < 1 or seqlen < 2):
@@ -353,7 +393,7 @@ def decompose_checkpoint(
     }
     whitening_on = calibrated and whiten
     if whitening_on:
-        settings["algorithm"] = "whitened-" + settings["algorithm"]
+        settings["algorithm"] = "whitened-" + settings["algorithm"] + ("+expert-als" if options.method == "expert" else "")
     if budget is not None:
         tag = f"keep{ratio:g}" if ratio is not None else f"params{params}"
     else:
@@ -377,6 +417,7 @@ def decompose_checkpoint(
     if calibrated:
         from tuckerize.calibrate import (
             STATS_NAME,
+            STATS_VERSION,
             CalibrationSettings,
             CalibrationStats,
             calibration_tokens,
@@ -402,6 +443,11 @@ def decompose_checkpoint(
                 candidates.append(out / STATS_NAME)
             for cand in candidates:
                 loaded = CalibrationStats.load(cand)
+                if loaded.settings.version != STATS_VERSION:
+                    if stats is not None and cand == Path(stats):
+                        raise CalibrationError(f"calibration statistics {cand} are format {loaded.settings.version}, "
+                                               f"this tuckerize reads format {STATS_VERSION}; drop --stats to recollect")
+                    continue
                 if loaded.settings.model_sha256 != model_sha:
                     if stats is not None and cand == Path(stats):
                         raise CalibrationError(f"calibration statistics {cand} were collected on another model or "
@@ -535,20 +581,19 @@ def decompose_checkpoint(
                 if runner is not None:
                     from tuckerize.calibrate import LayerStats
 
-                    collected = LayerStats(E, H, I, device=runner.device)
+                    collected = LayerStats(E, H, I, per_expert=per_expert_stats, device=runner.device)
                     runner.run(layer, stats=collected, update=False)
                     layer_stats = collected.t
                 else:
                     assert cal_stats is not None
                     layer_stats = cal_stats.layers[layer]
+            down = (stack_projection(ckpt, spec, layer, "down").to(dev)
+                    if layer_stats is not None and options.method == "expert" else None)
             for proj in PROJECTIONS:
                 tp = time.time()
                 stacked = stack_projection(ckpt, spec, layer, proj).to(dev)
-                if layer_stats is None:
-                    result = tucker(stacked, plan.ranks_for(layer, proj), n_iter_max=iters, tol=tol)
-                else:
-                    weights = mode_weights(layer_stats, proj, options)
-                    result = whitened_tucker(stacked, plan.ranks_for(layer, proj), weights, n_iter_max=iters, tol=tol)
+                result = _decompose_projection(stacked, plan.ranks_for(layer, proj), layer_stats, proj, options,
+                                               down, iters, tol)
                 del stacked
                 for fname, value in zip(FACTORS, [*result.factors, result.core]):
                     tensors[factor_name(prefix, proj, fname)] = value.to("cpu", torch.float32).contiguous()
@@ -565,7 +610,8 @@ def decompose_checkpoint(
         if is_moe and refit:
             assert runner is not None
             _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options,
-                         layer_stats if whitening_on else None, dev, refit_damp)
+                         layer_stats if whitening_on else None, dev, refit_damp, down)
+        down = None
         if runner is not None and layer >= 0:
             seq_experts = (_tucker_experts(spec, src_config, plan, layer, tensors, runner.device)
                            if (is_moe and sequential) else None)

@@ -33,7 +33,10 @@ def decompose(
     whiten: Annotated[bool, typer.Option(help="Whiten by the calibration statistics (--no-whiten: plain Tucker, statistics used for allocation only).")] = True,
     sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
     expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
-    damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the decomposition, relative to the mean covariance eigenvalue (default 1).")] = None,
+    whitening: Annotated[str, typer.Option(help="'expert': per-expert output weights on the intermediate side, alternating least squares (default); 'pooled': one whitening per mode, closed form.")] = "expert",
+    damp: Annotated[Optional[float], typer.Option(help="Ridge of the decomposition's weights, relative to each covariance's mean eigenvalue (default 0.1 expert, 1 pooled).")] = None,
+    als_iters: Annotated[int, typer.Option(help="Alternation sweeps of --whitening expert.")] = 3,
+    expert_hidden: Annotated[bool, typer.Option(help="--whitening expert with each expert's own hidden covariance (E x H x H per layer: small models).")] = False,
     alloc_damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the spectra that --ratio/--params allocation compares (default 10).")] = None,
     refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
     save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
@@ -55,8 +58,8 @@ def decompose(
             model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision, iters=iters,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
             seqlen=seqlen, stats=stats, whiten=whiten, sequential=sequential, expert_rank=expert_rank,
-            whiten_options=WhitenOptions(damp=damp) if damp is not None else None, save_config=save_config,
-            alloc_damp=alloc_damp, refit=refit,
+            whiten_options=WhitenOptions(method=whitening, damp=damp, iters=als_iters, expert_hidden=expert_hidden),
+            per_expert_stats=expert_hidden, save_config=save_config, alloc_damp=alloc_damp, refit=refit,
         )
 
     with RichProgress(enabled=not json_out) as progress:

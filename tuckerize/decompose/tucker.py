@@ -124,10 +124,22 @@ def _leading_eigvecs(gram: torch.Tensor, rank: int) -> torch.Tensor:
     g = 0.5 * (g + g.T)
     _, vecs = torch.linalg.eigh(g)  # ascending eigenvalues
     top = vecs[:, -rank:].flip(-1)
-    idx = top.abs().argmax(0)
-    signs = torch.sign(top[idx, torch.arange(rank, device=top.device)])
+    return (top * column_signs(top)).to(device=gram.device, dtype=gram.dtype)
+
+
+def column_signs(q: torch.Tensor) -> torch.Tensor:
+    """+-1 per column making its largest-magnitude entry positive (the engine's sign convention)."""
+    idx = q.abs().argmax(0)
+    signs = torch.sign(q[idx, torch.arange(q.shape[1], device=q.device)])
     signs[signs == 0] = 1
-    return (top * signs).to(device=gram.device, dtype=gram.dtype)
+    return signs
+
+
+def orthonormal_columns(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a = Q R`` (reduced QR) with Q in the engine's sign convention."""
+    q, r = torch.linalg.qr(a)
+    signs = column_signs(q)
+    return q * signs, r * signs[:, None]
 
 
 def sthosvd_flops(shape: Sequence[int], rank: Sequence[int], order: Sequence[int]) -> float:

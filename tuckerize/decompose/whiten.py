@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from tuckerize.decompose.tucker import TuckerTensor, mode_dot, squared_norm, tucker
+from tuckerize.decompose.tucker import TuckerTensor, mode_dot, orthonormal_columns, squared_norm, tucker
 
 __all__ = ["Whitening", "whitening", "diagonal_whitening", "whiten", "fold_back", "whitened_tucker",
            "factor_errors", "mode_spectra", "DEFAULT_DAMP", "DEFAULT_ALLOC_DAMP"]
@@ -120,14 +120,7 @@ def fold_back(result: TuckerTensor, weights: Sequence[Whitening | None]) -> Tuck
         if w is None:
             factors.append(factor)
             continue
-        a = w.S_inv.to(device) @ factor.to(torch.float64)
-        q, r = torch.linalg.qr(a)
-        # Keep the sign convention of the Tucker engine: the largest entry of each column positive.
-        idx = q.abs().argmax(0)
-        signs = torch.sign(q[idx, torch.arange(q.shape[1], device=q.device)])
-        signs[signs == 0] = 1
-        q = q * signs
-        r = r * signs[:, None]
+        q, r = orthonormal_columns(w.S_inv.to(device) @ factor.to(torch.float64))
         core = mode_dot(core, r, mode)
         factors.append(q.to(dtype))
     return TuckerTensor(core=core.to(dtype), factors=factors, relative_error=result.relative_error,
