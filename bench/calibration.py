@@ -21,6 +21,7 @@ reused by every run (``--stats``).
     python bench/calibration.py                  # the table (about 3 minutes on 2 cores)
     python bench/calibration.py --ablations      # the measurements behind the defaults
     python bench/calibration.py --memory         # calibration time / peak RSS, Qwen3-30B-A3B shapes
+    python bench/calibration.py --scale          # per-expert ALS vs pooled whitening, one Qwen3-30B-A3B projection
 
 The memory run generates (bench/memory.py's generator, real vocabulary 151,936) a bf16
 checkpoint with Qwen3-30B-A3B's layer shapes and runs ``collect_statistics`` on random
@@ -296,6 +297,45 @@ print(json.dumps({"seconds": time.time() - t, "rss_before_kib": rss0,
 """
 
 
+SCALE_CHILD = r"""
+import json, sys, time, torch
+from tuckerize.decompose.expert_weighted import expert_weighted_tucker, ridge
+from tuckerize.decompose.whiten import whitened_tucker, whitening
+method, iters = sys.argv[1], int(sys.argv[2])
+E, H, I = 128, 2048, 768  # Qwen3-30B-A3B's routed experts, one projection (gate/up kind: weights on both sides)
+rank = (128, 512, 256)    # r_E = E, as every allocated plan keeps
+g = torch.Generator().manual_seed(0)
+T = torch.randn(E, H, I, generator=g) * 0.02
+x = torch.randn(8192, H, generator=g) * torch.logspace(0, -2, H)
+A = ridge(x.T.double() @ x.double(), 0.1)
+del x
+B = torch.empty(E, I, I, dtype=torch.float64)
+for e in range(E):  # each expert its own important intermediate directions
+    a = torch.randn(256, I, generator=g) * torch.logspace(0, -2, I)[torch.randperm(I, generator=g)]
+    B[e] = a.T.double() @ a.double()
+B = ridge(B, 0.1)
+t = time.time()
+pooled = whitened_tucker(T, rank, [None, whitening(A, 0.1), whitening(B.sum(0), 0.1)])
+out = {"pooled_seconds": time.time() - t, "pooled_error": pooled.relative_error}
+if method == "expert":
+    t = time.time()
+    res = expert_weighted_tucker(T, rank, A, B, init=pooled, iters=iters)
+    out.update(expert_seconds=time.time() - t, history=res.error_history)
+print(json.dumps(out))
+"""
+
+
+def scale(args) -> list[dict]:
+    """Time and peak memory of one Qwen3-30B-A3B-shaped projection: the pooled whitening
+    (closed form) alone, then followed by the per-expert ALS, in fresh processes."""
+    rows = []
+    for method in ("pooled", "expert"):
+        info, gib = peak_rss([sys.executable, "-c", SCALE_CHILD, method, str(args.scale_iters)])
+        rows.append({"method": method, "peak_rss_gib": gib, **info})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def peak_rss(cmd: list[str]) -> tuple[dict, float]:
     wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                "sys.stderr.write(r.stderr[-3000:]); print(r.stdout.strip().splitlines()[-1] if r.returncode == 0 else 'FAIL'); "
@@ -363,6 +403,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--scale", action="store_true", help="time/memory of the per-expert ALS at Qwen3-30B-A3B shapes")
+    ap.add_argument("--scale-iters", type=int, default=3)
     ap.add_argument("--output-errors", action="store_true", help="also per-layer block output errors")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=256)
@@ -379,6 +421,10 @@ def main() -> None:
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
             "threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     print(meta, flush=True)
+    if args.scale:
+        rows = scale(args)
+        (OUT / "calibration_scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        return
     if args.memory:
         rows = memory(args)
         (OUT / "calibration_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

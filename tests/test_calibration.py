@@ -193,11 +193,15 @@ def test_rank_deficient_statistics_never_fail(tmp_path):
 # ------------------------------------------------------------------------ statistics vs transformers
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_next"])
 def test_statistics_equal_float64_hooks_on_transformers(tiny_factory, arch):
+    """Native runtime (qwen3_moe, mixtral) and transformers' own decoder layers run one at a
+    time (deepseek_v3: MLA, qwen3_next: gated delta-net + full attention) against hooks on
+    the whole transformers model."""
     from transformers import AutoModelForCausalLM
 
-    folder = tiny_factory(arch)
+    # DeepSeek's MLA runs only with as many kv heads as heads in transformers (as in the real models)
+    folder = tiny_factory(arch, **({"num_key_value_heads": 4} if arch == "deepseek_v3" else {}))
     tokens = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
     stats = collect_statistics(folder, CalibrationSettings("t", 3, 10, "-", per_expert=True), tokens)
 
@@ -475,3 +479,24 @@ def test_expert_hidden_covariances(demo_runs, tmp_path):
     pooled, eh = moe_output_errors(DEMO, [demo_runs["pooled"], out], demo_runs["tokens"])
     for layer in pooled:
         assert eh[layer] < 0.97 * pooled[layer], (layer, pooled[layer], eh[layer])
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_calibration_through_transformers_layers(tiny_factory, tmp_path, arch):
+    """Architectures without a native runtime calibrate through transformers' own decoder
+    layers, one at a time; the per-expert weighting then beats plain Tucker on every MoE
+    layer's calibration output error."""
+    import model_refs
+
+    folder = tiny_factory(arch, **({"num_key_value_heads": 4} if arch == "deepseek_v3" else {}))
+    text = tmp_path / "cal.txt"
+    text.write_text(model_refs.text_for_tiny(4000))
+    ranks = (4, 20, 8)  # tiny (E >= 4, H = 32, I = 16)
+    white = decompose_checkpoint(str(folder), tmp_path / "w", ranks=ranks, calibration=str(text), samples=8, seqlen=48)
+    decompose_checkpoint(str(folder), tmp_path / "p", ranks=ranks)
+    assert white["settings"]["algorithm"].endswith("+expert-als")
+    tokens = calibration_tokens(text.read_text(), folder, 8, 48)
+    plain, weighted = moe_output_errors(folder, [tmp_path / "p", tmp_path / "w"], tokens)
+    assert set(plain) == set(weighted) and plain
+    for layer in plain:
+        assert weighted[layer] < plain[layer], (layer, plain[layer], weighted[layer])

@@ -377,11 +377,9 @@ class LayerwiseRunner:
 
         self.source = source
         spec = source.spec
-        if not native_supported(spec.arch.name):
-            raise CalibrationError(
-                f"calibration runs the native runtime, which does not cover {spec.arch.classes[0]} yet; "
-                "decompose it without --calibration (plain Tucker)"
-            )
+        #: Architectures without a native runtime (DeepSeek's MLA, Qwen3-Next's gated
+        #: delta-net layers) run transformers' own decoder layer, one at a time.
+        self.hf = None if native_supported(spec.arch.name) else _HFLayers(source)
         config = source.config
         window = config.get("sliding_window")
         if window and config.get("use_sliding_window", True) and spec.arch.name == "mixtral" and tokens.shape[1] > window:
@@ -397,9 +395,12 @@ class LayerwiseRunner:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.hidden = F.embedding(tokens, emb).to(self.device, torch.float32)
         del emb
-        _, _, head_dim = attention_dims(config)
-        rot = Rotary(head_dim, rope_theta(config), device=self.device)
-        self.cos, self.sin = rot(torch.arange(tokens.shape[1], device=self.device), torch.float32)
+        if self.hf is None:
+            _, _, head_dim = attention_dims(config)
+            rot = Rotary(head_dim, rope_theta(config), device=self.device)
+            self.cos, self.sin = rot(torch.arange(tokens.shape[1], device=self.device), torch.float32)
+        else:
+            self.hf.prepare(tokens.shape[1], self.device)
 
     def stacked_experts(self, layer: int) -> dict[str, torch.Tensor]:
         """The layer's routed experts as semantic [E, H, I] tensors in their stored dtype."""
@@ -420,10 +421,13 @@ class LayerwiseRunner:
         if layer != self.position:
             raise RuntimeError(f"layer {layer} run out of order (next is {self.position})")
         is_moe = layer in self.spec.moe_layers
+        if is_moe and experts is None:
+            experts = CollectingExperts(self.stacked_experts(layer), self.source.config.get("hidden_act", "silu"), stats)
+        if self.hf is not None:
+            self._run_hf(layer, experts, update, on_block_input)
+            return
         mlp = None
         if is_moe:
-            if experts is None:
-                experts = CollectingExperts(self.stacked_experts(layer), self.source.config.get("hidden_act", "silu"), stats)
             mlp = build_moe_block(self.source, layer, experts=experts, dtype=torch.float32, device=self.device)
         block = build_decoder_layer(self.source, layer, mlp=mlp, dtype=torch.float32, device=self.device)
         for b0 in range(0, self.hidden.shape[0], self.batch_size):
@@ -438,6 +442,94 @@ class LayerwiseRunner:
         del block, mlp, experts
         if update:
             self.position += 1
+
+
+    def _run_hf(self, layer: int, experts: nn.Module | None, update: bool,
+                on_block_input: Callable[[int, torch.Tensor], None] | None) -> None:
+        assert self.hf is not None
+        block = self.hf.layer(layer, experts, self.device)
+        hook = None
+        if on_block_input is not None and experts is not None:
+            hook = block.mlp.register_forward_pre_hook(lambda m, args: on_block_input(layer, args[0]))
+        for b0 in range(0, self.hidden.shape[0], self.batch_size):
+            x = self.hidden[b0 : b0 + self.batch_size]
+            out = self.hf.forward(block, layer, x)
+            if update:
+                self.hidden[b0 : b0 + self.batch_size] = out
+        if hook is not None:
+            hook.remove()
+        del block, experts
+        if update:
+            self.position += 1
+
+
+class _ExpertsAdapter(nn.Module):
+    """transformers' MoE blocks call ``experts(x, top_k_index, top_k_weights)``; ours
+    split that into ``partial`` and ``finish`` (single process here)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        return self.inner.finish(self.inner.partial(x, top_k_index, top_k_weights)).to(x.dtype)
+
+
+class _HFLayers:
+    """transformers' decoder layers of a checkpoint, built one at a time: the skeleton on
+    the meta device (no memory), the layer's routed experts replaced by ours before any
+    weight is allocated, then only that layer's tensors materialised from the checkpoint
+    (under transformers' own parameter names, which are the checkpoint's)."""
+
+    def __init__(self, source):
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(str(source.folder))
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                                              dtype=torch.float32)
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"transformers cannot build {source.spec.arch.classes[0]} for calibration "
+                                   f"({type(exc).__name__}: {exc}); update transformers or decompose without "
+                                   "--calibration") from None
+        self.config = config
+        self.source = source
+
+    def prepare(self, seqlen: int, device) -> None:
+        rotary = type(self.model.model.rotary_emb)(config=self.config).to(device)
+        pos = torch.arange(seqlen, device=device)[None]
+        probe = torch.zeros(1, seqlen, 1, device=device, dtype=torch.float32)
+        self.position_ids = pos
+        self.position_embeddings = rotary(probe, pos)
+
+    def layer(self, i: int, experts: nn.Module | None, device) -> nn.Module:
+        import copy
+
+        block = copy.deepcopy(self.model.model.layers[i])  # meta: copies no data
+        if experts is not None:
+            block.mlp.experts = _ExpertsAdapter(experts)
+        block.to_empty(device=device)
+        for name, t in [*block.named_parameters(), *block.named_buffers()]:
+            if experts is not None and name.startswith("mlp.experts."):
+                continue
+            key = f"model.layers.{i}.{name}"
+            if key not in self.source.tensors.keys():
+                raise CalibrationError(f"{key} is not in the checkpoint; transformers names this model's tensors "
+                                       "differently from its files, calibration cannot load the layer")
+            with torch.no_grad():
+                t.copy_(self.source.get(key).to(device, torch.float32))
+        return block.eval()
+
+    def forward(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+        # No mask: full windows without padding, and transformers' sdpa attention is causal
+        # exactly when it is given none (as its own models call it; DeepSeek's MLA breaks
+        # with an explicit mask); linear-attention layers take a padding mask only.
+        n = x.shape[0]
+        cos, sin = self.position_embeddings
+        out = block(x, position_embeddings=(cos.expand(n, *cos.shape[1:]), sin.expand(n, *sin.shape[1:])),
+                    attention_mask=None, position_ids=self.position_ids.expand(n, -1))
+        return out[0] if isinstance(out, tuple) else out
 
 
 # ------------------------------------------------------------------------------ the statistics

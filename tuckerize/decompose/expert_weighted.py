@@ -51,9 +51,12 @@ from tuckerize.decompose.tucker import TuckerTensor, orthonormal_columns, square
 
 __all__ = ["ridge", "expert_weighted_tucker", "weighted_objective"]
 
-#: Conjugate-gradient stopping rule (relative residual) and iteration cap.
-CG_TOL = 1e-9
-CG_MAX_ITERS = 300
+#: Conjugate-gradient stopping rule (relative residual) and iteration cap. Each CG iterate
+#: from the warm start lowers the objective (CG minimises the quadratic over a growing
+#: Krylov space that contains the start), so an inexact step keeps the alternation
+#: monotone; on the demo models the residual falls tenfold every ~5 iterations.
+CG_TOL = 1e-6
+CG_MAX_ITERS = 100
 
 
 def ridge(cov: torch.Tensor, damp: float) -> torch.Tensor:
