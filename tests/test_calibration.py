@@ -439,7 +439,6 @@ def assert_one_line_error(result, fragment: str) -> None:
         (("--ranks", "16,64,32", "--calibration", "demo", "--damp", "0"), "--damp"),
         (("--ratio", "0.5", "--expert-rank", "some"), "--expert-rank"),
         (("--ranks", "16,64,32", "--stats", "/no/such/stats"), "do not exist"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--refit"), "--refit refits the cores of --whitening pooled"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "both"), "--whitening 'both'"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "pooled", "--expert-hidden"), "--expert-hidden"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--als-iters", "-1"), "--als-iters -1"),

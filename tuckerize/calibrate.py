@@ -6,7 +6,10 @@ kept. Then for each decoder layer: that layer alone is loaded (attention, norms,
 experts in their stored dtype), run over the kept hidden states in micro-batches, its
 MoE block's inputs feed the statistics, its output replaces the kept hidden states, and
 the layer is dropped. Peak memory is one layer plus the kept activations (plus the
-token embedding while embedding).
+token embedding while embedding). Layers run in the native runtime where it covers the
+architecture, else as transformers' own decoder layer (DeepSeek's MLA, Qwen3-Next's gated
+delta-net), built on the meta device and materialised one at a time with our routed
+experts in place of transformers' (:class:`_HFLayers`).
 
 Statistics per MoE layer, accumulated in float64 (``x``: the block input of a token,
 ``a_e = act(x W_gate,e) * (x W_up,e)``: the input of expert e's down projection,
@@ -282,32 +285,38 @@ class CollectingExperts(nn.Module):
 class RefitCollector(nn.Module):
     """Dense routed experts that accumulate, per expert, what refitting its Tucker core to
     its own routed calibration data needs, given the shared factors U_H, U_I of each
-    projection (per-expert statistics without E x H x H covariances):
+    projection (each expert's exact hidden covariance, projected on U_H: no E x H x H
+    covariances):
 
-    gate/up: ``Z = X_e U_H`` and ``T = X_e W_e U_I`` give ``A_e = Z^T D Z`` (r_H x r_H),
-    ``B_e = Z^T D T`` (r_H x r_I) with ``D = diag(w^2)``; the core minimising
-    ``sum_{t->e} w^2 ||x W_e - x U_H G U_I^T||^2`` solves ``A_e G = B_e``.
+    gate/up: ``Z = X_e U_H`` gives ``A_e = Z^T D Z`` (r_H x r_H) and ``C_e = Z^T D X_e W_e``
+    (r_H x I), ``D = diag(w^2)``; the core minimising
+    ``tr(dW_e^T C_xe dW_e B_e)`` (``B_e``: the output-side weight of
+    ``--whitening expert``, identity for ``pooled``) solves the Sylvester equation
+    ``A_e G Q_e = C_e B_e U_I`` with ``Q_e = U_I^T B_e U_I``.
     down: ``z = U_I^T a_e``, ``y = U_H^T W_e a_e`` give ``A_e = sum w^2 z z^T`` (r_I x r_I),
     ``B_e = sum w^2 y z^T`` (r_H x r_I) and ``G A_e = B_e``.
     """
 
-    def __init__(self, stacked: Mapping[str, torch.Tensor], act: str, factors: Mapping[str, Mapping[str, torch.Tensor]]):
+    def __init__(self, stacked: Mapping[str, torch.Tensor], act: str, factors: Mapping[str, Mapping[str, torch.Tensor]],
+                 projections: tuple[str, ...] = PROJECTIONS):
         super().__init__()
         from tuckerize.runtime.tucker_experts import ACTIVATIONS
 
         self.w = dict(stacked)
         self.num_experts = self.w["gate"].shape[0]
         self.act_fn = ACTIVATIONS[act]
+        self.projections = tuple(projections)
         device = self.w["gate"].device
         self.f = {p: {k: v.to(device, torch.float32) for k, v in factors[p].items()} for p in PROJECTIONS}
         E = self.num_experts
+        I = self.w["gate"].shape[2]
         self.A: dict[str, torch.Tensor] = {}
         self.B: dict[str, torch.Tensor] = {}
-        for p in PROJECTIONS:
+        for p in self.projections:
             rH, rI = self.f[p]["U_H"].shape[1], self.f[p]["U_I"].shape[1]
             ra = rI if p == "down" else rH
             self.A[p] = torch.zeros(E, ra, ra, dtype=torch.float64, device=device)
-            self.B[p] = torch.zeros(E, rH, rI, dtype=torch.float64, device=device)
+            self.B[p] = torch.zeros(E, rH, rI if p == "down" else I, dtype=torch.float64, device=device)
 
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -318,43 +327,57 @@ class RefitCollector(nn.Module):
             h = x[t]
             outs = {}
             for p in ("gate", "up"):
-                W = self.w[p][e].float()
-                outs[p] = h @ W
-                z = (h @ self.f[p]["U_H"]).double()
-                tgt = (outs[p] @ self.f[p]["U_I"]).double()
-                self.A[p][e] += (z * w2).T @ z
-                self.B[p][e] += (z * w2).T @ tgt
-            a = self.act_fn(outs["gate"]) * outs["up"]
-            Wd = self.w["down"][e].float()  # [H, I]: out = a @ Wd^T
-            z = (a @ self.f["down"]["U_I"]).double()
-            y = ((a @ Wd.T) @ self.f["down"]["U_H"]).double()
-            self.A["down"][e] += (z * w2).T @ z
-            self.B["down"][e] += (y * w2).T @ z
+                outs[p] = h @ self.w[p][e].float()
+                if p in self.projections:
+                    z = (h @ self.f[p]["U_H"]).double()
+                    self.A[p][e] += (z * w2).T @ z
+                    self.B[p][e] += (z * w2).T @ outs[p].double()
+            if "down" in self.projections:
+                a = self.act_fn(outs["gate"]) * outs["up"]
+                Wd = self.w["down"][e].float()  # [H, I]: out = a @ Wd^T
+                z = (a @ self.f["down"]["U_I"]).double()
+                y = ((a @ Wd.T) @ self.f["down"]["U_H"]).double()
+                self.A["down"][e] += (z * w2).T @ z
+                self.B["down"][e] += (y * w2).T @ z
         return torch.zeros_like(x)
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
         return s
 
-    def cores(self, damp: float) -> dict[str, torch.Tensor]:
+    def cores(self, damp: float, output_weights: Mapping[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
         """Refitted cores per projection. Each expert's least-squares problem is shrunk
-        towards its pooled core G0 (``+ lam ||G - G0||^2``, ``lam = damp * mean eig A_e``),
-        so an expert with few or no calibration tokens keeps (nearly) its pooled core.
-        Needs r_E = E (U_E square): ``core = U_E^T G``."""
+        towards its current core G0 (``+ lam ||G - G0||^2``, ``lam = damp * mean eig A_e
+        * mean eig Q_e``), so an expert with few or no calibration tokens keeps (nearly) its
+        current core. ``output_weights[p]``: gate/up's per-expert output-side weights
+        [E, I, I] (None: identity). Needs r_E = E (U_E square): ``core = U_E^T G``."""
         out = {}
-        for p in PROJECTIONS:
+        for p in self.projections:
             f = {k: v.double() for k, v in self.f[p].items()}
             G0 = torch.einsum("ea,abc->ebc", f["U_E"], f["core"])
             G = G0.clone()
+            Bw = (output_weights or {}).get(p)
             for e in range(self.num_experts):
-                A, B = self.A[p][e], self.B[p][e]
+                A = self.A[p][e]
                 lam = damp * float(torch.diagonal(A).mean())
                 if not lam > 0:
                     continue
-                reg = A + lam * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
                 if p == "down":  # G (A + lam) = B + lam G0
-                    G[e] = torch.linalg.solve(reg, (B + lam * G0[e]).T).T
-                else:  # (A + lam) G = B + lam G0
-                    G[e] = torch.linalg.solve(reg, B + lam * G0[e])
+                    reg = A + lam * torch.eye(A.shape[0], dtype=torch.float64, device=A.device)
+                    G[e] = torch.linalg.solve(reg, (self.B[p][e] + lam * G0[e]).T).T
+                    continue
+                U_I = f["U_I"]
+                if Bw is None:
+                    Q = torch.eye(U_I.shape[1], dtype=torch.float64, device=A.device)
+                    rhs = self.B[p][e] @ U_I
+                else:
+                    BU = Bw[e].to(A.device, torch.float64) @ U_I
+                    Q = U_I.T @ BU
+                    rhs = self.B[p][e] @ BU
+                lam *= float(torch.diagonal(Q).mean())
+                # A G Q + lam G = rhs + lam G0, diagonalised by the eigenvectors of A and Q
+                a, Va = torch.linalg.eigh(A)
+                q, Vq = torch.linalg.eigh(0.5 * (Q + Q.T))
+                G[e] = Va @ ((Va.T @ (rhs + lam * G0[e]) @ Vq) / (a[:, None] * q[None, :] + lam)) @ Vq.T
             out[p] = torch.einsum("ea,ebc->abc", f["U_E"], G).float()
         return out
 

@@ -216,10 +216,21 @@ def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options
 
     prefix = spec.arch.experts_prefix(layer)
     factors = {p: {f: tensors[factor_name(prefix, p, f)] for f in FACTORS} for p in PROJECTIONS}
-    collector = RefitCollector(runner.stacked_experts(layer), src_config.get("hidden_act", "silu"), factors)
+    expert_method = layer_stats is not None and options.method == "expert"
+    # --whitening expert already fits down exactly (its per-expert input covariance is the
+    # refit's statistic); gate/up gain each expert's own hidden covariance, keeping their
+    # per-expert output-side weights
+    projections = ("gate", "up") if expert_method else PROJECTIONS
+    collector = RefitCollector(runner.stacked_experts(layer), src_config.get("hidden_act", "silu"), factors,
+                               projections)
     runner.run(layer, experts=collector, update=False)
-    cores = collector.cores(refit_damp)
-    for p in PROJECTIONS:
+    weights = None
+    if expert_method:
+        from tuckerize.calibrate import expert_weights
+
+        weights = {p: expert_weights(layer_stats, p, down, options)[1] for p in projections}
+    cores = collector.cores(refit_damp, weights)
+    for p in projections:
         U_E = factors[p]["U_E"]
         if U_E.shape[0] != U_E.shape[1]:
             errors[p]["refit"] = False  # r_E < E: the per-expert cores are not free
@@ -297,9 +308,13 @@ def decompose_checkpoint(
         instead of collecting them; statistics found in ``out`` with matching settings
         are reused too.
     sequential : feed each layer the hidden states of the already compressed layers.
-    refit : after the (pooled-)whitened decomposition of a layer, refit each expert's core
-        to that expert's own routed calibration data (needs ``calibration``; one more pass
-        of the calibration tokens through each layer; only where r_E = E).
+    whiten_options : :class:`tuckerize.calibrate.WhitenOptions` (method ``expert``, the
+        default, or ``pooled``; ridge; ALS sweeps; ``expert_hidden``).
+    per_expert_stats : also collect each expert's hidden covariance (``--expert-hidden``).
+    refit : after the pooled-whitened decomposition of a layer, refit each expert's core
+        to that expert's own routed calibration data (needs ``calibration`` and
+        ``method="pooled"``: the ``expert`` method fits per-expert cores itself; one more
+        pass of the calibration tokens through each layer; only where r_E = E).
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``).
     """
@@ -324,9 +339,6 @@ def decompose_checkpoint(
         raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the compressed layers)")
     if refit and calibration is None:
         raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each layer)")
-    if refit and whiten and (whiten_options is None or whiten_options.method == "expert"):
-        raise CalibrationError("--refit refits the cores of --whitening pooled; --whitening expert already fits each "
-                               "expert's core to its own statistics: drop --refit or add --whitening pooled")
     if sequential and not whiten:
         raise CalibrationError("--sequential only changes the whitening statistics; drop --no-whiten or --sequential")
     if calibration is not None and (samples < 1 or seqlen < 2):
