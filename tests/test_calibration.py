@@ -499,3 +499,55 @@ def test_calibration_through_transformers_layers(tiny_factory, tmp_path, arch):
     assert set(plain) == set(weighted) and plain
     for layer in plain:
         assert weighted[layer] < plain[layer], (layer, plain[layer], weighted[layer])
+
+
+def test_refit_with_per_expert_weighting(demo_runs, tmp_path):
+    """--refit on top of the per-expert weighting (the default): gate/up cores refitted with
+    each expert's own hidden covariance, down kept; every layer's output error falls."""
+    out = tmp_path / "refit"
+    m = decompose_checkpoint(str(DEMO), out, ranks=UNIFORM, calibration="demo", samples=SAMPLES, seqlen=SEQLEN,
+                             stats=demo_runs["white"], refit=True)
+    assert all(t["refit"] for t in m["tensors"] if t["projection"] != "down")
+    assert all("refit" not in t for t in m["tensors"] if t["projection"] == "down")
+    white, refit = moe_output_errors(DEMO, [demo_runs["white"], out], demo_runs["tokens"])
+    for layer in white:
+        assert refit[layer] < white[layer], (layer, white[layer], refit[layer])
+    a, b = TuckerCheckpoint.open(demo_runs["white"]), TuckerCheckpoint.open(out)
+    kept, refitted = (rel(b.factors(1, p)["core"], a.factors(1, p)["core"]) for p in ("down", "up"))
+    assert kept < 1e-5 and refitted > 1e-3, (kept, refitted)
+
+
+def test_refit_cores_solve_the_two_sided_problem():
+    """RefitCollector.cores with output-side weights against numpy's solve of the
+    Kronecker-form normal equations (A_e (x) Q_e^T + lam) vec(G) = vec(rhs + lam G0)."""
+    import numpy as np
+
+    from tuckerize.calibrate import RefitCollector
+
+    g = torch.Generator().manual_seed(0)
+    E, H, I, rH, rI = 3, 10, 8, 4, 5
+    stacked = {p: torch.randn(E, H, I, generator=g) for p in ("gate", "up", "down")}
+    q = lambda n, r: torch.linalg.qr(torch.randn(n, r, generator=g))[0]  # noqa: E731
+    factors = {p: {"U_E": torch.eye(E), "U_H": q(H, rH), "U_I": q(I, rI), "core": torch.randn(E, rH, rI, generator=g)}
+               for p in ("gate", "up", "down")}
+    rc = RefitCollector(stacked, "silu", factors, ("gate", "up"))
+    for p in ("gate", "up"):
+        z = torch.randn(E, 30, rH, generator=g, dtype=torch.float64)
+        rc.A[p] = z.transpose(1, 2) @ z
+        rc.B[p] = torch.randn(E, rH, I, generator=g, dtype=torch.float64)
+    m = torch.randn(E, I, I, generator=g, dtype=torch.float64)
+    Bw = m @ m.transpose(1, 2) + torch.eye(I, dtype=torch.float64)
+    damp = 0.05
+    got = rc.cores(damp, {"gate": Bw, "up": None})
+    for p, W in (("gate", Bw), ("up", None)):
+        U_I = factors[p]["U_I"].double().numpy()
+        for e in range(E):
+            A = rc.A[p][e].numpy()
+            Bm = np.eye(I) if W is None else W[e].numpy()
+            Q = U_I.T @ Bm @ U_I
+            lam = damp * np.trace(A) / rH * np.trace(Q) / rI
+            G0 = factors[p]["core"][e].double().numpy()
+            rhs = rc.B[p][e].numpy() @ Bm @ U_I + lam * G0
+            K = np.kron(A, Q.T) + lam * np.eye(rH * rI)  # row-major vec: vec(A G Q) = (A (x) Q^T) vec(G)
+            ref = np.linalg.solve(K, rhs.reshape(-1)).reshape(rH, rI)
+            assert np.linalg.norm(got[p][e].double().numpy() - ref) / np.linalg.norm(ref) < 1e-5, (p, e)
