@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 import tucker_refs
+from cli_helpers import assert_cli_error
 from safetensors.torch import load_file
 
 from tuckerize.allocate import allocate, expert_budget, tucker_params, uniform_ranks
@@ -420,13 +421,6 @@ def cli(*args: str):
     return CliRunner().invoke(app, ["decompose", *args])
 
 
-def assert_one_line_error(result, fragment: str) -> None:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
-
-
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -446,7 +440,7 @@ def assert_one_line_error(result, fragment: str) -> None:
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, fragment):
-    assert_one_line_error(cli(*args, "--out", str(tmp_path / "o")), fragment)
+    assert_cli_error(cli(*args, "--out", str(tmp_path / "o")), fragment)
 
 
 def test_cli_error_real_process(tmp_path):

@@ -18,11 +18,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
+from cli_helpers import assert_cli_error
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import tiny_models
 import tuckerize.decompose as decompose_pkg
 from tuckerize.compress import decompose_checkpoint
 from tuckerize.errors import OutputConflictError, RankError
@@ -632,17 +633,6 @@ def cli(*args: str, env: dict | None = None):
     from tuckerize.cli import app
 
     return CliRunner().invoke(app, list(args), env=env)
-
-
-def assert_cli_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def test_cli_success_json(qwen3_ckpt, tmp_path):

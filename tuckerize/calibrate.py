@@ -42,6 +42,7 @@ pooled whitening (``--whitening pooled``) and the allocation's spectra.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -447,43 +448,32 @@ class LayerwiseRunner:
         if is_moe and experts is None:
             experts = CollectingExperts(self.stacked_experts(layer), self.source.config.get("hidden_act", "silu"), stats)
         if self.hf is not None:
-            self._run_hf(layer, experts, update, on_block_input)
-            return
-        mlp = None
-        if is_moe:
-            mlp = build_moe_block(self.source, layer, experts=experts, dtype=torch.float32, device=self.device)
-        block = build_decoder_layer(self.source, layer, mlp=mlp, dtype=torch.float32, device=self.device)
-        for b0 in range(0, self.hidden.shape[0], self.batch_size):
-            x = self.hidden[b0 : b0 + self.batch_size]
-            h = x + block.self_attn(block.input_layernorm(x), self.cos, self.sin)
-            m = block.post_attention_layernorm(h)
+            block = self.hf.layer(layer, experts, self.device)
             if on_block_input is not None and is_moe:
-                on_block_input(layer, m)
-            out = h + block.mlp(m)
-            if update:
-                self.hidden[b0 : b0 + self.batch_size] = out
-        del block, mlp, experts
-        if update:
-            self.position += 1
-
-
-    def _run_hf(self, layer: int, experts: nn.Module | None, update: bool,
-                on_block_input: Callable[[int, torch.Tensor], None] | None) -> None:
-        assert self.hf is not None
-        block = self.hf.layer(layer, experts, self.device)
-        hook = None
-        if on_block_input is not None and experts is not None:
-            hook = block.mlp.register_forward_pre_hook(lambda m, args: on_block_input(layer, args[0]))
+                block.mlp.register_forward_pre_hook(lambda module, args: on_block_input(layer, args[0]))
+            forward = self.hf.forward
+        else:
+            mlp = build_moe_block(self.source, layer, experts=experts, dtype=torch.float32,
+                                  device=self.device) if is_moe else None
+            block = build_decoder_layer(self.source, layer, mlp=mlp, dtype=torch.float32, device=self.device)
+            del mlp
+            forward = functools.partial(self._native_forward, layer=layer,
+                                        on_block_input=on_block_input if is_moe else None)
         for b0 in range(0, self.hidden.shape[0], self.batch_size):
-            x = self.hidden[b0 : b0 + self.batch_size]
-            out = self.hf.forward(block, layer, x)
+            out = forward(block, self.hidden[b0 : b0 + self.batch_size])
             if update:
                 self.hidden[b0 : b0 + self.batch_size] = out
-        if hook is not None:
-            hook.remove()
         del block, experts
         if update:
             self.position += 1
+
+    def _native_forward(self, block: nn.Module, x: torch.Tensor, layer: int,
+                        on_block_input: Callable[[int, torch.Tensor], None] | None) -> torch.Tensor:
+        h = x + block.self_attn(block.input_layernorm(x), self.cos, self.sin)
+        m = block.post_attention_layernorm(h)
+        if on_block_input is not None:
+            on_block_input(layer, m)
+        return h + block.mlp(m)
 
 
 class _ExpertsAdapter(nn.Module):
@@ -544,7 +534,7 @@ class _HFLayers:
                 t.copy_(self.source.get(key).to(device, torch.float32))
         return block.eval()
 
-    def forward(self, block: nn.Module, i: int, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # No mask: full windows without padding, and transformers' sdpa attention is causal
         # exactly when it is given none (as its own models call it; DeepSeek's MLA breaks
         # with an explicit mask); linear-attention layers take a padding mask only.

@@ -168,9 +168,12 @@ def _tucker_experts(spec, src_config: dict[str, Any], plan: RankPlan, layer: int
     return experts
 
 
-def _decompose_projection(stacked, rank, layer_stats, proj: str, options, down, iters: int, tol: float):
+def _decompose_projection(stacked, rank, layer_stats, proj: str, options, down, iters: int, tol: float,
+                          keep_weights: dict | None = None):
     """One projection's Tucker factors: plain, pooled-whitened, or per-expert weighted
-    (started from the pooled whitening at r_E = E)."""
+    (started from the pooled whitening at r_E = E). ``keep_weights``: where to keep the
+    per-expert weights ``(A, B)`` for a later ``--refit`` of the layer (they cost a
+    [E, H, I] x [E, H, I] product to form)."""
     from tuckerize.calibrate import expert_weights, mode_weights
     from tuckerize.decompose import tucker
     from tuckerize.decompose.expert_weighted import expert_weighted_tucker
@@ -184,15 +187,16 @@ def _decompose_projection(stacked, rank, layer_stats, proj: str, options, down, 
     E = stacked.shape[0]
     init = whitened_tucker(stacked, (E, rank[1], rank[2]), [None, *pooled[1:]], n_iter_max=iters, tol=tol)
     A, B = expert_weights(layer_stats, proj, down, options)
+    if keep_weights is not None:
+        keep_weights[proj] = (A, B)
     return expert_weighted_tucker(stacked, rank, A, B, init=init, iters=options.iters)
 
 
-def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, down) -> tuple[float, float | None]:
+def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, expert_AB) -> tuple[float, float | None]:
     """(relative error, relative weighted output error or None) of written factors, under
-    the weighting the decomposition used."""
-    from tuckerize.calibrate import expert_weights, mode_weights
-    import torch
-
+    the weighting the decomposition used (``expert_AB``: the per-expert weights ``(A, B)``
+    of ``--whitening expert``)."""
+    from tuckerize.calibrate import mode_weights
     from tuckerize.decompose import TuckerTensor
     from tuckerize.decompose.expert_weighted import weighted_objective
     from tuckerize.decompose.whiten import factor_errors
@@ -201,17 +205,17 @@ def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, dow
         weights = mode_weights(layer_stats, proj, options) if layer_stats is not None else None
         return factor_errors(stacked, factors, core, weights)
     rel, _ = factor_errors(stacked, factors, core, None)
-    A, B = expert_weights(layer_stats, proj, down, options)
+    A, B = expert_AB
     recon = TuckerTensor(core=core.double(), factors=[f.double() for f in factors]).to_tensor()
-    f = weighted_objective(stacked, A, B, recon)
-    f0 = weighted_objective(stacked, A, B, torch.zeros_like(recon))
+    f, f0 = weighted_objective(stacked, A, B, recon), weighted_objective(stacked, A, B)
     return rel, (f / f0) ** 0.5 if f0 > 0 else 0.0
 
 
 def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options, layer_stats, dev,
-                 refit_damp: float, down) -> None:
+                 refit_damp: float, expert_weights: dict) -> None:
     """Refit each expert's core of ``layer`` to its own routed calibration data
-    (:class:`tuckerize.calibrate.RefitCollector`) and recompute the reported errors."""
+    (:class:`tuckerize.calibrate.RefitCollector`) and recompute the reported errors.
+    ``expert_weights``: projection -> (A, B) kept by the ``--whitening expert`` decomposition."""
     from tuckerize.calibrate import RefitCollector
 
     prefix = spec.arch.experts_prefix(layer)
@@ -224,12 +228,7 @@ def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options
     collector = RefitCollector(runner.stacked_experts(layer), src_config.get("hidden_act", "silu"), factors,
                                projections)
     runner.run(layer, experts=collector, update=False)
-    weights = None
-    if expert_method:
-        from tuckerize.calibrate import expert_weights
-
-        weights = {p: expert_weights(layer_stats, p, down, options)[1] for p in projections}
-    cores = collector.cores(refit_damp, weights)
+    cores = collector.cores(refit_damp, {p: expert_weights[p][1] for p in projections} if expert_method else None)
     for p in projections:
         U_E = factors[p]["U_E"]
         if U_E.shape[0] != U_E.shape[1]:
@@ -238,7 +237,7 @@ def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options
         tensors[factor_name(prefix, p, "core")] = cores[p].cpu().contiguous()
         stacked = stack_projection(ckpt, spec, layer, p).to(dev)
         f = [factors[p][k].to(dev) for k in ("U_E", "U_H", "U_I")]
-        rel, white = _weighted_error(stacked, f, cores[p].to(dev), layer_stats, p, options, down)
+        rel, white = _weighted_error(stacked, f, cores[p].to(dev), layer_stats, p, options, expert_weights.get(p))
         errors[p]["relative_error"] = rel
         if white is not None:
             errors[p]["whitened_error"] = white
@@ -311,10 +310,11 @@ def decompose_checkpoint(
     whiten_options : :class:`tuckerize.calibrate.WhitenOptions` (method ``expert``, the
         default, or ``pooled``; ridge; ALS sweeps; ``expert_hidden``).
     per_expert_stats : also collect each expert's hidden covariance (``--expert-hidden``).
-    refit : after the pooled-whitened decomposition of a layer, refit each expert's core
-        to that expert's own routed calibration data (needs ``calibration`` and
-        ``method="pooled"``: the ``expert`` method fits per-expert cores itself; one more
-        pass of the calibration tokens through each layer; only where r_E = E).
+    refit : after the whitened decomposition of a layer, refit each expert's core to that
+        expert's own routed calibration data (needs ``calibration``; one more pass of the
+        calibration tokens through each layer; only where r_E = E). With ``method="expert"``
+        only gate/up are refitted (down's cores are already fitted to each expert's own
+        inputs), keeping their per-expert output-side weights.
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``).
     """
@@ -601,11 +601,12 @@ def decompose_checkpoint(
                     layer_stats = cal_stats.layers[layer]
             down = (stack_projection(ckpt, spec, layer, "down").to(dev)
                     if layer_stats is not None and options.method == "expert" else None)
+            kept_weights: dict = {}
             for proj in PROJECTIONS:
                 tp = time.time()
-                stacked = stack_projection(ckpt, spec, layer, proj).to(dev)
+                stacked = down if proj == "down" and down is not None else stack_projection(ckpt, spec, layer, proj).to(dev)
                 result = _decompose_projection(stacked, plan.ranks_for(layer, proj), layer_stats, proj, options,
-                                               down, iters, tol)
+                                               down, iters, tol, kept_weights if refit else None)
                 del stacked
                 for fname, value in zip(FACTORS, [*result.factors, result.core]):
                     tensors[factor_name(prefix, proj, fname)] = value.to("cpu", torch.float32).contiguous()
@@ -622,8 +623,8 @@ def decompose_checkpoint(
         if is_moe and refit:
             assert runner is not None
             _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options,
-                         layer_stats if whitening_on else None, dev, refit_damp, down)
-        down = None
+                         layer_stats if whitening_on else None, dev, refit_damp, kept_weights)
+        down = kept_weights = None
         if runner is not None and layer >= 0:
             seq_experts = (_tucker_experts(spec, src_config, plan, layer, tensors, runner.device)
                            if (is_moe and sequential) else None)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import assert_cli_error
 from safetensors.torch import load_file
 
 from tuckerize.errors import ShardError
@@ -190,17 +191,6 @@ def cli(*args: str):
     from tuckerize.cli import app
 
     return CliRunner().invoke(app, list(args))
-
-
-def assert_cli_error(result, *fragments: str) -> str:
-    assert result.exit_code == 1, (result.exit_code, result.output)
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert result.stdout == ""
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def test_cli_success_json(tucker_factory, tmp_path):

@@ -104,9 +104,10 @@ def _cores(T, A, B, UH, UI):
     return G, R, P, Q
 
 
-def weighted_objective(T: torch.Tensor, A, B, recon: torch.Tensor) -> float:
-    """``sum_e tr(D_e^T A_e D_e B_e)`` with ``D = T - recon`` (float64, for checks)."""
-    D = (T - recon).to(torch.float64)
+def weighted_objective(T: torch.Tensor, A, B, recon: torch.Tensor | None = None) -> float:
+    """``sum_e tr(D_e^T A_e D_e B_e)`` with ``D = T - recon`` (``D = T`` without ``recon``),
+    float64."""
+    D = (T if recon is None else T - recon).to(torch.float64)
     return float((_left(A, D) * _left(B, D.transpose(1, 2)).transpose(1, 2)).sum())
 
 
@@ -197,7 +198,7 @@ def expert_weighted_tucker(
     UH = orthonormal_columns(init.factors[1].to(device, torch.float64))[0]
     UI = orthonormal_columns(init.factors[2].to(device, torch.float64))[0]
 
-    f0 = float((_left(A, T) * _left(B, T.transpose(1, 2)).transpose(1, 2)).sum())
+    f0 = weighted_objective(T, A, B)
     f0 = f0 if f0 > 0 else 1.0
 
     def rel_white(G, R) -> float:
