@@ -78,6 +78,7 @@ def moe_block_worker(rank: int, world: int, init_method: str, jobs_file: str, ou
     import torch.distributed as dist
 
     from tuckerize.errors import ShardError
+    from tuckerize.parallel import ParallelContext
     from tuckerize.runtime.loader import TensorSource, build_moe_block
 
     init_gloo(rank, world, init_method)
@@ -88,12 +89,12 @@ def moe_block_worker(rank: int, world: int, init_method: str, jobs_file: str, ou
             if job.get("expect_error"):
                 report: dict[str, Any] = {"error": None}
                 try:
-                    TensorSource.open(job["shard_dir"], layout=job.get("layout"))
+                    TensorSource.open(job["shard_dir"], ParallelContext.current(), layout=job.get("layout"))
                 except ShardError as exc:
                     report = {"error": str(exc), "type": type(exc).__name__}
                 (out / f"{job['name']}-r{rank}.json").write_text(json.dumps(report))
                 continue
-            source = TensorSource.open(job["shard_dir"])
+            source = TensorSource.open(job["shard_dir"], ParallelContext.current())
             x = torch.from_numpy(np.load(job["input"]))
             for layer in job["layers"]:
                 block = build_moe_block(source, layer)

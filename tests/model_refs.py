@@ -106,13 +106,14 @@ def causal_lm_worker(rank: int, world: int, init_method: str, jobs_file: str, ou
     import torch.distributed as dist
 
     import dist_helpers
+    from tuckerize.parallel import ParallelContext
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM
 
     dist_helpers.init_gloo(rank, world, init_method)
     try:
         for job in json.loads(Path(jobs_file).read_text()):
-            source = TensorSource.open(job["folder"])
+            source = TensorSource.open(job["folder"], ParallelContext.current())
             assert source.parallel.world == world and source.parallel.rank == rank
             model = CausalLM(source, dense_experts=not source.is_tucker, dtype=torch.float32).eval()
             ids = torch.from_numpy(np.load(job["input"]))

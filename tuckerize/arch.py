@@ -1,8 +1,10 @@
 """Supported Mixture-of-Experts architectures, as data.
 
-This is the one place that knows how each architecture names its tensors and
-which of its layers are MoE layers. Everything else (reading, writing, sharding,
-the runtime) asks this table.
+This is the one place that knows how each architecture names its tensors, which of
+its layers are MoE layers, its router kind (the routers themselves are registered by
+kind in tuckerize.runtime.routing), its shared expert and, for the native runtime, its
+attention style. Everything else (reading, writing, sharding, the runtime) asks this
+table.
 
 Semantic axes: every projection is stacked as ``[E, H, I]`` (experts, hidden,
 intermediate). Hugging Face stores gate/up per expert as ``[I, H]`` (out, in) and
@@ -18,6 +20,17 @@ from tuckerize.errors import InputError, UnsupportedArchitectureError
 
 PROJECTIONS = ("gate", "up", "down")
 FACTORS = ("U_E", "U_H", "U_I", "core")
+
+
+@dataclass(frozen=True)
+class AttentionStyle:
+    """What the native runtime needs to know about an architecture's attention."""
+
+    qkv_bias: bool = False
+    #: None, "head" (q/k RMSNorm per head_dim, Qwen3) or "full" (over the projection, OLMoE).
+    qk_norm: str | None = None
+    #: ``config.sliding_window`` applies (Mixtral).
+    sliding_window: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,15 @@ class Architecture:
     )
     #: Router weight relative to ``moe_prefix``.
     router: str = "gate.weight"
+    #: DeepSeek-V3's score correction bias relative to ``moe_prefix`` (router kinds that use one).
+    router_bias: str = "gate.e_score_correction_bias"
+    #: Decoder layer prefix, embedding, final norm and LM head names.
+    layer_prefix: str = "model.layers.{layer}"
+    embed_name: str = "model.embed_tokens.weight"
+    final_norm_name: str = "model.norm.weight"
+    lm_head_name: str = "lm_head.weight"
+    #: Attention of the native runtime; None: no native model (the transformers path).
+    attention: AttentionStyle | None = None
     #: How MoE layers are chosen: "all", "sparse_step" (Qwen: decoder_sparse_step and
     #: mlp_only_layers) or "first_k_dense" (DeepSeek: first_k_dense_replace, moe_layer_freq).
     layer_rule: str = "all"
@@ -53,6 +75,9 @@ class Architecture:
     #: Shared expert: None, "qwen" (shared_expert MLP times sigmoid(shared_expert_gate)),
     #: or "deepseek" (shared_experts MLP, ungated, moe_intermediate_size * n_shared_experts).
     shared_kind: str | None = None
+    #: Module names of the shared expert MLP and of its gate (relative to ``moe_prefix``).
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
 
     def expert_name(self, layer: int, projection: str, expert: int) -> str:
         return f"{self.moe_prefix.format(layer=layer)}.{self.expert_weights[projection].format(expert=expert)}"
@@ -69,8 +94,25 @@ class Architecture:
     def router_name(self, layer: int) -> str:
         return f"{self.moe_prefix.format(layer=layer)}.{self.router}"
 
+    def router_bias_name(self, layer: int) -> str:
+        return f"{self.moe_prefix.format(layer=layer)}.{self.router_bias}"
+
+    def layer_name(self, layer: int, name: str) -> str:
+        """``name`` (relative to the decoder layer, e.g. ``self_attn.q_proj.weight``) in full."""
+        return f"{self.layer_prefix.format(layer=layer)}.{name}"
+
+    def moe_name(self, layer: int, name: str) -> str:
+        """``name`` relative to the MoE block (e.g. ``shared_expert.up_proj.weight``) in full."""
+        return f"{self.moe_prefix.format(layer=layer)}.{name}"
+
+    @property
+    def native(self) -> bool:
+        """Whether the native runtime (tuckerize.runtime.model) covers this architecture."""
+        return self.attention is not None
+
 
 _QWEN_SHARED = ("shared_expert", "shared_expert_gate")
+_QWEN_SHARED_NAMES = {"shared_expert": "shared_expert", "shared_expert_gate": "shared_expert_gate"}
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
@@ -78,6 +120,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         classes=("Qwen3MoeForCausalLM",),
         model_types=("qwen3_moe",),
         layer_rule="sparse_step",
+        attention=AttentionStyle(qk_norm="head"),
     ),
     Architecture(
         name="qwen3_next",
@@ -86,6 +129,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_rule="sparse_step",
         dense_in_block=_QWEN_SHARED,
         shared_kind="qwen",
+        **_QWEN_SHARED_NAMES,
     ),
     Architecture(
         name="qwen2_moe",
@@ -94,6 +138,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_rule="sparse_step",
         dense_in_block=_QWEN_SHARED,
         shared_kind="qwen",
+        **_QWEN_SHARED_NAMES,
+        attention=AttentionStyle(qkv_bias=True),
     ),
     Architecture(
         name="mixtral",
@@ -106,6 +152,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             "down": "experts.{expert}.w2.weight",
         },
         always_norm_topk=True,
+        attention=AttentionStyle(sliding_window=True),
     ),
     Architecture(
         name="deepseek_v2",
@@ -115,6 +162,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         dense_in_block=("shared_experts",),
         router_kind="deepseek_v2",
         shared_kind="deepseek",
+        shared_expert="shared_experts",
     ),
     Architecture(
         name="deepseek_v3",
@@ -124,11 +172,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         dense_in_block=("shared_experts",),
         router_kind="deepseek_v3",
         shared_kind="deepseek",
+        shared_expert="shared_experts",
     ),
     Architecture(
         name="olmoe",
         classes=("OlmoeForCausalLM",),
         model_types=("olmoe",),
+        attention=AttentionStyle(qk_norm="full"),
     ),
 )
 

@@ -284,6 +284,7 @@ class _Hub:
         self.slots: list[Any] = [None] * world
         self.calls = [0] * world
         self.sizes: list[list[int]] = [[] for _ in range(world)]
+        self.gathers: list[list[int]] = [[] for _ in range(world)]
 
     def all_reduce(self, rank: int, tensor: torch.Tensor) -> None:
         self.calls[rank] += 1
@@ -296,6 +297,14 @@ class _Hub:
         self.barrier.wait()
         tensor.copy_(total)
 
+    def all_gather(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        self.gathers[rank].append(tensor.shape[-1])
+        self.slots[rank] = tensor.clone()
+        self.barrier.wait()
+        parts = [t.clone() for t in self.slots]
+        self.barrier.wait()
+        return parts
+
 
 @dataclass(frozen=True)
 class _HubContext(ParallelContext):
@@ -305,6 +314,13 @@ class _HubContext(ParallelContext):
         if self.world > 1:
             self.hub.all_reduce(self.rank, tensor)
         return tensor
+
+    def all_gather_cat(self, tensor, sizes, dim=-1):
+        if self.world == 1:
+            return tensor
+        parts = self.hub.all_gather(self.rank, tensor)
+        assert [p.shape[dim] for p in parts] == list(sizes)
+        return torch.cat(parts, dim=dim)
 
 
 def _run_ranks(world: int, fn) -> list[Any]:
@@ -489,8 +505,6 @@ def test_factor_axes_in_checkpoint_and_module(arch, tucker_factory):
             assert R.rel_err(torch.eye(U.shape[1], dtype=torch.float64), U.T @ U) < 1e-5
         core = torch.einsum("ehi,ea,hb,ic->abc", W, f["U_E"].double(), f["U_H"].double(), f["U_I"].double())
         assert R.rel_err(core, f["core"]) < 1e-4, p
-        # Ranks below full: an approximation, but a good one on the dominant subspaces.
-        assert R.rel_err(W, R.dense_from_factors(f["U_E"], f["U_H"], f["U_I"], f["core"])) < 1.0
 
     m = build_moe_block(TensorSource.open(tucker, parallel=ParallelContext()), layer).experts
     for p in PROJECTIONS:
@@ -615,3 +629,64 @@ def test_default_context_without_process_group():
 def test_unknown_layout_rejected():
     with pytest.raises(ShardError, match="layout"):
         TuckerExperts(8, 32, 16, R.PLAN, layout="diagonal")
+
+
+# ------------------------------------------------------------------ the hybrid layout (every term split by N)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_hybrid_forward_across_ranks(world):
+    """Hybrid over simulated ranks (3 is uneven for E, H and every r_H): every rank returns
+    the single-device output; collectives: one all-gather of the projected input
+    (r_H,gate + r_H,up), one all-reduce of s (r_H,down), one all-gather of the output (H)."""
+    E, H, I = 8, 32, 16
+    factors, single, x, idx, w = _single_and_inputs(E, H, I)
+    ref = single(x, idx, w)
+
+    def rank_fn(ctx):
+        m = TuckerExperts(E, H, I, R.PLAN, layout="hybrid", parallel=ctx)
+        m.load_factors(factors)
+        with torch.no_grad():
+            return m(x, idx, w), m
+
+    outs, hub = _run_ranks(world, rank_fn)
+    for r, (out, _) in enumerate(outs):
+        assert R.rel_err(ref, out) < TOL, r
+    assert hub.sizes == [[R.PLAN["down"][1]]] * world
+    rg, ru = split_sizes(R.PLAN["gate"][1], world), split_sizes(R.PLAN["up"][1], world)
+    assert hub.gathers == [[rg[r] + ru[r], split_sizes(H, world)[r]] for r in range(world)]
+    # Every term is split: the ranks' pieces of each factor tile the whole exactly once.
+    mods = [m for _, m in outs]
+    for p in PROJECTIONS:
+        for f in ("U_E", "U_H"):
+            sp = [m.shard_spec(f"{p}.{f}") for m in mods]
+            axis = sp[0].axis
+            assert sum(s.stop - s.start for s in sp) == factors[f"{p}.{f}"].shape[axis]
+            got = torch.cat([getattr(getattr(m, p), f) for m in mods], dim=axis)
+            assert torch.equal(got, factors[f"{p}.{f}"]), (p, f)
+        assert mods[0].shard_spec(f"{p}.core") is None and mods[0].shard_spec(f"{p}.U_I") is None
+
+
+@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_cost_per_token_counts_the_forward(layout, world):
+    """cost_per_token (from the module's own shapes) against torch's flop counter on the
+    forward of each simulated rank, with routing spread evenly over the experts."""
+    E, H, I, K, T = 8, 32, 16, 2, 64
+    factors = R.random_factors(E, H, I, R.PLAN, seed=4)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
+    idx = torch.stack([(torch.arange(T) * K + k) % E for k in range(K)], dim=1)  # every expert T*K/E times
+    w = torch.full((T, K), 1.0 / K)
+
+    def rank_fn(ctx):
+        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ctx)
+        m.load_factors(factors)
+        m.gather_pairs = 0
+        return _forward_flops(m, x, idx, w) / 2 / T, m.cost_per_token(K)
+
+    outs, _ = _run_ranks(world, rank_fn)
+    for counted, cost in outs:
+        assert abs(counted - cost["macs"]) <= 1e-6 * cost["macs"], (counted, cost)
+    if layout == "hybrid":  # the work is divided, not replicated
+        single = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext()).cost_per_token(K)["macs"]
+        assert sum(c["macs"] for _, c in outs) == pytest.approx(single)

@@ -13,24 +13,36 @@ from tuckerize.cli.ui import RichProgress, console, print_json
 
 @app.command()
 def shard(
-    tucker: Annotated[Path, typer.Argument(help="Tucker checkpoint folder written by `tuckerize decompose`.")],
+    tucker: Annotated[Optional[Path], typer.Argument(help="Tucker checkpoint folder (same as --model).", show_default=False)] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Tucker checkpoint folder written by `tuckerize decompose`.")] = None,
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel world size.")] = 2,
-    layout: Annotated[str, typer.Option(help="intermediate (U_I rows split) or expert (experts split).")] = "intermediate",
+    layout: Annotated[Optional[str], typer.Option(help="intermediate (U_I rows split), expert (experts split) or hybrid (every term split). Default: the one with the fewest multiply-adds per rank for this model and tp.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <tucker>-tp<N>-<layout>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the shard manifest as JSON.")] = False,
 ) -> None:
     """Write one safetensors set per rank holding only that rank's slices."""
+    from tuckerize.errors import InputError
     from tuckerize.shard import shard_checkpoint
 
+    def run():
+        if tucker is not None and model is not None and Path(tucker) != Path(model):
+            raise InputError(f"two checkpoints given ({tucker} and --model {model}); give one")
+        folder = model if model is not None else tucker
+        if folder is None:
+            raise InputError("no Tucker checkpoint given; pass --model FOLDER (or the folder as an argument)")
+        return shard_checkpoint(folder, tp, layout=layout, out=out, overwrite=overwrite, progress=progress)
+
     with RichProgress(enabled=not json_out) as progress:
-        manifest = run_or_exit(
-            lambda: shard_checkpoint(tucker, tp, layout=layout, out=out, overwrite=overwrite, progress=progress)
-        )
+        manifest = run_or_exit(run)
     if json_out:
         print_json(manifest)
         return
     sizes = [sum(f["bytes"] for f in r["files"].values()) for r in manifest["ranks"]]
+    chosen = manifest.get("layout_choice")
+    if chosen:
+        console.print(f"layout {manifest['layout']} (fewest multiply-adds per rank at tp={manifest['tp']}: "
+                      + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in chosen["macs_per_token"].items()) + ")")
     console.print(
         f"{manifest['tp']} ranks, layout {manifest['layout']}: "
         + ", ".join(f"rank {i} {s / 2**20:.1f} MiB" for i, s in enumerate(sizes))

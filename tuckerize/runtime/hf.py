@@ -2,11 +2,15 @@
 
 For architectures the native runtime does not cover (DeepSeek's MLA attention,
 Qwen3-Next's gated delta-net layers), and for lm-eval-harness, which wraps a built
-transformers model. Single process. The model is loaded from the Tucker checkpoint
-with ``from_pretrained`` (transformers maps the non-expert tensor names itself; the
-dense experts it cannot find are left as they are initialised and then replaced), and
-each MoE block's ``experts`` becomes a :class:`TuckerExperts` loaded from the factors.
-Routing and shared experts stay transformers' own.
+transformers model. Single process.
+
+For a Tucker checkpoint the model is built on the meta device (no memory), each MoE
+block's ``experts`` becomes a :class:`TuckerExperts` loaded from the factors, and only
+then are the other tensors read from the checkpoint and assigned (transformers' own
+parameter names are the checkpoint's); the dense expert set is never allocated.
+Non-persistent buffers (rotary frequencies) are rebuilt by their own module from the
+config. Routing and shared experts stay transformers' own. An original checkpoint is
+loaded with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from tuckerize.format import TuckerCheckpoint
+from tuckerize.errors import UnsupportedArchitectureError
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Silence transformers' load report (it lists every replaced expert weight as missing)."""
+    """Silence transformers' load report."""
     from transformers.utils import logging
 
     level = logging.get_verbosity()
@@ -35,17 +39,53 @@ def quiet_transformers():
 def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     """A transformers model for ``folder``: the original model, or a Tucker checkpoint
     with its experts replaced by Tucker experts."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from tuckerize.runtime.loader import TensorSource, build_experts
 
     folder = Path(folder)
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     source = TensorSource.open(folder)
-    if source.is_tucker:
-        tk = TuckerCheckpoint.open(folder)
-        for layer in tk.spec.moe_layers:
-            block = model.model.layers[layer].mlp
-            block.experts = build_experts(source, layer, dtype=dtype)
-    return model.to(device).eval()
+    if not source.is_tucker:
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        return model.to(device).eval()
+
+    spec = source.spec
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for layer in spec.moe_layers:
+        block = model.get_submodule(spec.arch.experts_prefix(layer).rpartition(".")[0])
+        block.experts = build_experts(source, layer, dtype=dtype, device=device)
+    names = set(source.tensors.keys())
+    state = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.device.type != "meta" or name in state:
+            continue
+        if name in names:
+            state[name] = source.get(name).to(device=device, dtype=t.dtype if t.is_floating_point() else None)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and spec.arch.lm_head_name not in names:
+        model.tie_weights()
+    _rebuild_buffers(model, config, device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise UnsupportedArchitectureError(
+            f"{left[0]} is neither in the Tucker checkpoint nor rebuilt from the config; "
+            "transformers names this model's tensors differently from its files"
+        )
+    return model.eval()
+
+
+def _rebuild_buffers(model, config, device) -> None:
+    """Modules holding computed (non-persistent) buffers, still on meta: built again
+    from their config on ``device`` (rotary embeddings)."""
+    for name, module in list(model.named_modules()):
+        if not any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            continue
+        own = getattr(module, "config", None) or config
+        with torch.device(device):
+            fresh = type(module)(config=own)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, fresh)

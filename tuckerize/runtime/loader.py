@@ -1,10 +1,12 @@
 """Where a rank's tensors come from, and building MoE blocks from them.
 
 :class:`TensorSource` opens an original Hugging Face checkpoint, a Tucker checkpoint
-or a shard set (in which case this rank reads only its own files). :meth:`TensorSource.load`
-copies a tensor into a parameter or buffer, slicing a full tensor to this rank's part
-with the same table the shard writer uses (:mod:`tuckerize.shard.plan`), or taking a
-pre-sliced one as it is.
+or a shard set (in which case this rank reads only its own files).
+:meth:`TensorSource.load_into` copies a tensor into a module's parameter or buffer,
+slicing a full tensor to the part that the module says this rank holds
+(``shard_spec``, beside the module's forward: :func:`split_of`), or taking a shard
+file's slice as it is. :class:`SplitRecorder` runs the same building code on the meta
+device and records those splits instead of loading: the shard writer's plan.
 """
 
 from __future__ import annotations
@@ -20,12 +22,24 @@ from tuckerize.checkpoint import Checkpoint, load_config
 from tuckerize.errors import ShardError
 from tuckerize.experts import stack_projection
 from tuckerize.format import CONFIG_KEY, MANIFEST_NAME, factor_name
+from tuckerize.parallel import ParallelContext, Split, take
 from tuckerize.runtime.moe import DenseExperts, MoEBlock
-from tuckerize.runtime.parallel import ParallelContext
 from tuckerize.runtime.routing import RouterSpec
 from tuckerize.runtime.tucker_experts import TuckerExperts
-from tuckerize.shard.plan import take, tensor_split
 from tuckerize.shard.sharding import SHARD_MANIFEST, ShardSet
+
+
+def split_of(module: torch.nn.Module, name: str) -> Split | None:
+    """The split of ``module``'s parameter or buffer ``name`` (dotted): the deepest module
+    on the path that defines ``shard_spec`` answers for the rest of the name; None
+    (replicated) if none does."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        owner = module.get_submodule(".".join(parts[:i])) if i else module
+        spec = getattr(owner, "shard_spec", None)
+        if spec is not None:
+            return spec(".".join(parts[i:]))
+    return None
 
 
 @dataclass
@@ -40,8 +54,10 @@ class TensorSource:
     @classmethod
     def open(cls, folder: str | Path, parallel: ParallelContext | None = None, layout: str | None = None,
              verify: bool = True) -> "TensorSource":
+        """``parallel``: this process's rank; by default one rank (runtime entry points pass
+        ``ParallelContext.current()``)."""
         folder = Path(folder)
-        parallel = parallel or ParallelContext.current()
+        parallel = parallel or ParallelContext()
         if (folder / SHARD_MANIFEST).is_file():
             shards = ShardSet.open(folder)
             if layout is not None and layout != shards.layout:
@@ -60,24 +76,75 @@ class TensorSource:
     def is_tucker(self) -> bool:
         return self.kind in ("tucker", "shard")
 
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def load_stacked(self, experts: DenseExperts, layer: int) -> None:
+        """Dense routed experts of ``layer`` from an original checkpoint."""
+        experts.load_stacked({p: stack_projection(self.tensors, self.spec, layer, p) for p in PROJECTIONS})
+
     def get(self, name: str) -> torch.Tensor:
         return self.tensors.get(name)
 
     def local(self, name: str) -> torch.Tensor:
-        """This rank's part of ``name`` (sliced here if the file holds the whole tensor)."""
+        """This rank's part of ``name`` (sliced here if the file holds the whole tensor),
+        as the runtime's layers split it (:func:`tuckerize.runtime.plan.rank_splits`)."""
         t = self.get(name)
-        if self.kind == "shard":
+        if self.kind == "shard" or self.parallel.world == 1:
             return t
-        sp = tensor_split(name, list(t.shape), self.config, self.parallel.world, self.parallel.rank, self.layout)
-        return take(t, sp)
+        if getattr(self, "_splits", None) is None:
+            from tuckerize.runtime.plan import rank_splits
 
-    def load(self, dst: torch.Tensor, name: str) -> None:
-        t = self.local(name)
+            self._splits = rank_splits(self.config, self.parallel.world, self.parallel.rank, self.layout,
+                                       names=self.tensors.keys())
+        return take(t, self._splits.get(name))
+
+    def load(self, dst: torch.Tensor, name: str, split: Split | None = None) -> None:
+        """Copy tensor ``name`` into ``dst``: this rank's ``split`` of a full tensor, or a
+        shard file's slice as it is."""
+        t = self.get(name)
+        if self.kind != "shard":
+            t = take(t, split)
         if tuple(t.shape) != tuple(dst.shape):
             raise ShardError(f"{name} has shape {list(t.shape)} here, the model expects {list(dst.shape)}; "
                              "is the shard set from another model or tp size?")
         with torch.no_grad():
             dst.copy_(t)
+
+    def load_into(self, module: torch.nn.Module, attr: str, name: str) -> None:
+        """Fill ``module``'s parameter or buffer ``attr`` (dotted) from tensor ``name``,
+        split as the module says (:func:`split_of`)."""
+        self.load(module.get_parameter(attr) if _is_param(module, attr) else module.get_buffer(attr), name,
+                  split_of(module, attr))
+
+
+def _is_param(module: torch.nn.Module, attr: str) -> bool:
+    owner, _, leaf = attr.rpartition(".")
+    return leaf in (module.get_submodule(owner) if owner else module)._parameters
+
+
+class SplitRecorder(TensorSource):
+    """A source that loads nothing: building a model from it (on the meta device) records
+    ``{tensor name: Split}`` for every tensor a layer splits on this rank."""
+
+    def __init__(self, config: dict[str, Any], parallel: ParallelContext, layout: str, names=()):
+        super().__init__(Path("."), config, None, "plan", parallel, layout)  # type: ignore[arg-type]
+        self.names = set(names)
+        self.splits: dict[str, Split] = {}
+
+    @property
+    def is_tucker(self) -> bool:
+        return CONFIG_KEY in self.config
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def load(self, dst: torch.Tensor, name: str, split: Split | None = None) -> None:
+        if split is not None:
+            self.splits[name] = split
+
+    def load_stacked(self, experts, layer: int) -> None:
+        """Dense experts come from original checkpoints, which are never sharded."""
 
 
 def tucker_ranks(config: dict[str, Any], layer: int) -> dict[str, tuple[int, int, int]]:
@@ -94,12 +161,15 @@ def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=N
         if source.is_tucker:
             raise ShardError(f"{source.folder} is a Tucker checkpoint; dense experts need the original model")
         experts = DenseExperts(E, H, I, source.parallel, act=act, dtype=dtype, device=device)
-        experts.load_stacked({p: stack_projection(source.tensors, spec, layer, p) for p in PROJECTIONS})
+        source.load_stacked(experts, layer)
         return experts
     experts = TuckerExperts(E, H, I, tucker_ranks(source.config, layer), layout=source.layout,
                             parallel=source.parallel, act=act, dtype=dtype, device=device)
     prefix = spec.arch.experts_prefix(layer)
-    experts.load_factors({f"{p}.{f}": source.get(factor_name(prefix, p, f)) for p in PROJECTIONS for f in FACTORS})
+    for p in PROJECTIONS:
+        for f in FACTORS:
+            source.load_into(experts, f"{p}.{f}", factor_name(prefix, p, f))
+    experts.materialize()
     return experts
 
 
@@ -114,14 +184,14 @@ def build_moe_block(source: TensorSource, layer: int, dense: bool = False, dtype
     if experts is None:
         experts = build_experts(source, layer, dense=dense, dtype=dtype, device=device)
     block = MoEBlock(arch, source.config, router, experts, source.parallel, dtype=dtype, device=device)
-    prefix = arch.moe_prefix.format(layer=layer)
-    source.load(block.gate.weight, f"{prefix}.{arch.router}")
+    source.load_into(block, "gate.weight", arch.router_name(layer))
     if block.gate.e_score_correction_bias is not None:
-        source.load(block.gate.e_score_correction_bias, f"{prefix}.gate.e_score_correction_bias")
+        source.load_into(block, "gate.e_score_correction_bias", arch.router_bias_name(layer))
     if block.shared_name:
-        shared = getattr(block, block.shared_name)
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            source.load(getattr(shared, proj).weight, f"{prefix}.{block.shared_name}.{proj}.weight")
+        for name, _ in getattr(block, block.shared_name).named_parameters():
+            attr = f"{block.shared_name}.{name}"
+            source.load_into(block, attr, arch.moe_name(layer, attr))
         if block.shared_gate is not None:
-            source.load(block.shared_gate.weight, f"{prefix}.shared_expert_gate.weight")
+            attr = f"{arch.shared_expert_gate}.weight"
+            source.load_into(block, attr, arch.moe_name(layer, attr))
     return block

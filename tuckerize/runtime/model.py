@@ -7,10 +7,13 @@ and LM head, RMSNorm, rotary embeddings, attention through
 every parameter is filled by :meth:`TensorSource.load`, which slices full tensors to
 this rank's part or takes a shard file's slice as it is.
 
-Architectures: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE. Per-architecture differences are
-data (:data:`ATTENTION`): q/k/v bias, and q/k normalisation per head (Qwen3) or over
-the whole projection (OLMoE). DeepSeek (MLA) and Qwen3-Next (gated delta-net) go
-through :mod:`tuckerize.runtime.hf` instead.
+Architectures: those whose record in :mod:`tuckerize.arch` has an attention style
+(Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE): q/k/v bias, q/k normalisation per head (Qwen3)
+or over the whole projection (OLMoE), a sliding window (Mixtral). DeepSeek (MLA) and
+Qwen3-Next (gated delta-net) go through :mod:`tuckerize.runtime.hf` instead.
+
+Tensor parallelism lives in the layers: each one that splits its weights says which
+slice of each full tensor this rank holds (``shard_spec``) beside its forward.
 
 Collectives per decoder layer: one all-reduce after attention (H values per token) and
 one in the MoE block (r_H values per token for Tucker; H for dense experts).
@@ -18,36 +21,22 @@ one in the MoE block (r_H values per token for Tucker; H for dense experts).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tuckerize.arch import ARCHITECTURES, AttentionStyle
 from tuckerize.errors import UnsupportedArchitectureError
+from tuckerize.parallel import ParallelContext, Split, attention_dims, check_tp, head_range, split_range, split_sizes
 from tuckerize.runtime.loader import TensorSource, build_moe_block
 from tuckerize.runtime.moe import ParallelMLP
-from tuckerize.runtime.parallel import ParallelContext, split_range, split_sizes
-from tuckerize.shard.plan import attention_dims, check_tp
-
-
-@dataclass(frozen=True)
-class AttentionStyle:
-    qkv_bias: bool = False
-    qk_norm: str | None = None  # None, "head" (per head_dim) or "full" (over the projection)
-
-
-ATTENTION: dict[str, AttentionStyle] = {
-    "qwen3_moe": AttentionStyle(qk_norm="head"),
-    "qwen2_moe": AttentionStyle(qkv_bias=True),
-    "mixtral": AttentionStyle(),
-    "olmoe": AttentionStyle(qk_norm="full"),
-}
 
 
 def native_supported(arch_name: str) -> bool:
-    return arch_name in ATTENTION
+    """Whether the native runtime covers the architecture named ``arch_name``."""
+    return any(a.name == arch_name and a.native for a in ARCHITECTURES)
 
 
 class RMSNorm(nn.Module):
@@ -111,8 +100,10 @@ class Attention(nn.Module):
         world = parallel.world
         self.parallel = parallel
         self.head_dim = head_dim
-        self.n_q = heads // world
-        self.n_kv = kv // world if kv % world == 0 else 1  # replicated kv head when kv < world
+        self.q_heads = head_range(heads, world, parallel.rank)
+        self.kv_heads = head_range(kv, world, parallel.rank, replicate=True)  # kv < world: replicated
+        self.n_q = self.q_heads[1] - self.q_heads[0]
+        self.n_kv = self.kv_heads[1] - self.kv_heads[0]
         kw = {"dtype": dtype, "device": device}
         self.q_proj = nn.Linear(hidden, self.n_q * head_dim, bias=style.qkv_bias, **kw)
         self.k_proj = nn.Linear(hidden, self.n_kv * head_dim, bias=style.qkv_bias, **kw)
@@ -133,6 +124,23 @@ class Attention(nn.Module):
         self.scaling = head_dim**-0.5
         for p in self.parameters():
             p.requires_grad_(False)
+
+    def shard_spec(self, name: str) -> Split | None:
+        """q (and a "full" q norm) rows by query heads, k/v (and a "full" k norm) rows by
+        key/value heads, o_proj columns by query heads; per-head norms replicated."""
+        if self.parallel.world == 1:
+            return None
+        module, _, _ = name.partition(".")
+        hd = self.head_dim
+        q = (self.q_heads[0] * hd, self.q_heads[1] * hd)
+        kv = (self.kv_heads[0] * hd, self.kv_heads[1] * hd)
+        if module == "o_proj":
+            return Split(1, *q)
+        if module == "q_proj" or (module == "q_norm" and self.qk_norm == "full"):
+            return Split(0, *q)
+        if module in ("k_proj", "v_proj") or (module == "k_norm" and self.qk_norm == "full"):
+            return Split(0, *kv)
+        return None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, S, _ = x.shape
@@ -165,6 +173,10 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.stop - self.start, hidden, dtype=dtype, device=device),
                                    requires_grad=False)
 
+    def shard_spec(self, name: str) -> Split | None:
+        """Rows (vocabulary entries) ``[start, stop)``."""
+        return Split(0, self.start, self.stop) if self.parallel.world > 1 else None
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.parallel.world == 1:
             return F.embedding(ids, self.weight)
@@ -178,8 +190,13 @@ class ParallelLMHead(nn.Module):
         super().__init__()
         self.parallel = parallel
         self.sizes = split_sizes(vocab, parallel.world)
-        start, stop = split_range(vocab, parallel.world, parallel.rank)
-        self.weight = nn.Parameter(torch.zeros(stop - start, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.start, self.stop = split_range(vocab, parallel.world, parallel.rank)
+        self.weight = nn.Parameter(torch.zeros(self.stop - self.start, hidden, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def shard_spec(self, name: str) -> Split | None:
+        """Rows (vocabulary entries) ``[start, stop)``; the logits are all-gathered."""
+        return Split(0, self.start, self.stop) if self.parallel.world > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.parallel.all_gather_cat(F.linear(x, self.weight), self.sizes, dim=-1)
@@ -205,7 +222,7 @@ def build_decoder_layer(source: TensorSource, i: int, dense_experts: bool = Fals
     """Decoder layer ``i`` built and loaded from ``source`` on its own (the calibration pass
     runs one layer at a time). ``mlp`` replaces the layer's MoE block or MLP (already loaded)."""
     config, spec = source.config, source.spec
-    style = ATTENTION[spec.arch.name]
+    style = spec.arch.attention
     parallel = source.parallel
     own_mlp = mlp is None
     if mlp is None:
@@ -215,10 +232,10 @@ def build_decoder_layer(source: TensorSource, i: int, dense_experts: bool = Fals
             hidden, inter = int(config["hidden_size"]), int(config.get("intermediate_size"))
             mlp = ParallelMLP(hidden, inter, parallel, config.get("hidden_act", "silu"), dtype, device)
     layer = DecoderLayer(config, style, parallel, mlp, dtype, device)
-    for name, p in layer.named_parameters():
+    for name, _ in layer.named_parameters():
         if name.startswith("mlp.") and (i in spec.moe_layers or not own_mlp):
             continue  # the MoE block loaded itself (build_moe_block)
-        source.load(p, f"model.layers.{i}.{name}")
+        source.load_into(layer, name, spec.arch.layer_name(i, name))
     return layer
 
 
@@ -230,13 +247,13 @@ class CausalLM(nn.Module):
         config = source.config
         spec = source.spec
         arch = spec.arch
-        if not native_supported(arch.name):
+        if not arch.native:
             raise UnsupportedArchitectureError(
                 f"the native runtime does not cover {arch.classes[0]} yet; use --runtime hf (single process)"
             )
         parallel = source.parallel
         check_tp(config, parallel.world)
-        if config.get("sliding_window") and config.get("use_sliding_window", True) and arch.name == "mixtral":
+        if config.get("sliding_window") and config.get("use_sliding_window", True) and arch.attention.sliding_window:
             self.sliding_window = int(config["sliding_window"])
         else:
             self.sliding_window = None
@@ -252,13 +269,13 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(hidden, float(config.get("rms_norm_eps", 1e-6)), dtype=dtype, device=device)
         self.lm_head = ParallelLMHead(vocab, hidden, parallel, dtype, device)
         self.rotary = Rotary(head_dim, rope_theta(config), device=device)
-        self._load(source, spec)
+        self._load(source, arch)
 
-    def _load(self, source: TensorSource, spec) -> None:
-        source.load(self.embed_tokens.weight, "model.embed_tokens.weight")
-        tied = "lm_head.weight" not in source.tensors  # tie_word_embeddings
-        source.load(self.lm_head.weight, "model.embed_tokens.weight" if tied else "lm_head.weight")
-        source.load(self.norm.weight, "model.norm.weight")
+    def _load(self, source: TensorSource, arch) -> None:
+        source.load_into(self, "embed_tokens.weight", arch.embed_name)
+        tied = not source.has(arch.lm_head_name)  # tie_word_embeddings
+        source.load_into(self, "lm_head.weight", arch.embed_name if tied else arch.lm_head_name)
+        source.load_into(self, "norm.weight", arch.final_norm_name)
         # decoder layers loaded themselves (build_decoder_layer)
 
     @torch.no_grad()
@@ -280,4 +297,4 @@ class CausalLM(nn.Module):
         return {i: self.layers[i].mlp for i in spec_layers}
 
 
-__all__ = ["CausalLM", "build_decoder_layer", "native_supported", "ATTENTION", "RMSNorm", "Rotary", "rope_theta"]
+__all__ = ["CausalLM", "build_decoder_layer", "native_supported", "AttentionStyle", "RMSNorm", "Rotary", "rope_theta"]

@@ -13,9 +13,8 @@ import torch
 import torch.nn as nn
 
 from tuckerize.arch import PROJECTIONS, Architecture
-from tuckerize.runtime.parallel import ParallelContext, split_range
-from tuckerize.runtime.routing import RouterSpec, expert_groups, route, sorted_pairs
-from tuckerize.runtime.tucker_experts import ACTIVATIONS
+from tuckerize.parallel import ParallelContext, Split, activation, split_range
+from tuckerize.runtime.routing import ROUTERS, RouterSpec, expert_groups, route, sorted_pairs
 
 
 class ParallelMLP(nn.Module):
@@ -31,7 +30,14 @@ class ParallelMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, n, **kw)
         self.up_proj = nn.Linear(hidden, n, **kw)
         self.down_proj = nn.Linear(n, hidden, **kw)
-        self.act_fn = ACTIVATIONS[act]
+        self.act_fn = activation(act)
+        self.full = intermediate
+
+    def shard_spec(self, name: str) -> Split | None:
+        """gate/up rows and down columns ``I_r`` of the full weights; None on one rank."""
+        if self.range == (0, self.full):
+            return None
+        return Split(1 if name.startswith("down_proj") else 0, *self.range)
 
     def partial(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -52,15 +58,30 @@ class DenseExperts(nn.Module):
         self.num_experts = num_experts
         self.inter_range = split_range(intermediate, parallel.world, parallel.rank)
         n = self.inter_range[1] - self.inter_range[0]
+        self.intermediate = intermediate
         for p in PROJECTIONS:
             self.register_buffer(p, torch.zeros(num_experts, hidden, n, dtype=dtype, device=device))
-        self.act_fn = ACTIVATIONS[act]
+        self.act_fn = activation(act)
+
+    def shard_spec(self, name: str) -> Split | None:
+        """Columns ``I_r`` (axis 2) of every stacked ``[E, H, I]`` projection; None on one rank."""
+        if self.inter_range == (0, self.intermediate):
+            return None
+        return Split(2, *self.inter_range)
 
     def load_stacked(self, stacked: Mapping[str, torch.Tensor]) -> None:
         """Full ``[E, H, I]`` tensors per projection (this rank takes its I slice)."""
-        a, b = self.inter_range
+        from tuckerize.parallel import take
+
         for p in PROJECTIONS:
-            getattr(self, p).copy_(stacked[p][..., a:b])
+            getattr(self, p).copy_(take(stacked[p], self.shard_spec(p)))
+
+    def cost_per_token(self, top_k: int) -> dict[str, float]:
+        """Multiply-adds and values sent per token on this rank (see TuckerExperts.cost_per_token)."""
+        N = self.parallel.world
+        H = self.gate.shape[1]
+        macs = top_k * sum(getattr(self, p)[0].numel() for p in PROJECTIONS)
+        return {"macs": float(macs), "sent": 2.0 * H * (N - 1) / N, "payload": {"all_reduce": H}}
 
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x)
@@ -84,7 +105,7 @@ class Router(nn.Module):
         super().__init__()
         self.spec = spec
         self.weight = nn.Parameter(torch.zeros(spec.num_experts, hidden, dtype=dtype, device=device), requires_grad=False)
-        if spec.kind == "deepseek_v3":
+        if ROUTERS[spec.kind].bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(spec.num_experts, dtype=torch.float32, device=device))
         else:
             self.e_score_correction_bias = None
@@ -106,17 +127,17 @@ class MoEBlock(nn.Module):
         self.shared_name = None
         self.shared_gate = None
         act = config.get("hidden_act", "silu")
-        if arch.shared_kind == "qwen" and int(config.get("shared_expert_intermediate_size") or 0) > 0:
-            self.shared_name = "shared_expert"
-            shared = ParallelMLP(hidden, int(config["shared_expert_intermediate_size"]), parallel, act, dtype, device)
-            self.shared_expert_gate = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
-            self.shared_gate = self.shared_expert_gate
-        elif arch.shared_kind == "deepseek" and int(config.get("n_shared_experts") or 0) > 0:
-            self.shared_name = "shared_experts"
-            inter = int(config["moe_intermediate_size"]) * int(config["n_shared_experts"])
-            shared = ParallelMLP(hidden, inter, parallel, act, dtype, device)
-        if self.shared_name:
-            setattr(self, self.shared_name, shared)
+        inter = 0
+        if arch.shared_kind == "qwen":
+            inter = int(config.get("shared_expert_intermediate_size") or 0)
+        elif arch.shared_kind == "deepseek":
+            inter = int(config.get("moe_intermediate_size") or 0) * int(config.get("n_shared_experts") or 0)
+        if inter > 0:
+            self.shared_name = arch.shared_expert
+            setattr(self, self.shared_name, ParallelMLP(hidden, inter, parallel, act, dtype, device))
+            if arch.shared_expert_gate:
+                self.shared_gate = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
+                setattr(self, arch.shared_expert_gate, self.shared_gate)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

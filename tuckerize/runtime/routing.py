@@ -1,4 +1,5 @@
-"""Routers of the supported architectures, identical to transformers' implementations.
+"""Routers of the supported architectures, identical to transformers' implementations,
+registered by kind (:data:`ROUTERS`, keyed by ``Architecture.router_kind``).
 
 ``route(logits_input, weight, ...) -> (top_k_weights [T, K], top_k_index [T, K])``.
 """
@@ -6,7 +7,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -48,39 +49,64 @@ def _group_mask(scores: torch.Tensor, group_scores: torch.Tensor, spec: RouterSp
     return group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, spec.num_experts).bool()
 
 
+def _softmax_topk(hidden, weight, spec: RouterSpec, bias):
+    logits = F.linear(hidden, weight)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+    top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
+    if spec.norm_topk_prob:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w.to(logits.dtype), top_i
+
+
+def _deepseek_v2(hidden, weight, spec: RouterSpec, bias):
+    logits = F.linear(hidden.float(), weight.float())
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    if spec.topk_method == "group_limited_greedy":
+        n_group = int(spec.n_group)  # type: ignore[arg-type]
+        group_scores = scores.view(-1, n_group, spec.num_experts // n_group).max(dim=-1).values
+        scores = scores.masked_fill(~_group_mask(scores, group_scores, spec), 0.0)
+    top_w, top_i = torch.topk(scores, k=spec.top_k, dim=-1, sorted=False)
+    return top_w * spec.routed_scaling_factor, top_i
+
+
+def _deepseek_v3(hidden, weight, spec: RouterSpec, bias):
+    logits = F.linear(hidden.float(), weight.float())
+    scores = logits.sigmoid()
+    choice = scores + (bias if bias is not None else 0.0)
+    n_group = int(spec.n_group or 1)
+    group_scores = choice.view(-1, n_group, spec.num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+    choice = choice.masked_fill(~_group_mask(choice, group_scores, spec), float("-inf"))
+    top_i = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
+    top_w = scores.gather(1, top_i)
+    if spec.norm_topk_prob:
+        top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
+    return top_w * spec.routed_scaling_factor, top_i
+
+
+@dataclass(frozen=True)
+class RouterKind:
+    """One router semantics: ``fn(hidden, weight, spec, bias) -> (top_k_weights, top_k_index)``;
+    ``bias``: whether it reads a per-expert score correction bias (``Architecture.router_bias``)."""
+
+    fn: Callable
+    bias: bool = False
+
+
+#: Routers by ``Architecture.router_kind``.
+ROUTERS: dict[str, RouterKind] = {
+    "softmax_topk": RouterKind(_softmax_topk),
+    "deepseek_v2": RouterKind(_deepseek_v2),
+    "deepseek_v3": RouterKind(_deepseek_v3, bias=True),
+}
+
+
 def route(
     hidden: torch.Tensor, weight: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing weights and expert indices for ``hidden`` [T, H]."""
-    if spec.kind == "softmax_topk":
-        logits = F.linear(hidden, weight)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
-        top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
-        if spec.norm_topk_prob:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        return top_w.to(logits.dtype), top_i
-    if spec.kind == "deepseek_v2":
-        logits = F.linear(hidden.float(), weight.float())
-        scores = logits.softmax(dim=-1, dtype=torch.float32)
-        if spec.topk_method == "group_limited_greedy":
-            n_group = int(spec.n_group)  # type: ignore[arg-type]
-            group_scores = scores.view(-1, n_group, spec.num_experts // n_group).max(dim=-1).values
-            scores = scores.masked_fill(~_group_mask(scores, group_scores, spec), 0.0)
-        top_w, top_i = torch.topk(scores, k=spec.top_k, dim=-1, sorted=False)
-        return top_w * spec.routed_scaling_factor, top_i
-    if spec.kind == "deepseek_v3":
-        logits = F.linear(hidden.float(), weight.float())
-        scores = logits.sigmoid()
-        choice = scores + (bias if bias is not None else 0.0)
-        n_group = int(spec.n_group or 1)
-        group_scores = choice.view(-1, n_group, spec.num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
-        choice = choice.masked_fill(~_group_mask(choice, group_scores, spec), float("-inf"))
-        top_i = torch.topk(choice, k=spec.top_k, dim=-1, sorted=False)[1]
-        top_w = scores.gather(1, top_i)
-        if spec.norm_topk_prob:
-            top_w = top_w / (top_w.sum(dim=-1, keepdim=True) + 1e-20)
-        return top_w * spec.routed_scaling_factor, top_i
-    raise ValueError(f"unknown router kind {spec.kind}")
+    if spec.kind not in ROUTERS:
+        raise ValueError(f"unknown router kind {spec.kind}")
+    return ROUTERS[spec.kind].fn(hidden, weight, spec, bias)
 
 
 def sorted_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

@@ -13,7 +13,7 @@ and for one token x routed to experts e with weights w_e
     out = (sum_e w_e (a_e U_I,d) G_d[e]^T) U_H,d^T      U_H,d^T once per token
 
 Dense expert weights are never formed. The per-expert cores G_p[e] are formed once
-when factors are loaded (:meth:`TuckerExperts.materialize`), never per token: forming
+when factors are loaded (:meth:`TuckerFactors.materialize`), never per token: forming
 them per token (as the first draft did) costs r_E r_H r_I multiply-adds per pair,
 more than the dense expert it replaces. Routed pairs are sorted by expert so that
 each expert's core multiplies all of its tokens in one matrix product.
@@ -28,8 +28,19 @@ Tensor-parallel layouts (activations replicated on every rank):
 ``expert``
     rank r holds the cores of experts E_r (rows E_r of U_E), all other factors
     replicated; it computes only the pairs routed to E_r, then all-reduces ``s``.
+``hybrid``
+    every term split by N. Rank r holds columns R_r of U_H,gate and U_H,up (r_H/N
+    each), the experts E_r (rows of U_E), rows H_r of U_H,down; U_I and the small
+    cores are replicated. It projects x onto its columns and one all-gather assembles
+    x U_H,gate and x U_H,up (r_H,g + r_H,u values); it computes the pairs routed to E_r;
+    ``s`` (r_H,d values) is all-reduced; it computes its H/N output columns
+    ``s U_H,d[H_r]^T`` and one all-gather (H values) assembles the output.
 
-Both give the single-device result: the all-reduce sums exactly the terms the single
+Each layer of the runtime owns how its weights are split (``shard_spec``, beside its
+forward); the shard writer asks a model built on the meta device
+(:func:`tuckerize.runtime.plan.rank_splits`), so loading and sharding cannot disagree.
+
+Every layout gives the single-device result: the all-reduce sums exactly the terms the single
 device sums. Uneven splits (I or E not divisible by the world size) are exact.
 """
 
@@ -43,27 +54,27 @@ import torch.nn.functional as F
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
-from tuckerize.runtime.parallel import ParallelContext, split_range
+from tuckerize.parallel import ACTIVATIONS as _ACTIVATION_NAMES
+from tuckerize.parallel import LAYOUTS, ParallelContext, Split, activation, check_layout, split_range, split_sizes
 
-LAYOUTS = ("intermediate", "expert")
-
-ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+#: ``hidden_act`` name -> function (kept for callers that look activations up here).
+ACTIVATIONS = {name: activation(name) for name in _ACTIVATION_NAMES}
 
 
 class TuckerFactors(nn.Module):
-    """The factors of one projection on this rank: U_E, U_H, U_I, core, and the
-    per-expert cores G (formed from U_E and core, not saved)."""
+    """The factors of one projection on this rank: U_E [E_r, r_E], U_H [H_r, r_H,r],
+    U_I [I_r, r_I], core [r_E, r_H, r_I], and the per-expert cores G [E_r, r_H, r_I]
+    (formed from U_E and core, not saved). ``_r``: this rank's part (the whole on one rank)."""
 
-    def __init__(self, shape: tuple[int, int, int], ranks: tuple[int, int, int], dtype=None, device=None):
+    def __init__(self, u_e: tuple[int, int], u_h: tuple[int, int], u_i: tuple[int, int],
+                 core: tuple[int, int, int], dtype=None, device=None):
         super().__init__()
-        E, H, I = shape
-        rE, rH, rI = ranks
         kw = {"dtype": dtype, "device": device}
-        self.register_buffer("U_E", torch.zeros(E, rE, **kw))
-        self.register_buffer("U_H", torch.zeros(H, rH, **kw))
-        self.register_buffer("U_I", torch.zeros(I, rI, **kw))
-        self.register_buffer("core", torch.zeros(rE, rH, rI, **kw))
-        self.register_buffer("G", torch.zeros(E, rH, rI, **kw), persistent=False)
+        self.register_buffer("U_E", torch.zeros(*u_e, **kw))
+        self.register_buffer("U_H", torch.zeros(*u_h, **kw))
+        self.register_buffer("U_I", torch.zeros(*u_i, **kw))
+        self.register_buffer("core", torch.zeros(*core, **kw))
+        self.register_buffer("G", torch.zeros(u_e[0], core[1], core[2], **kw), persistent=False)
 
     def materialize(self) -> None:
         """G[e] = sum_a U_E[e, a] core[a], once per expert (float32 accumulation)."""
@@ -79,8 +90,9 @@ class TuckerExperts(nn.Module):
     ----------
     num_experts, hidden_size, intermediate_size : E, H, I of the layer.
     ranks : ``{"gate": (r_E, r_H, r_I), "up": ..., "down": ...}``.
-    layout : ``"intermediate"`` or ``"expert"`` (see the module docstring).
-    parallel : rank/world/group; by default the initialised process group or one rank.
+    layout : one of :data:`tuckerize.parallel.LAYOUTS` (see the module docstring).
+    parallel : rank/world/group; by default one rank (rank 0 of 1). Pass
+        ``ParallelContext.current()`` at a runtime entry point for tensor parallelism.
     """
 
     def __init__(
@@ -97,75 +109,114 @@ class TuckerExperts(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ShardError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-        if act not in ACTIVATIONS:
-            raise ShardError(f"activation {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-        self.parallel = parallel or ParallelContext.current()
+        check_layout(layout)
+        self.act_fn = activation(act)
+        self.act_name = act
+        self.parallel = parallel or ParallelContext()
         self.layout = layout
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.ranks = {p: tuple(int(r) for r in ranks[p]) for p in PROJECTIONS}
         world, rank = self.parallel.world, self.parallel.rank
-        # What this rank owns.
-        if layout == "expert":
-            self.expert_range = split_range(num_experts, world, rank)
-            self.inter_range = (0, intermediate_size)
-        else:
-            self.expert_range = (0, num_experts)
-            self.inter_range = split_range(intermediate_size, world, rank)
+        # What this rank owns: experts E_r (expert, hybrid), intermediate rows I_r
+        # (intermediate); in hybrid also the r_H columns of U_H,gate/up and the H rows of U_H,down.
+        split_experts = layout in ("expert", "hybrid")
+        self.expert_range = split_range(num_experts, world, rank) if split_experts else (0, num_experts)
+        self.inter_range = split_range(intermediate_size, world, rank) if layout == "intermediate" else (0, intermediate_size)
+        hybrid = layout == "hybrid"
+        self.rh_sizes = {p: split_sizes(self.ranks[p][1], world) if hybrid else [self.ranks[p][1]] for p in ("gate", "up")}
+        self.rh_range = {p: split_range(self.ranks[p][1], world, rank) if hybrid else (0, self.ranks[p][1])
+                         for p in ("gate", "up")}
+        self.hidden_sizes = split_sizes(hidden_size, world) if hybrid else [hidden_size]
+        self.hidden_range = split_range(hidden_size, world, rank) if hybrid else (0, hidden_size)
         e_local = self.expert_range[1] - self.expert_range[0]
         i_local = self.inter_range[1] - self.inter_range[0]
-        self.act_fn = ACTIVATIONS[act]
-        self.act_name = act
         #: At most this many routed pairs take the gather + batched-product path (decoding).
         self.gather_pairs = 16
         for p in PROJECTIONS:
-            setattr(self, p, TuckerFactors((e_local, hidden_size, i_local), self.ranks[p], dtype, device))
+            rE, rH, rI = self.ranks[p]
+            if p == "down":
+                u_h = (self.hidden_range[1] - self.hidden_range[0], rH)
+            else:
+                u_h = (hidden_size, self.rh_range[p][1] - self.rh_range[p][0])
+            setattr(self, p, TuckerFactors((e_local, rE), u_h, (i_local, rI), (rE, rH, rI), dtype, device))
 
-    # -- loading -------------------------------------------------------------------------
-    def local_slice(self, factor: str) -> tuple[int, int, int] | None:
-        """``(axis, start, stop)`` of the full factor that this rank holds, or None if replicated."""
-        if factor == "U_E" and self.layout == "expert":
-            return (0, *self.expert_range)
-        if factor == "U_I" and self.layout == "intermediate":
-            return (0, *self.inter_range)
-        return None
+    # -- tensor parallelism: which slice of each full factor this rank holds -----------
+    def shard_spec(self, name: str) -> Split | None:
+        """The rows or columns of the full factor ``name`` (``"gate.U_E"``, ...) that this
+        rank holds; None where it holds the whole factor (replicated)."""
+        p, f = name.split(".")
+        full = {"U_E": self.num_experts, "U_I": self.intermediate_size, "U_H": self.hidden_size}
+        if f == "U_E":
+            axis, rng = 0, self.expert_range
+        elif f == "U_I":
+            axis, rng = 0, self.inter_range
+        elif f == "U_H" and p == "down":
+            axis, rng = 0, self.hidden_range
+        elif f == "U_H":
+            axis, rng = 1, self.rh_range[p]
+            full["U_H"] = self.ranks[p][1]
+        else:
+            return None
+        if rng == (0, full[f]):
+            return None
+        return Split(axis, *rng)
 
     def load_factors(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load ``{"gate.U_E": ..., ...}``: full (unsharded) factors are sliced here,
-        already-sliced ones (from a shard set) are taken as they are; then the
-        per-expert cores are formed."""
+        """Load ``{"gate.U_E": ..., ...}``: full (unsharded) factors are sliced here
+        (:meth:`shard_spec`), already-sliced ones (from a shard set) are taken as they
+        are; then the per-expert cores are formed."""
         for p in PROJECTIONS:
-            mod: TuckerFactors = getattr(self, p)
             for f in FACTORS:
                 key = f"{p}.{f}"
                 if key not in tensors:
                     raise ShardError(f"factor {key} is missing; the Tucker checkpoint or shard is incomplete")
-                src = tensors[key]
-                dst = getattr(mod, f)
-                sl = self.local_slice(f)
-                if tuple(src.shape) != tuple(dst.shape) and sl is not None:
-                    axis, start, stop = sl
-                    full = self.num_experts if f == "U_E" else self.intermediate_size
-                    if src.ndim == dst.ndim and src.shape[axis] == full:  # else: the shape error below
-                        src = src.narrow(axis, start, stop - start)
-                if tuple(src.shape) != tuple(dst.shape):
-                    raise ShardError(
-                        f"factor {key} has shape {list(src.shape)}, this rank expects {list(dst.shape)}; "
-                        "was the shard written for another layout or tp size?"
-                    )
-                dst.copy_(src)
-            mod.materialize()
+                self.load_factor(key, tensors[key])
+        self.materialize()
+
+    def load_factor(self, key: str, src: torch.Tensor) -> None:
+        """One factor, full or this rank's slice (cores are formed by :meth:`materialize`)."""
+        p, f = key.split(".")
+        dst = getattr(getattr(self, p), f)
+        sp = self.shard_spec(key)
+        if tuple(src.shape) != tuple(dst.shape) and sp is not None and src.ndim == dst.ndim:
+            if src.shape[sp.axis] == self._full_size(key, sp.axis):  # a full factor; else the error below
+                src = src.narrow(sp.axis, sp.start, sp.stop - sp.start)
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ShardError(
+                f"factor {key} has shape {list(src.shape)}, this rank expects {list(dst.shape)}; "
+                "was the shard written for another layout or tp size?"
+            )
+        with torch.no_grad():
+            dst.copy_(src)
+
+    def _full_size(self, key: str, axis: int) -> int:
+        p, f = key.split(".")
+        if f == "U_H":
+            return self.hidden_size if axis == 0 else self.ranks[p][1]
+        return self.num_experts if f == "U_E" else self.intermediate_size
 
     def materialize(self) -> None:
+        """Form the per-expert cores of every projection (after loading)."""
         for p in PROJECTIONS:
             getattr(self, p).materialize()
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         s = self.partial(hidden_states, top_k_index, top_k_weights)
-        self.parallel.all_reduce(s)  # r_H values per token: the one collective
+        self.parallel.all_reduce(s)  # r_H values per token
         return self.finish(s).to(hidden_states.dtype)
+
+    def _projected_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x U_H,gate`` and ``x U_H,up`` [T, r_H]: once per token, shared by its experts.
+        In ``hybrid`` each rank projects onto its r_H/N columns and one all-gather
+        (r_H,gate + r_H,up values per token) assembles the whole."""
+        xg, xu = x @ self.gate.U_H, x @ self.up.U_H
+        if self.layout != "hybrid" or self.parallel.world == 1:
+            return xg, xu
+        sizes = [a + b for a, b in zip(self.rh_sizes["gate"], self.rh_sizes["up"])]
+        both = self.parallel.all_gather_cat(torch.cat([xg, xu], dim=-1), sizes, dim=-1)
+        pieces = both.split([n for pair in zip(self.rh_sizes["gate"], self.rh_sizes["up"]) for n in pair], dim=-1)
+        return torch.cat(pieces[0::2], dim=-1), torch.cat(pieces[1::2], dim=-1)
 
     def partial(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """This rank's share of ``s = sum_e w_e (a_e U_I,d) G_d[e]^T`` [T, r_H,d]; the
@@ -198,9 +249,7 @@ class TuckerExperts(nn.Module):
             def by_expert(rows, cores, transpose):
                 return _per_expert(rows, cores, counts, transpose)
 
-        # Shared input projections: once per token, shared by its experts.
-        xg = x @ gate.U_H
-        xu = x @ up.U_H
+        xg, xu = self._projected_input(x)
         zg = by_expert(xg[pair_t], gate.G, False)
         zu = by_expert(xu[pair_t], up.G, False)
         a = self.act_fn(zg @ gate.U_I.T) * (zu @ up.U_I.T)  # [P, I_local]
@@ -211,8 +260,37 @@ class TuckerExperts(nn.Module):
         return s
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
-        """``s U_H,d^T``, once per token, after the all-reduce."""
-        return s @ self.down.U_H.T
+        """``s U_H,d^T``, once per token, after the all-reduce of ``s``. In ``hybrid`` each
+        rank computes its H/N output columns and one all-gather (H values) assembles them."""
+        out = s @ self.down.U_H.T
+        if self.layout == "hybrid":
+            out = self.parallel.all_gather_cat(out, self.hidden_sizes, dim=-1)
+        return out
+
+    # -- cost, from this rank's own shapes --------------------------------------------
+    def cost_per_token(self, top_k: int) -> dict[str, float]:
+        """Multiply-adds and values sent per token on this rank, with ``top_k`` experts per
+        token spread evenly (a pair lands on this rank with probability E_r / E).
+
+        ``macs``: the products of :meth:`partial` and :meth:`finish`; ``sent``: values this
+        rank sends in its collectives (ring all-reduce of n values: 2 n (N-1)/N; ring
+        all-gather of n values in all: n (N-1)/N); ``payload``: the collectives' sizes."""
+        g, u, d = self.gate, self.up, self.down
+        N = self.parallel.world
+        pairs = top_k * g.U_E.shape[0] / self.num_experts
+        per_pair = 0
+        for f in (g, u):
+            per_pair += f.G.shape[1] * f.G.shape[2] + f.U_I.shape[1] * f.U_I.shape[0]  # core, U_I^T
+        per_pair += d.U_I.shape[0] * d.U_I.shape[1] + d.G.shape[1] * d.G.shape[2]  # U_I, core^T
+        macs = g.U_H.numel() + u.U_H.numel() + pairs * per_pair + d.U_H.numel()
+        reduce_s = d.G.shape[1]
+        payload = {"all_reduce": reduce_s}
+        sent = 2 * reduce_s * (N - 1) / N
+        if self.layout == "hybrid" and N > 1:
+            gathered = self.ranks["gate"][1] + self.ranks["up"][1]
+            payload.update(all_gather=gathered + self.hidden_size)
+            sent += (gathered + self.hidden_size) * (N - 1) / N
+        return {"macs": float(macs), "sent": float(sent), "payload": payload}
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, ranks={self.ranks}, "

@@ -10,8 +10,10 @@ Output folder::
                                          sha256, each tensor's split, source identity
 
 Every slice keeps its name from the unsharded checkpoint, so any rank's tensor can be
-checked against the whole (``tuckerize.shard.plan`` says which rows or columns it is).
-The source is read one unit (decoder layer) at a time.
+checked against the whole (the manifest's ``splits`` say which rows or columns it is).
+Which slice a rank holds is asked of the runtime's layers, built for that rank on the
+meta device (:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how
+a weight is split. The source is read one unit (decoder layer) at a time.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
+from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.progress import Progress, ensure
-from tuckerize.runtime.tucker_experts import LAYOUTS
-from tuckerize.shard.plan import check_tp, take, tensor_split
 
 SHARD_MANIFEST = "shard_manifest.json"
 
@@ -41,17 +42,29 @@ def shard_checkpoint(
     tucker: str | Path,
     tp: int,
     *,
-    layout: str = "intermediate",
+    layout: str | None = "intermediate",
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Write one safetensors set per rank holding only that rank's slices; returns the manifest."""
+    """Write one safetensors set per rank holding only that rank's slices; returns the manifest.
+    ``layout="auto"`` (or None) takes the layout with the fewest multiply-adds per rank for
+    this checkpoint and ``tp`` (:func:`tuckerize.runtime.plan.choose_layout`); the manifest's
+    ``layout_choice`` then holds the per-layout costs."""
     progress = ensure(progress)
-    if layout not in LAYOUTS:
+    if layout is not None and layout != "auto" and layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     src = TuckerCheckpoint.open(tucker)
     check_tp(src.config, tp)
+    # The layers' own rule (torch.nn is imported here only, when the writer runs).
+    from tuckerize.runtime.plan import choose_layout, rank_splits
+
+    choice = None
+    if layout is None or layout == "auto":
+        layout, costs = choose_layout(src.config, tp)
+        choice = {"macs_per_token": {k: v["macs"] for k, v in costs.items()},
+                  "sent_per_token": {k: v["sent"] for k, v in costs.items()}}
+    plans = [rank_splits(src.config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
     if out.exists():
         ours = (out / SHARD_MANIFEST).is_file() or any(out.glob("rank-*-of-*"))
@@ -78,7 +91,7 @@ def shard_checkpoint(
         for r in range(tp):
             local = {}
             for n, t in full.items():
-                sp = tensor_split(n, list(t.shape), src.config, tp, r, layout)
+                sp = plans[r].get(n)
                 local[n] = take(t, sp).contiguous()
                 if sp is not None:
                     entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "ranges": [None] * tp})
@@ -112,6 +125,8 @@ def shard_checkpoint(
         "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
         "splits": splits,
     }
+    if choice is not None:
+        manifest["layout_choice"] = choice
     write_json(tmp_out / SHARD_MANIFEST, manifest)
     tmp_out.rename(out)
     manifest["out"] = str(out.resolve())

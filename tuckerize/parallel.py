@@ -1,0 +1,178 @@
+"""The bottom layer of tensor parallelism: the vocabulary that ``shard`` and ``runtime`` share.
+
+This module owns
+
+* the tensor-parallel layouts of the Tucker experts (:data:`LAYOUTS`) and the expert
+  activations (:data:`ACTIVATIONS`, resolved lazily by :func:`activation`);
+* how a size is split over ranks (:func:`split_range`, :func:`split_sizes`) and how
+  attention heads are (:func:`head_range`: the one place for the key/value-head
+  replication rule; :func:`check_tp`, :func:`valid_tp`: the one heads rule);
+* a slice of a full tensor (:class:`Split`, :func:`take`);
+* the parallel context (:class:`ParallelContext`): rank, world size, process group and
+  the collectives. ``ParallelContext()`` is rank 0 of 1; only runtime entry points
+  (evaluation, model building under torchrun) call :meth:`ParallelContext.current`,
+  everything else receives the context explicitly, so offline code never picks up a
+  process group by accident.
+
+It imports neither ``shard`` nor ``runtime`` and no ``torch.nn`` (torch is imported
+lazily, inside the collectives).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from tuckerize.errors import ShardError
+
+#: Tensor-parallel layouts of the Tucker experts (see tuckerize.runtime.tucker_experts).
+LAYOUTS = ("intermediate", "expert", "hybrid")
+
+#: ``hidden_act`` values the experts support.
+ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh")
+
+
+def activation(name: str) -> Callable:
+    """The elementwise function for ``hidden_act`` ``name`` (torch.nn.functional)."""
+    import torch.nn.functional as F
+
+    if name not in ACTIVATIONS:
+        raise ShardError(f"activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+    if name == "gelu":
+        return F.gelu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.silu
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ShardError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def split_range(n: int, world: int, rank: int) -> tuple[int, int]:
+    """Contiguous ``[start, stop)`` of ``n`` items owned by ``rank``; the first ``n % world``
+    ranks get one more item. Every item is owned by exactly one rank."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def split_sizes(n: int, world: int) -> list[int]:
+    return [b - a for a, b in (split_range(n, world, r) for r in range(world))]
+
+
+@dataclass(frozen=True)
+class Split:
+    """Rows or columns ``[start, stop)`` along ``axis`` of a full tensor."""
+
+    axis: int
+    start: int
+    stop: int
+
+
+def take(tensor, split: Split | None):
+    """The slice of a full tensor that a split names (the tensor itself if replicated)."""
+    if split is None:
+        return tensor
+    return tensor.narrow(split.axis, split.start, split.stop - split.start)
+
+
+# ----------------------------------------------------------------------------- attention heads
+
+
+def attention_dims(config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``(query heads, key/value heads, head_dim)`` from a config."""
+    heads = int(config["num_attention_heads"])
+    kv = int(config.get("num_key_value_heads") or heads)
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    return heads, kv, head_dim
+
+
+def head_range(num_heads: int, world: int, rank: int, replicate: bool = False) -> tuple[int, int]:
+    """Heads ``[start, stop)`` that ``rank`` holds. Heads divide over ranks; with
+    ``replicate`` (key/value heads) fewer heads than ranks are replicated instead, each
+    rank keeping the one head its query heads use (as vLLM does)."""
+    if num_heads % world == 0:
+        per = num_heads // world
+        return rank * per, (rank + 1) * per
+    if replicate and world % num_heads == 0:
+        h = rank // (world // num_heads)
+        return h, h + 1
+    raise ShardError(f"{num_heads} heads cannot be split over {world} ranks")
+
+
+def _tp_ok(heads: int, kv: int, tp: int) -> bool:
+    try:
+        head_range(heads, tp, 0)
+        head_range(kv, tp, 0, replicate=True)
+    except ShardError:
+        return False
+    return True
+
+
+def valid_tp(config: Mapping[str, Any], limit: int = 64) -> list[int]:
+    heads, kv, _ = attention_dims(config)
+    return [t for t in range(1, limit + 1) if _tp_ok(heads, kv, t)]
+
+
+def check_tp(config: Mapping[str, Any], tp: int) -> None:
+    if tp < 1:
+        raise ShardError(f"--tp {tp} must be at least 1")
+    heads, kv, _ = attention_dims(config)
+    if not _tp_ok(heads, kv, tp):
+        ok = ", ".join(map(str, valid_tp(config, max(tp, heads))))
+        raise ShardError(
+            f"--tp {tp} does not divide the {heads} attention heads ({kv} key/value heads); use one of: {ok}"
+        )
+
+
+# ----------------------------------------------------------------------------- context
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Rank and world size, taken once. ``ParallelContext()`` is one rank (rank 0 of 1);
+    collectives are no-ops at world size 1."""
+
+    rank: int = 0
+    world: int = 1
+    group: Any = None
+
+    @classmethod
+    def current(cls, group: Any = None) -> "ParallelContext":
+        """The initialised process group's rank and size, or one rank. Call it only at a
+        runtime entry point and pass the result on."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return cls(rank=dist.get_rank(group), world=dist.get_world_size(group), group=group)
+        return cls()
+
+    def all_reduce(self, tensor):
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def all_gather_cat(self, tensor, sizes: list[int], dim: int = -1):
+        """Concatenate each rank's ``tensor`` along ``dim``; rank r contributes ``sizes[r]``
+        entries (uneven splits are padded to the largest for the collective)."""
+        if self.world == 1:
+            return tensor
+        import torch
+        import torch.distributed as dist
+
+        dim = dim % tensor.ndim
+        width = max(sizes)
+        if tensor.shape[dim] < width:
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = width - tensor.shape[dim]
+            tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
