@@ -21,10 +21,12 @@ def moe_output_errors(model_folder: str | Path, tucker_folders, tokens: torch.Te
     from tuckerize.runtime.layerwise import CollectingExperts, LayerwiseRunner
     from tuckerize.runtime.loader import TensorSource, build_moe_block
 
-    source = TensorSource.open(model_folder)
+    from tuckerize.runtime.parallel import ParallelContext
+
+    source = TensorSource.open(model_folder, parallel=ParallelContext())
     spec = source.spec
     runner = LayerwiseRunner(source, tokens, batch_size=batch_size)
-    tucker_sources = [TensorSource.open(f) for f in tucker_folders]
+    tucker_sources = [TensorSource.open(f, parallel=ParallelContext()) for f in tucker_folders]
     num = [dict.fromkeys(spec.moe_layers, 0.0) for _ in tucker_sources]
     den = dict.fromkeys(spec.moe_layers, 0.0)
     act = source.config.get("hidden_act", "silu")

@@ -129,7 +129,7 @@ def collect_statistics(
     """
     from tuckerize.progress import ensure
     from tuckerize.runtime.loader import TensorSource
-    from tuckerize.runtime.parallel import split_range
+    from tuckerize.runtime.parallel import ParallelContext, split_range
 
     t0 = time.time()
     progress = ensure(progress)
@@ -138,7 +138,7 @@ def collect_statistics(
         import torch.distributed as dist
 
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-    source = TensorSource.open(model_folder)
+    source = TensorSource.open(model_folder, parallel=ParallelContext())  # whole tensors on every rank
     spec = source.spec
     bs = max(1, int(batch_size))
     b0, b1 = split_range(-(-tokens.shape[0] // bs), world, rank)

@@ -92,9 +92,14 @@ class LayerwiseRunner:
     """
 
     def __init__(self, source, tokens: torch.Tensor, batch_size: int = 8, device=None):
+        """``source``: a :class:`~tuckerize.runtime.loader.TensorSource` of whole tensors
+        (``parallel=ParallelContext()``); ``tokens`` [N, S]; ``device``: where layers run."""
         from tuckerize.runtime.model import Rotary, native_supported, rope_theta
         from tuckerize.shard.plan import attention_dims
 
+        if source.parallel.world != 1:
+            raise ValueError("LayerwiseRunner runs whole layers: open the source with ParallelContext() "
+                             f"(got a tensor-parallel source of world size {source.parallel.world})")
         self.source = source
         spec = source.spec
         #: Architectures without a native runtime (DeepSeek's MLA, Qwen3-Next's gated
