@@ -75,8 +75,9 @@ def expert_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, dow
     one projection: A on the hidden side (None for down, whose hidden side is the block
     output), B [E, I, I] on the intermediate side. ``down``: the layer's down projection
     [E, H, I] (semantic axes), needed for gate/up (their output reaches the block output
-    through it). Ridged by ``options.damp``; float64 on ``down``'s device (or the CPU)."""
-    from tuckerize.decompose.expert_weighted import ridge
+    through it). Ridged by ``options.damp``; float64 on ``down``'s device (the CPU when
+    ``down`` is absent or its device has no float64)."""
+    from tuckerize.decompose.expert_weighted import ridge, solver_dtype
 
     missing = [k for k in EXPERT_FIELDS if k not in layer_stats]
     if missing or (options.expert_hidden and "hidden_expert" not in layer_stats):
@@ -84,6 +85,8 @@ def expert_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, dow
                                f"({(missing or ['hidden_expert'])[0]}); they were written by an older tuckerize or "
                                "without --expert-hidden: drop --stats (or delete them) to recollect")
     device = down.device if down is not None else torch.device("cpu")
+    if solver_dtype(device) != torch.float64:  # formed in float64 on the CPU; the solver casts them
+        device = torch.device("cpu")
     damp = float(options.damp)  # type: ignore[arg-type]
     if projection == "down":
         return None, ridge(layer_stats["inter_expert"].to(device), damp)
