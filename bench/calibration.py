@@ -80,9 +80,9 @@ def perplexity(folder: Path, windows: torch.Tensor, dense: bool, batch: int = 32
 
 def check_disjoint(calibration: str, heldout: Path) -> None:
     """No line of 40+ characters of the held-out text occurs in the calibration text."""
-    from tuckerize.calibrate import read_calibration_text
+    from tuckerize.text import read_text
 
-    text, _ = read_calibration_text(calibration)
+    text, _ = read_text(calibration)
     lines = {line.strip() for line in text.splitlines()}
     shared = [line for line in heldout.read_text().splitlines() if len(line.strip()) >= 40 and line.strip() in lines]
     if shared:
@@ -149,7 +149,7 @@ class Bench:
 
 
 def main_table(args) -> list[dict]:
-    from tuckerize.calibrate import WhitenOptions
+    from tuckerize.calibration.weights import WhitenOptions
 
     rows = []
     for name, folder in MODELS.items():
@@ -193,9 +193,14 @@ def main_table(args) -> list[dict]:
 
 def output_errors(b: Bench, args) -> list[dict]:
     """Per-layer MoE block output error on calibration inputs: plain vs whitened, same ranks."""
-    from tuckerize.calibrate import WhitenOptions, calibration_tokens, moe_output_errors, read_calibration_text
+    sys.path.insert(0, str(REPO / "tests"))
+    from moe_errors import moe_output_errors
 
-    text, _ = read_calibration_text("demo")
+    from tuckerize.calibration.tokens import calibration_tokens
+    from tuckerize.calibration.weights import WhitenOptions
+    from tuckerize.text import read_text
+
+    text, _ = read_text("demo")
     tokens = calibration_tokens(text, b.folder, args.samples, args.seqlen)
     rows = []
     for ratio in args.ratios:
@@ -215,7 +220,7 @@ def output_errors(b: Bench, args) -> list[dict]:
 
 def ablations(args) -> list[dict]:
     """The measurements behind the defaults, at 25% and 50% removed on both demo models."""
-    from tuckerize.calibrate import WhitenOptions
+    from tuckerize.calibration.weights import WhitenOptions
 
     rows = []
     for name, folder in MODELS.items():
@@ -266,7 +271,8 @@ def ablation_markdown(rows: list[dict]) -> str:
 CHILD = r"""
 import json, resource, sys, time, torch
 torch.manual_seed(0)
-from tuckerize.calibrate import CalibrationSettings, collect_statistics
+from tuckerize.calibration.collect import collect_statistics
+from tuckerize.calibration.store import CalibrationSettings
 folder, samples, seqlen, vocab = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 tokens = torch.randint(0, vocab, (samples, seqlen))
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

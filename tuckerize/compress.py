@@ -174,7 +174,7 @@ def _decompose_projection(stacked, rank, layer_stats, proj: str, options, down, 
     (started from the pooled whitening at r_E = E). ``keep_weights``: where to keep the
     per-expert weights ``(A, B)`` for a later ``--refit`` of the layer (they cost a
     [E, H, I] x [E, H, I] product to form)."""
-    from tuckerize.calibrate import expert_weights, mode_weights
+    from tuckerize.calibration.weights import expert_weights, mode_weights
     from tuckerize.decompose import tucker
     from tuckerize.decompose.expert_weighted import expert_weighted_tucker
     from tuckerize.decompose.whiten import whitened_tucker
@@ -196,7 +196,7 @@ def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, exp
     """(relative error, relative weighted output error or None) of written factors, under
     the weighting the decomposition used (``expert_AB``: the per-expert weights ``(A, B)``
     of ``--whitening expert``)."""
-    from tuckerize.calibrate import mode_weights
+    from tuckerize.calibration.weights import mode_weights
     from tuckerize.decompose import TuckerTensor
     from tuckerize.decompose.expert_weighted import weighted_objective
     from tuckerize.decompose.whiten import factor_errors
@@ -214,9 +214,9 @@ def _weighted_error(stacked, factors, core, layer_stats, proj: str, options, exp
 def _refit_layer(runner, spec, src_config, layer, tensors, errors, ckpt, options, layer_stats, dev,
                  refit_damp: float, expert_weights: dict) -> None:
     """Refit each expert's core of ``layer`` to its own routed calibration data
-    (:class:`tuckerize.calibrate.RefitCollector`) and recompute the reported errors.
+    (:class:`tuckerize.calibration.collect.RefitCollector`) and recompute the reported errors.
     ``expert_weights``: projection -> (A, B) kept by the ``--whitening expert`` decomposition."""
-    from tuckerize.calibrate import RefitCollector
+    from tuckerize.calibration.collect import RefitCollector
 
     prefix = spec.arch.experts_prefix(layer)
     factors = {p: {f: tensors[factor_name(prefix, p, f)] for f in FACTORS} for p in PROJECTIONS}
@@ -299,7 +299,7 @@ def decompose_checkpoint(
         it compares (default :data:`~tuckerize.decompose.whiten.DEFAULT_ALLOC_DAMP`).
     iters : HOOI sweeps after ST-HOSVD.
     device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
-    calibration : calibration text (see :func:`tuckerize.calibrate.read_calibration_text`);
+    calibration : calibration text (see :func:`tuckerize.text.read_text`);
         with it, ``samples`` windows of ``seqlen`` tokens are run through the model one
         layer at a time and each projection is decomposed whitened by its input statistics
         (:mod:`tuckerize.decompose.whiten`), unless ``whiten=False``.
@@ -307,7 +307,7 @@ def decompose_checkpoint(
         instead of collecting them; statistics found in ``out`` with matching settings
         are reused too.
     sequential : feed each layer the hidden states of the already compressed layers.
-    whiten_options : :class:`tuckerize.calibrate.WhitenOptions` (method ``expert``, the
+    whiten_options : :class:`tuckerize.calibration.weights.WhitenOptions` (method ``expert``, the
         default, or ``pooled``; ridge; ALS sweeps; ``expert_hidden``).
     per_expert_stats : also collect each expert's hidden covariance (``--expert-hidden``).
     refit : after the whitened decomposition of a layer, refit each expert's core to that
@@ -320,7 +320,7 @@ def decompose_checkpoint(
     """
     import torch
 
-    from tuckerize.calibrate import WhitenOptions, mode_weights
+    from tuckerize.calibration.weights import WhitenOptions, mode_weights
     from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP
 
     started = time.time()
@@ -352,9 +352,9 @@ def decompose_checkpoint(
     options = whiten_options if whiten_options is not None else WhitenOptions()
     cal_text = None
     if calibration is not None:
-        from tuckerize.calibrate import read_calibration_text
+        from tuckerize.text import read_text
 
-        cal_text = read_calibration_text(calibration)  # a missing file fails here, before any work
+        cal_text = read_text(calibration, "calibration")  # a missing file fails here, before any work
     dev = _device(device)
     # Calibration runs where float64 accumulation is available: CUDA, else the CPU.
     cal_device = dev if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
@@ -427,16 +427,9 @@ def decompose_checkpoint(
     tokens = None
     cal_info: dict[str, Any] | None = None
     if calibrated:
-        from tuckerize.calibrate import (
-            STATS_NAME,
-            STATS_VERSION,
-            CalibrationSettings,
-            CalibrationStats,
-            calibration_tokens,
-            collect_statistics,
-            model_fingerprint,
-            text_sha256,
-        )
+        from tuckerize.calibration.collect import collect_statistics
+        from tuckerize.calibration.store import STATS_NAME, STATS_VERSION, CalibrationSettings, CalibrationStats, model_fingerprint
+        from tuckerize.calibration.tokens import calibration_tokens, text_sha256
 
         model_sha = model_fingerprint(source_files)
         if calibration is not None:
@@ -554,7 +547,7 @@ def decompose_checkpoint(
 
     runner = None
     if sequential or refit:
-        from tuckerize.calibrate import LayerwiseRunner
+        from tuckerize.runtime.layerwise import LayerwiseRunner
         from tuckerize.runtime.loader import TensorSource
 
         runner = LayerwiseRunner(TensorSource.open(source.path), tokens, batch_size=calibration_batch, device=cal_device)
@@ -591,7 +584,7 @@ def decompose_checkpoint(
             layer_stats = None
             if whitening_on:
                 if runner is not None:
-                    from tuckerize.calibrate import LayerStats
+                    from tuckerize.calibration.stats import LayerStats
 
                     collected = LayerStats(E, H, I, per_expert=per_expert_stats, device=runner.device)
                     runner.run(layer, stats=collected, update=False)

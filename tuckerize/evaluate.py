@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 
 from tuckerize import __version__
-from tuckerize.demo import DEMO_DIR, resolve_demo
+from tuckerize.demo import resolve_demo
 from tuckerize.errors import BackendError, InputError
 from tuckerize.progress import Progress, ensure
 from tuckerize.runtime.parallel import ParallelContext
@@ -42,33 +42,15 @@ CACHE_DIR = Path(os.environ.get("TUCKERIZE_CACHE", Path.home() / ".cache" / "tuc
 
 # -- text -------------------------------------------------------------------------------------
 def load_text(text: str | None, model_folder: Path) -> tuple[str, str]:
-    """``(label, text)`` for ``--text``: a file path, ``demo`` (the demo's held-out text),
-    ``wikitext2`` (through ``datasets``), or None: the model's own held-out text if it has
-    one (the demo), else WikiText-2."""
-    if text is None:
-        text = "demo" if (model_folder / "heldout.txt").is_file() else "wikitext2"
-    if text == "demo":
-        path = model_folder / "heldout.txt"
-        path = path if path.is_file() else DEMO_DIR / "heldout.txt"
-        return f"demo held-out ({path.name})", path.read_text()
-    if text in ("wikitext2", "wikitext-2"):
-        try:
-            import datasets  # noqa: F401
-            from datasets import load_dataset
+    """``(label, text)`` for ``--text`` (:func:`tuckerize.text.read_text`: a file, ``demo``
+    = ``demo-heldout``, ``wikitext2``, ...), or None: the model's own held-out text if it
+    has one (the demo models), else WikiText-2."""
+    from tuckerize.text import read_text
 
-            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-        except ImportError:
-            raise InputError("--text wikitext2 needs the `datasets` package: pip install 'tuckerize[eval]'") from None
-        except Exception as exc:  # offline, no cache
-            raise InputError(
-                f"WikiText-2 could not be loaded ({type(exc).__name__}); connect to the hub once to cache it, "
-                "or pass a local file with --text PATH"
-            ) from None
-        return "wikitext-2-raw-v1 test", "\n\n".join(rows)
-    path = Path(text)
-    if not path.is_file():
-        raise InputError(f"--text {text} is neither a file nor one of: demo, wikitext2")
-    return str(path), path.read_text()
+    if text is None:
+        text = str(model_folder / "heldout.txt") if (model_folder / "heldout.txt").is_file() else "wikitext2"
+    raw, label = read_text(text, "eval")
+    return label, raw
 
 
 def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:

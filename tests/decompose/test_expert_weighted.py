@@ -132,3 +132,29 @@ def test_ridge_keeps_every_weight_positive_definite():
     assert torch.equal(ridge(torch.zeros(5, 5), 0.1), torch.eye(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="weight B"):
         expert_weighted_tucker(torch.randn(4, 6, 5), (4, 3, 3), None, torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shared_A", [False, True])
+def test_float32_solver_matches_float64(shared_A):
+    """The float32 fallback (devices without float64): same objective as the float64 solver
+    to 1e-4 relative (numpy float64 reference objective), orthonormal factors, the same
+    output dtype; float64 stays the default and the choice for CPU/CUDA."""
+    from tuckerize.decompose.expert_weighted import solver_dtype
+
+    T, A, B = problem(4)
+    if shared_A:
+        A = A.mean(0)
+    rank = (6, 8, 6)
+    r64 = expert_weighted_tucker(T, rank, A, B, iters=4)
+    r32 = expert_weighted_tucker(T, rank, A, B, iters=4, dtype=torch.float32)
+    assert r32.core.dtype == r64.core.dtype == T.dtype
+    for f in r32.factors[1:]:
+        f = f.double().numpy()
+        assert np.allclose(f.T @ f, np.eye(f.shape[1]), atol=1e-5)
+    f64, f32 = objective(T, A, B, dense(r64)), objective(T, A, B, dense(r32))
+    assert abs(f32 - f64) / f64 < 1e-4, (f32, f64)
+    assert r32.whitened_error == pytest.approx(r64.whitened_error, rel=1e-4)
+    assert r32.relative_error == pytest.approx(r64.relative_error, rel=1e-4)
+    assert [solver_dtype(d) for d in ("cpu", "cuda", "npu:0", "mps")] == [torch.float64] * 2 + [torch.float32] * 2
+    with pytest.raises(ValueError, match="float16"):
+        expert_weighted_tucker(T, rank, A, B, dtype=torch.float16)

@@ -48,7 +48,7 @@ def decompose(
     model_path = resolve_demo(model)
 
     def call():
-        from tuckerize.calibrate import WhitenOptions
+        from tuckerize.calibration.weights import WhitenOptions
         from tuckerize.errors import CalibrationError
 
         for name, value in (("--damp", damp), ("--alloc-damp", alloc_damp)):

@@ -37,7 +37,9 @@ Gram matrix of the weighted cores ``P_e^{1/2} G_e Q_e^{1/2}`` and the cores are 
 orthogonally (an approximation of the weighted problem, which has no closed form there).
 
 Factors come back orthonormal with the core in the original space: the checkpoint
-format and the runtime are unchanged. All arithmetic in float64.
+format and the runtime are unchanged. All arithmetic in float64, or in float32 where the
+caller asks (``dtype``: devices without float64, e.g. NPU; :func:`solver_dtype` gives the
+default for a device; the float32 result is compared with float64 in the tests).
 """
 
 from __future__ import annotations
@@ -49,7 +51,16 @@ import torch
 
 from tuckerize.decompose.tucker import TuckerTensor, orthonormal_columns, squared_norm, tucker
 
-__all__ = ["ridge", "expert_weighted_tucker", "weighted_objective"]
+__all__ = ["ridge", "expert_weighted_tucker", "solver_dtype", "weighted_objective"]
+
+#: Device types without float64 arithmetic: the solver runs there in float32.
+NO_FLOAT64 = ("npu", "mps")
+
+
+def solver_dtype(device) -> torch.dtype:
+    """float64 where ``device`` has it, else float32 (:data:`NO_FLOAT64`)."""
+    kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    return torch.float32 if kind in NO_FLOAT64 else torch.float64
 
 #: Conjugate-gradient stopping rule (relative residual) and iteration cap. Each CG iterate
 #: from the warm start lowers the objective (CG minimises the quadratic over a growing
@@ -104,10 +115,11 @@ def _cores(T, A, B, UH, UI):
     return G, R, P, Q
 
 
-def weighted_objective(T: torch.Tensor, A, B, recon: torch.Tensor | None = None) -> float:
+def weighted_objective(T: torch.Tensor, A, B, recon: torch.Tensor | None = None,
+                       dtype: torch.dtype = torch.float64) -> float:
     """``sum_e tr(D_e^T A_e D_e B_e)`` with ``D = T - recon`` (``D = T`` without ``recon``),
-    float64."""
-    D = (T if recon is None else T - recon).to(torch.float64)
+    in ``dtype`` (float64 unless the device has none)."""
+    D = (T if recon is None else T - recon).to(dtype)
     return float((_left(A, D) * _left(B, D.transpose(1, 2)).transpose(1, 2)).sum())
 
 
@@ -168,6 +180,7 @@ def expert_weighted_tucker(
     *,
     init: TuckerTensor | None = None,
     iters: int = 3,
+    dtype: torch.dtype = torch.float64,
 ) -> TuckerTensor:
     """Tucker decomposition of ``tensor`` [E, H, I] at ``rank`` minimising the per-expert
     two-sided weighted error (module docstring). ``init``: factors to start from (default:
@@ -177,6 +190,9 @@ def expert_weighted_tucker(
     input) with ``relative_error`` (weight space), ``whitened_error`` (``sqrt(f / f_0)``,
     f_0 the objective of a zero approximation: the relative weighted output error) and
     ``error_history`` (that relative weighted error after the initialisation and each sweep).
+
+    Runs on ``tensor``'s device in ``dtype``: float64 (default), or float32 for a device
+    without float64 (:func:`solver_dtype`); the weight-space error is then computed on the CPU.
     """
     from tuckerize.decompose.whiten import _reconstruct_error
 
@@ -189,16 +205,19 @@ def expert_weighted_tucker(
     for name, W, d in (("A", A, H), ("B", B, I)):
         if W is not None and (W.shape[-1] != d or W.shape[-2] != d or (W.ndim == 3 and W.shape[0] != E) or W.ndim not in (2, 3)):
             raise ValueError(f"weight {name} has shape {tuple(W.shape)}; expected [{d}, {d}] or [{E}, {d}, {d}]")
+    if dtype not in (torch.float64, torch.float32):
+        raise ValueError(f"solver dtype {dtype} is not float64 or float32")
+    wd = dtype
     dtype, device = tensor.dtype, tensor.device
-    T = tensor.to(torch.float64)
-    A = None if A is None else A.to(device, torch.float64)
-    B = None if B is None else B.to(device, torch.float64)
+    T = tensor.to(wd)
+    A = None if A is None else A.to(device, wd)
+    B = None if B is None else B.to(device, wd)
     if init is None:
         init = tucker(tensor, (E, rH, rI))
-    UH = orthonormal_columns(init.factors[1].to(device, torch.float64))[0]
-    UI = orthonormal_columns(init.factors[2].to(device, torch.float64))[0]
+    UH = orthonormal_columns(init.factors[1].to(device, wd))[0]
+    UI = orthonormal_columns(init.factors[2].to(device, wd))[0]
 
-    f0 = weighted_objective(T, A, B)
+    f0 = weighted_objective(T, A, B, dtype=wd)
     f0 = f0 if f0 > 0 else 1.0
 
     def rel_white(G, R) -> float:
@@ -217,7 +236,7 @@ def expert_weighted_tucker(
         history.append(rel_white(G, R))
 
     if rE == E:
-        UE = torch.eye(E, dtype=torch.float64, device=device)
+        UE = torch.eye(E, dtype=wd, device=device)
         core = G
     else:
         # weighted cores P_e^{1/2} G_e Q_e^{1/2} choose the expert subspace
@@ -230,11 +249,13 @@ def expert_weighted_tucker(
         UE = orthonormal_columns(vecs[:, -rE:].flip(1))[0]
         core = torch.einsum("ek,eab->kab", UE, G)
         Gp = torch.einsum("ek,kab->eab", UE, core)
-        history.append(math.sqrt(max(0.0, weighted_objective(T, A, B, UH @ Gp @ UI.T)) / f0))
+        history.append(math.sqrt(max(0.0, weighted_objective(T, A, B, UH @ Gp @ UI.T, dtype=wd)) / f0))
     out = TuckerTensor(core=core.to(dtype), factors=[UE.to(dtype), UH.to(dtype), UI.to(dtype)],
                        error_history=history)
     x = tensor.to(torch.float32)
-    out.relative_error = _reconstruct_error(x, TuckerTensor(core=core.float(), factors=[UE.float(), UH.float(), UI.float()]),
-                                            squared_norm(x))
+    fl = TuckerTensor(core=core.float(), factors=[UE.float(), UH.float(), UI.float()])
+    if wd != torch.float64:  # the error is accumulated in float64: on the CPU
+        x, fl = x.cpu(), TuckerTensor(core=fl.core.cpu(), factors=[f.cpu() for f in fl.factors])
+    out.relative_error = _reconstruct_error(x, fl, squared_norm(x))
     out.whitened_error = history[-1]  # type: ignore[attr-defined]
     return out

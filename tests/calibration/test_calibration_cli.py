@@ -1,0 +1,42 @@
+"""decompose CLI errors of calibrated runs: one line, exit 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from calibration_common import cli
+from cli_helpers import assert_cli_error
+
+from tuckerize.decompose.whiten import whitening
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--ratio", "0"), "outside (0, 1]"),
+        (("--ratio", "1.5"), "outside (0, 1]"),
+        (("--params", "0"), "--params 0"),
+        (("--ratio", "0.5", "--ranks", "16,64,32"), "exactly one"),
+        (("--ratio", "0.5", "--calibration", "/no/such/text.txt"), "does not exist"),
+        (("--ranks", "16,64,32", "--sequential"), "--sequential needs --calibration"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--damp", "0"), "--damp"),
+        (("--ratio", "0.5", "--expert-rank", "some"), "--expert-rank"),
+        (("--ranks", "16,64,32", "--stats", "/no/such/stats"), "do not exist"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "both"), "--whitening 'both'"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "pooled", "--expert-hidden"), "--expert-hidden"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--als-iters", "-1"), "--als-iters -1"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--samples", "100000", "--seqlen", "512"), "fewer than"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path, args, fragment):
+    assert_cli_error(cli(*args, "--out", str(tmp_path / "o")), fragment)
+
+
+def test_cli_error_real_process(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tuckerize", "decompose", "--ratio", "2", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--ratio 2" in lines[0], r.stderr

@@ -1,0 +1,227 @@
+"""Calibration statistics on disk: the file, its metadata and what they depend on.
+
+``calibration_stats.safetensors`` holds every MoE layer's fields (``layers.{L}.{name}``,
+:mod:`tuckerize.calibration.stats`): float64, the per-expert ``[E, I, I]`` fields float32.
+It is written one layer at a time as calibration goes (all shapes are known up front, so
+the header comes first: :class:`StreamingSafetensors`) and read back one layer at a time
+(:class:`LazyLayers`). ``calibration_stats.json`` beside it records the
+:class:`CalibrationSettings` (a mismatch means: collect again), the layers, the time taken
+and the file's sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import abc
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from tuckerize.calibration.stats import stored_dtype
+from tuckerize.checkpoint import sha256_file, write_json
+from tuckerize.errors import CalibrationError
+
+STATS_NAME = "calibration_stats.safetensors"
+STATS_META = "calibration_stats.json"
+STATS_VERSION = 2
+
+
+@dataclass
+class CalibrationSettings:
+    """What a set of statistics depends on (stored with them; a mismatch means recollect)."""
+
+    source: str
+    samples: int
+    seqlen: int
+    text_sha256: str
+    model_sha256: str = ""
+    per_expert: bool = False
+    version: int = STATS_VERSION
+    #: "dense": every layer sees the original model's hidden states.
+    stream: str = "dense"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def key(self) -> dict[str, Any]:
+        """The fields that must match for statistics to be reused (not the label)."""
+        d = self.to_dict()
+        d.pop("source")
+        return d
+
+
+def model_fingerprint(source_files: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(sorted(source_files.items()))).encode()).hexdigest()
+
+
+class StreamingSafetensors:
+    """A safetensors file (float64, per-expert fields float32: :func:`stored_dtype`)
+    written one tensor at a time: all shapes are known up front, so the header is written first and each layer's statistics go to their offsets
+    as soon as the layer is done (nothing of earlier layers stays in memory). Written under
+    a temporary name and renamed into place by :meth:`commit`."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+        import math as _math
+        import os
+
+        header: dict[str, Any] = {"__metadata__": metadata}
+        self.offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
+        off = 0
+        for name, shp in entries:
+            dt = stored_dtype(name)
+            n = _math.prod(shp) * (8 if dt == "F64" else 4)
+            header[name] = {"dtype": dt, "shape": list(shp), "data_offsets": [off, off + n]}
+            self.offsets[name] = (off, shp, torch.float64 if dt == "F64" else torch.float32)
+            off += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * ((8 - len(raw) % 8) % 8)
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.f = open(self.tmp, "wb")
+        self.f.write(len(raw).to_bytes(8, "little"))
+        self.f.write(raw)
+        self.base = 8 + len(raw)
+        self.f.truncate(self.base + off)
+        self.written: set[str] = set()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        off, shp, dtype = self.offsets[name]
+        t = tensor.detach().to("cpu", dtype).contiguous()
+        assert tuple(t.shape) == tuple(shp), (name, tuple(t.shape), shp)
+        self.f.seek(self.base + off)
+        self.f.write(t.numpy().tobytes())
+        self.written.add(name)
+
+    def commit(self) -> None:
+        import os
+
+        missing = set(self.offsets) - self.written
+        if missing:
+            self.abort()
+            raise RuntimeError(f"statistics {sorted(missing)[0]} were never written")
+        self.f.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self.f.closed:
+            self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class LazyLayers(abc.Mapping):
+    """``layers[L]`` read from the statistics file on demand (one layer at a time)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = path
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in keys}
+        self.names: dict[int, list[str]] = {}
+        for k in keys:
+            _, L, name = k.split(".", 2)
+            self.names.setdefault(int(L), []).append(name)
+
+    def __getitem__(self, layer: int) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        if layer not in self.names:
+            raise KeyError(layer)
+        with safe_open(str(self.path), framework="pt") as f:
+            return {n: f.get_tensor(f"layers.{layer}.{n}") for n in self.names[layer]}
+
+    def __iter__(self):
+        return iter(sorted(self.names))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, layer: int, name: str) -> tuple[int, ...]:
+        return self.shapes[f"layers.{layer}.{name}"]
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of every MoE layer: in memory (``layers`` a dict) or backed by the
+    statistics file (read one layer at a time)."""
+
+    settings: CalibrationSettings
+    layers: Mapping[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    seconds: float = 0.0
+    path: Path | None = None
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``calibration_stats.safetensors`` and ``calibration_stats.json`` into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / STATS_NAME
+        if self.path is not None and self.path.resolve() == path.resolve():
+            return path
+        if isinstance(self.layers, LazyLayers):  # a copy of a file written earlier
+            from tuckerize.checkpoint import atomic_write
+
+            with atomic_write(path) as tmp:
+                shutil.copyfile(self.layers.path, tmp)
+        else:
+            entries = [(f"layers.{L}.{k}", tuple(v.shape)) for L in sorted(self.layers) for k, v in self.layers[L].items()]
+            writer = StreamingSafetensors(path, entries, {"format": "pt", "tuckerize": "calibration statistics"})
+            try:
+                for L in sorted(self.layers):
+                    for k, v in self.layers[L].items():
+                        writer.write(f"layers.{L}.{k}", v)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+        self._write_meta(folder, path)
+        self.path = path
+        return path
+
+    def _write_meta(self, folder: Path, path: Path) -> None:
+        write_json(folder / STATS_META, {"settings": self.settings.to_dict(), "layers": sorted(self.layers),
+                                         "seconds": round(self.seconds, 3), "file_sha256": sha256_file(path)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CalibrationStats":
+        """From ``calibration_stats.safetensors`` (or the folder holding it and its .json);
+        layers are read when used."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / STATS_NAME
+        meta_path = path.with_name(STATS_META)
+        if not path.is_file() or not meta_path.is_file():
+            raise CalibrationError(f"calibration statistics {path} (with {STATS_META} beside it) do not exist; "
+                                   "pass the file written by a calibrated decompose, or drop --stats")
+        try:
+            meta = json.loads(meta_path.read_text())
+            settings = CalibrationSettings(**meta["settings"])
+            layers = LazyLayers(path)
+        except Exception as exc:  # noqa: BLE001
+            raise CalibrationError(f"calibration statistics {path} are unreadable ({type(exc).__name__}); "
+                                   "delete them and calibrate again") from None
+        return cls(settings=settings, layers=layers, seconds=float(meta.get("seconds", 0.0)), path=path)
+
+    def _shape(self, layer: int, name: str) -> tuple[int, ...]:
+        if isinstance(self.layers, LazyLayers):
+            return self.layers.shape(layer, name)
+        return tuple(self.layers[layer][name].shape)
+
+    def check_model(self, moe_layers, shape) -> None:
+        E, H, I = shape
+        missing = [L for L in moe_layers if L not in self.layers]
+        if missing:
+            raise CalibrationError(f"calibration statistics have no layer {missing[0]}; they are of another model")
+        for L in moe_layers:
+            if (self._shape(L, "hidden") != (H, H) or self._shape(L, "inter") != (I, I)
+                    or self._shape(L, "expert_mass") != (E,)):
+                raise CalibrationError(f"calibration statistics of layer {L} do not fit (E, H, I) = {shape}; "
+                                       "they are of another model")
+
+
+__all__ = ["STATS_META", "STATS_NAME", "STATS_VERSION", "CalibrationSettings", "CalibrationStats", "LazyLayers",
+           "StreamingSafetensors", "model_fingerprint"]
