@@ -50,8 +50,10 @@ def _expected_split(name: str, shape: list[int], cfg: dict, tp: int, layout: str
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if ".experts." in name:
         factor = name.rsplit(".", 1)[1]
-        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert")):
+        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert"), ("U_E", "hybrid")):
             return 0, _even_ranges(shape[0], tp)
+        if (factor, layout) == ("U_H", "hybrid"):  # down: rows of H; gate, up: columns of r_H
+            return (0, _even_ranges(shape[0], tp)) if ".down." in name else (1, _even_ranges(shape[1], tp))
         return None
     if ".self_attn.q_proj." in name:
         per = heads // tp
@@ -81,7 +83,7 @@ def model(request, tucker_factory):
     return arch, tucker_factory(arch, **MODELS[arch])[1]
 
 
-@pytest.mark.parametrize("layout", ["intermediate", "expert"])
+@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
     arch, tucker = model
@@ -144,7 +146,7 @@ def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
 
     # Every layout splits something of the experts; U_H and the cores are never split.
     factor_splits = {n.rsplit(".", 1)[1] for n in splits if ".experts." in n}
-    assert factor_splits == {"U_I" if layout == "intermediate" else "U_E"}
+    assert factor_splits == {"intermediate": {"U_I"}, "expert": {"U_E"}, "hybrid": {"U_E", "U_H"}}[layout]
 
     # The runtime loader slices an unsharded checkpoint exactly as the writer did.
     for r in range(tp):
@@ -390,3 +392,24 @@ def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path
     assert manifest["layout"] == min(ok, key=lambda l: costs[l]["macs"])
     assert manifest["layout_choice"]["macs_per_token"]["hybrid"] == pytest.approx(costs["hybrid"]["macs"])
     assert f"layout {manifest['layout']} (fewest multiply-adds" in result.stderr  # the CLI's console is stderr
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_architectures_without_native_model_split_only_factors(arch, tucker_factory, tmp_path):
+    """No native model: the Tucker factors are split by TuckerExperts' own rule, every
+    other tensor (MLA / gated delta-net attention, shared experts) is replicated."""
+    _, tucker = tucker_factory(arch)
+    manifest = shard_checkpoint(tucker, 2, layout="hybrid", out=tmp_path / "s")
+    splits = manifest["splits"]
+    assert splits and all(".experts." in n for n in splits)
+    assert {n.rsplit(".", 1)[1] for n in splits} == {"U_E", "U_H"}
+    whole = _read_all(tucker)
+    for r in range(2):
+        got = _read_all(tmp_path / "s" / manifest["ranks"][r]["dir"])
+        assert set(got) == set(whole)
+        for name, t in whole.items():
+            if name not in splits:
+                assert torch.equal(got[name], t), name
+            else:
+                a, b = splits[name]["ranges"][r]
+                assert torch.equal(got[name], t.narrow(splits[name]["axis"], a, b - a)), name
