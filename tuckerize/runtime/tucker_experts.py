@@ -40,8 +40,10 @@ Each layer of the runtime owns how its weights are split (``shard_spec``, beside
 forward); the shard writer asks a model built on the meta device
 (:func:`tuckerize.runtime.plan.rank_splits`), so loading and sharding cannot disagree.
 
-Every layout gives the single-device result: the all-reduce sums exactly the terms the single
-device sums. Uneven splits (I or E not divisible by the world size) are exact.
+E_r is contiguous by default, or the experts a shard set assigned to the rank by measured
+load (``experts=``). Every layout gives the single-device result: the all-reduce sums
+exactly the terms the single device sums. Uneven splits (I, E, H or r_H not divisible by
+the world size) are exact.
 """
 
 from __future__ import annotations
