@@ -67,18 +67,47 @@ def split_sizes(n: int, world: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Split:
-    """Rows or columns ``[start, stop)`` along ``axis`` of a full tensor."""
+    """Rows or columns ``[start, stop)`` along ``axis`` of a full tensor, or, with
+    ``index``, the listed rows in that order (experts assigned to ranks by load)."""
 
     axis: int
     start: int
     stop: int
+    index: tuple[int, ...] | None = None
 
 
 def take(tensor, split: Split | None):
     """The slice of a full tensor that a split names (the tensor itself if replicated)."""
     if split is None:
         return tensor
+    if split.index is not None:
+        import torch
+
+        return tensor.index_select(split.axis, torch.tensor(split.index, dtype=torch.long, device=tensor.device))
     return tensor.narrow(split.axis, split.start, split.stop - split.start)
+
+
+def imbalance(loads: list[float]) -> float:
+    """How much the busiest rank exceeds the mean: ``max / mean - 1`` (0 when even)."""
+    mean = sum(loads) / len(loads)
+    return max(loads) / mean - 1.0 if mean > 0 else 0.0
+
+
+def contiguous_assignment(num_experts: int, world: int) -> list[list[int]]:
+    """Experts of each rank under the contiguous split (:func:`split_range`)."""
+    return [list(range(*split_range(num_experts, world, r))) for r in range(world)]
+
+
+def balanced_assignment(counts: list[float], world: int) -> list[list[int]]:
+    """Experts of each rank assigned by measured load: heaviest expert first, to the rank
+    with the least load so far (ties: fewer experts, then lower rank); sorted per rank."""
+    loads = [0.0] * world
+    ranks: list[list[int]] = [[] for _ in range(world)]
+    for e in sorted(range(len(counts)), key=lambda e: (-counts[e], e)):
+        r = min(range(world), key=lambda r: (loads[r], len(ranks[r]), r))
+        loads[r] += counts[e]
+        ranks[r].append(e)
+    return [sorted(x) for x in ranks]
 
 
 # ----------------------------------------------------------------------------- attention heads

@@ -28,8 +28,8 @@ from tuckerize.runtime.loader import TensorSource, build_moe_block
 from tuckerize.runtime.parallel import ParallelContext
 from tuckerize.shard import shard_checkpoint
 
-#: Tiny Qwen3-MoE (no shared expert) and Qwen2-MoE (shared expert; I=18 splits unevenly over 4).
-MODELS = {"qwen3_moe": {}, "qwen2_moe": {"moe_intermediate_size": 18}}
+#: Tiny Qwen2-MoE (shared expert; I=18 splits unevenly over 4); the demo models cover Qwen3-MoE and Mixtral.
+MODELS = {"qwen2_moe": {"moe_intermediate_size": 18}}
 DEMOS = {"demo": DEMO_DIR, "demo-mixtral": DEMO_DIR.parent / "mixtral"}
 LAYOUTS = ("intermediate", "expert", "hybrid")
 TOL = 1e-5
@@ -59,12 +59,15 @@ def dist_runs(tucker_factory, tmp_path_factory):
     eight = {name: _eight_heads(tuckers[name], root / f"{name}-8heads") for name in DEMOS}
     shards: dict[tuple[str, int, str], Path] = {}
 
-    def shard_dir(arch: str, tp: int, layout: str) -> Path:
-        key = (arch, tp, layout)
+    def shard_dir(arch: str, tp: int, layout: str, load=None) -> Path:
+        key = (arch, tp, layout + ("-balanced" if load else ""))
         if key not in shards:
             src = eight[arch] if tp == 8 else tuckers[arch]
-            shards[key] = Path(shard_checkpoint(src, tp, layout=layout,
-                                                out=root / f"{arch}-tp{tp}-{layout}")["out"])
+            manifest = shard_checkpoint(src, tp, layout=layout, out=root / f"{arch}-tp{tp}-{key[2]}",
+                                        expert_load=load)
+            if load:  # the skewed load below must have moved experts
+                assert all(a["assigned"] for a in manifest["expert_assignment"].values())
+            shards[key] = Path(manifest["out"])
         return shards[key]
 
     runs: dict[int, dict] = {}
@@ -92,6 +95,12 @@ def dist_runs(tucker_factory, tmp_path_factory):
                 jobs.append({"name": f"{arch}-{layout}", "arch": arch, "layout": layout,
                              "shard_dir": str(shard_dir(arch, tp, layout)),
                              "input": str(out / f"{arch}-x.npy"), "layers": list(spec.moe_layers)})
+            if arch == "demo":  # experts assigned to ranks by a (skewed) measured load
+                E = spec.num_experts
+                load = {L: [50.0] * (E // tp) + [1.0] * (E - E // tp) for L in spec.moe_layers}
+                jobs.append({"name": f"{arch}-hybrid-balanced", "arch": arch, "layout": "hybrid",
+                             "shard_dir": str(shard_dir(arch, tp, "hybrid", load)),
+                             "input": str(out / f"{arch}-x.npy"), "layers": list(spec.moe_layers)})
         # A shard set written for another world size must be refused, not hang.
         other = 4 if tp == 2 else 2
         jobs.append({"name": "wrong-world", "expect_error": True, "shard_dir": str(shard_dir("demo", other,
@@ -100,7 +109,7 @@ def dist_runs(tucker_factory, tmp_path_factory):
                      "shard_dir": str(shard_dir("demo", tp, "intermediate"))})
         (out / "jobs.json").write_text(json.dumps(jobs))
         dist_helpers.run_workers(dist_helpers.moe_block_worker, tp, args=(str(out / "jobs.json"), str(out)),
-                                 timeout=150)
+                                 timeout=150 if tp < 8 else 900)
         runs[tp] = {"out": out, "jobs": jobs, "refs": refs, "shards": shards}
         return runs[tp]
 

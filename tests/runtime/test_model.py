@@ -108,7 +108,15 @@ def test_transformers_path_equals_reconstructed_dense(arch, random_models):
     ids = _ids()
     ref = M.hf_logits(src, ids, tucker=tucker)
     assert R.rel_err(M.hf_logits(src, ids), ref) > 1e-2
-    model = load_hf_model(tucker, dtype=torch.float32)
+    import transformers
+
+    def no_dense_load(*a, **k):
+        raise AssertionError("from_pretrained would allocate the dense experts")
+
+    with pytest.MonkeyPatch.context() as mp:  # built on the meta device, the tensors assigned
+        mp.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_dense_load)
+        model = load_hf_model(tucker, dtype=torch.float32)
+    assert not any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
     layers = M.moe_layers(src)
     assert all(isinstance(model.model.layers[i].mlp.experts, TuckerExperts) for i in layers)
     with torch.no_grad():

@@ -690,3 +690,25 @@ def test_cost_per_token_counts_the_forward(layout, world):
     if layout == "hybrid":  # the work is divided, not replicated
         single = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext()).cost_per_token(K)["macs"]
         assert sum(c["macs"] for _, c in outs) == pytest.approx(single)
+
+
+@pytest.mark.parametrize("layout", ["expert", "hybrid"])
+def test_experts_assigned_by_load_across_ranks(layout):
+    """An explicit, non-contiguous assignment of experts to ranks (as a shard set records
+    it): each rank holds exactly its experts' U_E rows and the result is unchanged."""
+    E, H, I, world = 8, 32, 16, 3
+    assignment = [[0, 5, 7], [2, 3], [1, 4, 6]]
+    factors, single, x, idx, w = _single_and_inputs(E, H, I)
+    ref = single(x, idx, w)
+
+    def rank_fn(ctx):
+        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ctx, experts=assignment[ctx.rank])
+        m.load_factors(factors)
+        for p in PROJECTIONS:
+            assert torch.equal(getattr(m, p).U_E, factors[f"{p}.U_E"][assignment[ctx.rank]])
+        with torch.no_grad():
+            return m(x, idx, w)
+
+    outs, _ = _run_ranks(world, rank_fn)
+    for r, out in enumerate(outs):
+        assert R.rel_err(ref, out) < TOL, r

@@ -50,8 +50,10 @@ def _expected_split(name: str, shape: list[int], cfg: dict, tp: int, layout: str
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if ".experts." in name:
         factor = name.rsplit(".", 1)[1]
-        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert")):
+        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert"), ("U_E", "hybrid")):
             return 0, _even_ranges(shape[0], tp)
+        if (factor, layout) == ("U_H", "hybrid"):  # down: rows of H; gate, up: columns of r_H
+            return (0, _even_ranges(shape[0], tp)) if ".down." in name else (1, _even_ranges(shape[1], tp))
         return None
     if ".self_attn.q_proj." in name:
         per = heads // tp
@@ -81,7 +83,7 @@ def model(request, tucker_factory):
     return arch, tucker_factory(arch, **MODELS[arch])[1]
 
 
-@pytest.mark.parametrize("layout", ["intermediate", "expert"])
+@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
 @pytest.mark.parametrize("tp", [2, 4])
 def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
     arch, tucker = model
@@ -144,7 +146,7 @@ def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
 
     # Every layout splits something of the experts; U_H and the cores are never split.
     factor_splits = {n.rsplit(".", 1)[1] for n in splits if ".experts." in n}
-    assert factor_splits == {"U_I" if layout == "intermediate" else "U_E"}
+    assert factor_splits == {"intermediate": {"U_I"}, "expert": {"U_E"}, "hybrid": {"U_E", "U_H"}}[layout]
 
     # The runtime loader slices an unsharded checkpoint exactly as the writer did.
     for r in range(tp):
@@ -307,3 +309,107 @@ def test_unfinished_shard_set(shard_copy):
     (shard_copy / SHARD_MANIFEST).unlink()
     with pytest.raises(ShardError, match=SHARD_MANIFEST):
         ShardSet.open(shard_copy)
+
+
+# ------------------------------------------------------------------ experts assigned to ranks by measured load
+
+
+def test_experts_assigned_by_measured_load(tucker_factory, tmp_path):
+    """A skewed measured load: the contiguous split would leave one rank with most of the
+    pairs, so the writer assigns experts by load, records it in the manifest and the
+    config, writes each rank exactly its experts' U_E rows, and the ranks' partial sums
+    still give the single-process output."""
+    import tucker_refs as R
+    from tuckerize.runtime.loader import build_moe_block
+
+    _, tucker = tucker_factory("qwen3_moe")
+    single = TensorSource.open(tucker, parallel=ParallelContext())
+    spec = single.spec
+    E = spec.num_experts
+    load = {L: [100.0] * (E // 2) + [1.0] * (E - E // 2) for L in spec.moe_layers}
+    out = tmp_path / "s"
+    manifest = shard_checkpoint(tucker, 2, layout="expert", out=out, expert_load=load)
+    whole = _read_all(tucker)
+    for L in spec.moe_layers:
+        a = manifest["expert_assignment"][str(L)]
+        assert a["assigned"] and a["imbalance_contiguous"] > 0.2 and a["imbalance"] < 0.05, a
+        assert sorted(sum(a["ranks"], [])) == list(range(E))
+        name = f"{spec.arch.experts_prefix(L)}.gate.U_E"
+        assert manifest["splits"][name]["rows"] == a["ranks"]
+        for r in range(2):
+            got = _read_all(out / manifest["ranks"][r]["dir"])[name]
+            assert torch.equal(got, whole[name][a["ranks"][r]])
+    assert json.loads((out / "config.json").read_text())["shard"]["experts"] == {
+        str(L): manifest["expert_assignment"][str(L)]["ranks"] for L in spec.moe_layers}
+
+    L = spec.moe_layers[0]
+    x = torch.randn(11, spec.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        block = build_moe_block(single, L)
+        top_w, top_i = block.gate(x)
+        ref = block.experts(x, top_i, top_w)
+        parts = []
+        for r in range(2):
+            experts = build_moe_block(TensorSource.open(out, parallel=ParallelContext(rank=r, world=2)), L).experts
+            assert list(experts.expert_ids) == manifest["expert_assignment"][str(L)]["ranks"][r]
+            parts.append(experts.partial(x, top_i, top_w))
+        assert R.rel_err(ref, experts.finish(parts[0] + parts[1])) < 1e-5
+
+
+def test_even_load_keeps_the_contiguous_split(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    spec = TensorSource.open(tucker, parallel=ParallelContext()).spec
+    load = {L: [10.0] * spec.num_experts for L in spec.moe_layers}
+    manifest = shard_checkpoint(tucker, 2, layout="hybrid", out=tmp_path / "s", expert_load=load)
+    assert not any(a["assigned"] for a in manifest["expert_assignment"].values())
+    assert "experts" not in json.loads((tmp_path / "s" / "config.json").read_text())["shard"]
+
+
+# ------------------------------------------------------------------ --model and the chosen layout
+
+
+def test_cli_model_option_and_positional(tucker_factory, tmp_path):
+    _, tucker = tucker_factory("qwen3_moe")
+    for i, args in enumerate((["-m", str(tucker)], ["--model", str(tucker)], [str(tucker), "--model", str(tucker)])):
+        out = tmp_path / f"s{i}"
+        result = cli("shard", *args, "--tp", "2", "--layout", "expert", "--out", str(out), "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["layout"] == "expert"
+    assert_cli_error(cli("shard", str(tucker), "--model", str(tmp_path / "other"), "--tp", "2"), "give one")
+    assert_cli_error(cli("shard", "--tp", "2"), "--model")
+
+
+def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path):
+    from tuckerize.parallel import LAYOUTS
+    from tuckerize.runtime.plan import layout_costs
+
+    _, tucker = tucker_factory("qwen3_moe")
+    result = cli("shard", "-m", str(tucker), "--tp", "2", "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "s" / SHARD_MANIFEST).read_text())
+    costs = layout_costs(json.loads((tucker / "config.json").read_text()), 2)
+    ok = [l for l in LAYOUTS if costs[l]["sent"] <= costs["dense"]["sent"]]
+    assert manifest["layout"] == min(ok, key=lambda l: costs[l]["macs"])
+    assert manifest["layout_choice"]["macs_per_token"]["hybrid"] == pytest.approx(costs["hybrid"]["macs"])
+    assert f"layout {manifest['layout']} (fewest multiply-adds" in result.stderr  # the CLI's console is stderr
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_architectures_without_native_model_split_only_factors(arch, tucker_factory, tmp_path):
+    """No native model: the Tucker factors are split by TuckerExperts' own rule, every
+    other tensor (MLA / gated delta-net attention, shared experts) is replicated."""
+    _, tucker = tucker_factory(arch)
+    manifest = shard_checkpoint(tucker, 2, layout="hybrid", out=tmp_path / "s")
+    splits = manifest["splits"]
+    assert splits and all(".experts." in n for n in splits)
+    assert {n.rsplit(".", 1)[1] for n in splits} == {"U_E", "U_H"}
+    whole = _read_all(tucker)
+    for r in range(2):
+        got = _read_all(tmp_path / "s" / manifest["ranks"][r]["dir"])
+        assert set(got) == set(whole)
+        for name, t in whole.items():
+            if name not in splits:
+                assert torch.equal(got[name], t), name
+            else:
+                a, b = splits[name]["ranges"][r]
+                assert torch.equal(got[name], t.narrow(splits[name]["axis"], a, b - a)), name

@@ -43,6 +43,11 @@ def shard(
     if chosen:
         console.print(f"layout {manifest['layout']} (fewest multiply-adds per rank at tp={manifest['tp']}: "
                       + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in chosen["macs_per_token"].items()) + ")")
+    moved = {L: a for L, a in (manifest.get("expert_assignment") or {}).items() if a["assigned"]}
+    if moved:
+        console.print(f"experts assigned to ranks by measured load in {len(moved)} layers (busiest rank above "
+                      f"the mean: {max(a['imbalance_contiguous'] for a in moved.values()):.0%} contiguous -> "
+                      f"{max(a['imbalance'] for a in moved.values()):.0%})")
     console.print(
         f"{manifest['tp']} ranks, layout {manifest['layout']}: "
         + ", ".join(f"rank {i} {s / 2**20:.1f} MiB" for i, s in enumerate(sizes))

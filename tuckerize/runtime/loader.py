@@ -152,6 +152,15 @@ def tucker_ranks(config: dict[str, Any], layer: int) -> dict[str, tuple[int, int
     return {p: tuple(entry[p]["ranks"]) for p in PROJECTIONS}  # type: ignore[misc]
 
 
+def assigned_experts(source: TensorSource, layer: int) -> list[int] | None:
+    """The experts this rank holds in ``layer`` when the shard set assigned them by measured
+    load (``config["shard"]["experts"]``); None: the contiguous split."""
+    per_rank = ((source.config.get("shard") or {}).get("experts") or {}).get(str(layer))
+    if not per_rank or len(per_rank) != source.parallel.world:
+        return None
+    return list(per_rank[source.parallel.rank])
+
+
 def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=None, device=None):
     """Tucker experts from a Tucker checkpoint or shard set; dense experts from an original one."""
     spec = source.spec
@@ -164,7 +173,8 @@ def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=N
         source.load_stacked(experts, layer)
         return experts
     experts = TuckerExperts(E, H, I, tucker_ranks(source.config, layer), layout=source.layout,
-                            parallel=source.parallel, act=act, dtype=dtype, device=device)
+                            parallel=source.parallel, act=act, experts=assigned_experts(source, layer),
+                            dtype=dtype, device=device)
     prefix = spec.arch.experts_prefix(layer)
     for p in PROJECTIONS:
         for f in FACTORS:

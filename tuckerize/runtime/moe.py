@@ -125,7 +125,7 @@ class MoEBlock(nn.Module):
         self.gate = Router(router, hidden, dtype=dtype, device=device)
         self.experts = experts
         self.shared_name = None
-        self.shared_gate = None
+        self.shared_gate_name = None
         act = config.get("hidden_act", "silu")
         inter = 0
         if arch.shared_kind == "qwen":
@@ -136,8 +136,13 @@ class MoEBlock(nn.Module):
             self.shared_name = arch.shared_expert
             setattr(self, self.shared_name, ParallelMLP(hidden, inter, parallel, act, dtype, device))
             if arch.shared_expert_gate:
-                self.shared_gate = nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device)
-                setattr(self, arch.shared_expert_gate, self.shared_gate)
+                self.shared_gate_name = arch.shared_expert_gate
+                setattr(self, arch.shared_expert_gate, nn.Linear(hidden, 1, bias=False, dtype=dtype, device=device))
+
+    @property
+    def shared_gate(self) -> nn.Module | None:
+        """The shared expert's sigmoid gate (Qwen), registered under the architecture's name."""
+        return getattr(self, self.shared_gate_name) if self.shared_gate_name else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape

@@ -40,13 +40,15 @@ Each layer of the runtime owns how its weights are split (``shard_spec``, beside
 forward); the shard writer asks a model built on the meta device
 (:func:`tuckerize.runtime.plan.rank_splits`), so loading and sharding cannot disagree.
 
-Every layout gives the single-device result: the all-reduce sums exactly the terms the single
-device sums. Uneven splits (I or E not divisible by the world size) are exact.
+E_r is contiguous by default, or the experts a shard set assigned to the rank by measured
+load (``experts=``). Every layout gives the single-device result: the all-reduce sums
+exactly the terms the single device sums. Uneven splits (I, E, H or r_H not divisible by
+the world size) are exact.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -55,7 +57,7 @@ import torch.nn.functional as F
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
 from tuckerize.parallel import ACTIVATIONS as _ACTIVATION_NAMES
-from tuckerize.parallel import LAYOUTS, ParallelContext, Split, activation, check_layout, split_range, split_sizes
+from tuckerize.parallel import LAYOUTS, ParallelContext, Split, activation, check_layout, split_range, split_sizes, take
 
 #: ``hidden_act`` name -> function (kept for callers that look activations up here).
 ACTIVATIONS = {name: activation(name) for name in _ACTIVATION_NAMES}
@@ -93,6 +95,8 @@ class TuckerExperts(nn.Module):
     layout : one of :data:`tuckerize.parallel.LAYOUTS` (see the module docstring).
     parallel : rank/world/group; by default one rank (rank 0 of 1). Pass
         ``ParallelContext.current()`` at a runtime entry point for tensor parallelism.
+    experts : the experts this rank holds in ``expert`` and ``hybrid`` (the shard set's
+        assignment by measured load); by default the contiguous split.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class TuckerExperts(nn.Module):
         layout: str = "intermediate",
         parallel: ParallelContext | None = None,
         act: str = "silu",
+        experts: Sequence[int] | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -121,6 +126,13 @@ class TuckerExperts(nn.Module):
         # (intermediate); in hybrid also the r_H columns of U_H,gate/up and the H rows of U_H,down.
         split_experts = layout in ("expert", "hybrid")
         self.expert_range = split_range(num_experts, world, rank) if split_experts else (0, num_experts)
+        #: Explicit expert ids of this rank (assignment by load), else None (the range above).
+        self.expert_ids: tuple[int, ...] | None = None
+        if experts is not None and split_experts and tuple(experts) != tuple(range(*self.expert_range)):
+            self.expert_ids = tuple(int(e) for e in experts)
+            lut = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+            lut[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
+            self.register_buffer("local_index", lut, persistent=False)
         self.inter_range = split_range(intermediate_size, world, rank) if layout == "intermediate" else (0, intermediate_size)
         hybrid = layout == "hybrid"
         self.rh_sizes = {p: split_sizes(self.ranks[p][1], world) if hybrid else [self.ranks[p][1]] for p in ("gate", "up")}
@@ -128,7 +140,7 @@ class TuckerExperts(nn.Module):
                          for p in ("gate", "up")}
         self.hidden_sizes = split_sizes(hidden_size, world) if hybrid else [hidden_size]
         self.hidden_range = split_range(hidden_size, world, rank) if hybrid else (0, hidden_size)
-        e_local = self.expert_range[1] - self.expert_range[0]
+        e_local = self.expert_range[1] - self.expert_range[0] if self.expert_ids is None else len(self.expert_ids)
         i_local = self.inter_range[1] - self.inter_range[0]
         #: At most this many routed pairs take the gather + batched-product path (decoding).
         self.gather_pairs = 16
@@ -146,6 +158,8 @@ class TuckerExperts(nn.Module):
         rank holds; None where it holds the whole factor (replicated)."""
         p, f = name.split(".")
         full = {"U_E": self.num_experts, "U_I": self.intermediate_size, "U_H": self.hidden_size}
+        if f == "U_E" and self.expert_ids is not None:
+            return Split(0, 0, len(self.expert_ids), index=self.expert_ids)
         if f == "U_E":
             axis, rng = 0, self.expert_range
         elif f == "U_I":
@@ -180,7 +194,7 @@ class TuckerExperts(nn.Module):
         sp = self.shard_spec(key)
         if tuple(src.shape) != tuple(dst.shape) and sp is not None and src.ndim == dst.ndim:
             if src.shape[sp.axis] == self._full_size(key, sp.axis):  # a full factor; else the error below
-                src = src.narrow(sp.axis, sp.start, sp.stop - sp.start)
+                src = take(src, sp)
         if tuple(src.shape) != tuple(dst.shape):
             raise ShardError(
                 f"factor {key} has shape {list(src.shape)}, this rank expects {list(dst.shape)}; "
@@ -230,7 +244,12 @@ class TuckerExperts(nn.Module):
         flat_w = top_k_weights.reshape(-1)
         flat_t = torch.arange(T, device=x.device).repeat_interleave(K)
         e0, e1 = self.expert_range
-        if (e0, e1) != (0, self.num_experts):
+        if self.expert_ids is not None:
+            local = self.local_index[flat_e]
+            keep = local >= 0
+            flat_e, flat_w, flat_t = local[keep], flat_w[keep], flat_t[keep]
+            e0, e1 = 0, len(self.expert_ids)
+        elif (e0, e1) != (0, self.num_experts):
             keep = (flat_e >= e0) & (flat_e < e1)
             flat_e, flat_w, flat_t = flat_e[keep] - e0, flat_w[keep], flat_t[keep]
         if flat_e.numel() <= self.gather_pairs:

@@ -22,13 +22,13 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import LAYOUTS, check_tp, take
+from tuckerize.parallel import LAYOUTS, balanced_assignment, check_tp, contiguous_assignment, imbalance, take
 from tuckerize.progress import Progress, ensure
 
 SHARD_MANIFEST = "shard_manifest.json"
@@ -45,12 +45,21 @@ def shard_checkpoint(
     layout: str | None = "intermediate",
     out: str | Path | None = None,
     overwrite: bool = False,
+    expert_load: Mapping[int, Sequence[float]] | None = None,
+    balance_above: float = 0.2,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write one safetensors set per rank holding only that rank's slices; returns the manifest.
     ``layout="auto"`` (or None) takes the layout with the fewest multiply-adds per rank for
     this checkpoint and ``tp`` (:func:`tuckerize.runtime.plan.choose_layout`); the manifest's
-    ``layout_choice`` then holds the per-layout costs."""
+    ``layout_choice`` then holds the per-layout costs.
+
+    Layouts that split experts (``expert``, ``hybrid``) assign experts to ranks by measured
+    load where the contiguous split would leave the busiest rank more than
+    ``balance_above`` above the mean: ``expert_load`` ``{layer: pairs per expert}``, by
+    default the routed-token counts of the checkpoint's calibration statistics (if it
+    was decomposed with calibration). The assignment is recorded in the manifest
+    (``expert_assignment``) and in the shard set's config (read by the runtime)."""
     progress = ensure(progress)
     if layout is not None and layout != "auto" and layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
@@ -64,7 +73,15 @@ def shard_checkpoint(
         layout, costs = choose_layout(src.config, tp)
         choice = {"macs_per_token": {k: v["macs"] for k, v in costs.items()},
                   "sent_per_token": {k: v["sent"] for k, v in costs.items()}}
-    plans = [rank_splits(src.config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
+    assignment = None
+    if layout in ("expert", "hybrid") and tp > 1:
+        load = expert_load if expert_load is not None else _calibration_load(src.folder)
+        assignment = _assign_experts(load or {}, tp, balance_above)
+    config = dict(src.config)
+    config["shard"] = {"tp": tp, "layout": layout}
+    if assignment and any(a["assigned"] for a in assignment.values()):
+        config["shard"]["experts"] = {str(L): a["ranks"] for L, a in assignment.items() if a["assigned"]}
+    plans = [rank_splits(config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
     if out.exists():
         ours = (out / SHARD_MANIFEST).is_file() or any(out.glob("rank-*-of-*"))
@@ -93,7 +110,10 @@ def shard_checkpoint(
             for n, t in full.items():
                 sp = plans[r].get(n)
                 local[n] = take(t, sp).contiguous()
-                if sp is not None:
+                if sp is not None and sp.index is not None:
+                    entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "rows": [None] * tp})
+                    entry["rows"][r] = list(sp.index)
+                elif sp is not None:
                     entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "ranges": [None] * tp})
                     entry["ranges"][r] = [sp.start, sp.stop]
             path = tmp_out / rank_dir(r, tp) / filename
@@ -109,8 +129,6 @@ def shard_checkpoint(
     for name in SIDE_FILES:
         if (src.folder / name).is_file():
             shutil.copyfile(src.folder / name, tmp_out / name)
-    config = dict(src.config)
-    config["shard"] = {"tp": tp, "layout": layout}
     write_json(tmp_out / "config.json", config)
     manifest = {
         "tool": "tuckerize",
@@ -127,10 +145,48 @@ def shard_checkpoint(
     }
     if choice is not None:
         manifest["layout_choice"] = choice
+    if assignment:
+        manifest["expert_assignment"] = {str(L): a for L, a in assignment.items()}
     write_json(tmp_out / SHARD_MANIFEST, manifest)
     tmp_out.rename(out)
     manifest["out"] = str(out.resolve())
     return manifest
+
+
+def _calibration_load(folder: Path) -> dict[int, list[float]]:
+    """Routed tokens per expert and layer from the checkpoint's calibration statistics."""
+    path = folder / "calibration_stats.safetensors"
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "layers" and parts[2] == "expert_count":
+                out[int(parts[1])] = [float(v) for v in f.get_tensor(key).tolist()]
+    return out
+
+
+def _assign_experts(load: Mapping[int, Sequence[float]], tp: int, above: float) -> dict[int, dict[str, Any]]:
+    """Per layer with a measured load: the contiguous split's imbalance and, where it is
+    above ``above``, the assignment by load (:func:`tuckerize.parallel.balanced_assignment`)."""
+    out = {}
+    for layer, counts in sorted(load.items()):
+        counts = [float(c) for c in counts]
+        contiguous = contiguous_assignment(len(counts), tp)
+        before = imbalance([sum(counts[e] for e in ids) for ids in contiguous])
+        ranks, after, assigned = contiguous, before, False
+        if before > above:
+            ranks = balanced_assignment(counts, tp)
+            after = imbalance([sum(counts[e] for e in ids) for ids in ranks])
+            assigned = after < before
+            ranks = ranks if assigned else contiguous
+            after = after if assigned else before
+        out[int(layer)] = {"ranks": ranks, "assigned": assigned, "imbalance_contiguous": round(before, 4),
+                           "imbalance": round(after, 4)}
+    return out
 
 
 @dataclass
