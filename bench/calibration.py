@@ -22,6 +22,7 @@ reused by every run (``--stats``).
     python bench/calibration.py --ablations      # the measurements behind the defaults
     python bench/calibration.py --memory         # calibration time / peak RSS, Qwen3-30B-A3B shapes
     python bench/calibration.py --scale          # per-expert ALS vs pooled whitening, one Qwen3-30B-A3B projection
+    python bench/calibration.py --storage        # per-expert statistics in float16 / bfloat16 / low rank vs float32
 
 The memory run generates (bench/memory.py's generator, real vocabulary 151,936) a bf16
 checkpoint with Qwen3-30B-A3B's layer shapes and runs ``collect_statistics`` on random
@@ -367,6 +368,83 @@ def memory(args) -> list[dict]:
     return rows
 
 
+# ----------------------------------------------------------------------------- statistics on disk
+
+
+def degrade(m: torch.Tensor, how: str) -> torch.Tensor:
+    """One per-expert field [E, I, I] as it would come back from a smaller storage format."""
+    m = m.double()
+    if how == "float32":
+        return m.float()
+    if how == "bfloat16":
+        return m.to(torch.bfloat16).float()
+    if how == "float16":  # scaled per expert by its largest entry (sums of squares overflow float16 otherwise)
+        scale = m.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
+        return ((m / scale).half().double() * scale).float()
+    if how.startswith("rank"):  # top-k eigenpairs per expert plus the mean of the other eigenvalues times identity
+        k = int(how[4:])
+        vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(1, 2)))
+        top, V = vals[:, -k:], vecs[:, :, -k:]
+        rest = vals[:, :-k].clamp_min(0).mean(1)
+        eye = torch.eye(m.shape[1], dtype=torch.float64)
+        return ((V * top[:, None, :]) @ V.transpose(1, 2) + rest[:, None, None] * eye).float()
+    raise ValueError(how)
+
+
+def stored_bytes(shape: tuple[int, ...], how: str) -> int:
+    E, I, _ = shape
+    if how == "float32":
+        return E * I * I * 4
+    if how in ("float16", "bfloat16"):
+        return E * I * I * 2 + (E * 4 if how == "float16" else 0)
+    k = int(how[4:])
+    return E * (k * I + k + 1) * 4
+
+
+def storage(args) -> list[dict]:
+    """Per-expert [E, I, I] statistics stored smaller (float16 scaled per expert, bfloat16,
+    top-k eigenpairs + isotropic rest) vs float32 (today): held-out perplexity of the
+    per-expert weighted decomposition from each, same uniform ranks."""
+    from tuckerize.calibration.stats import EXPERT_FIELDS
+    from tuckerize.calibration.store import CalibrationStats
+
+    rows = []
+    for name, folder in MODELS.items():
+        b = Bench(name, folder, args.work / (folder.name + "-storage"), args.samples, args.seqlen)
+        base = b.baseline()
+        b.calibrate()
+        ref = CalibrationStats.load(b.stats)
+        I = b.spec.shape[2]
+        variants = ["float32", "float16", "bfloat16", f"rank{I // 2}", f"rank{I // 4}", f"rank{I // 8}"]
+        for how in variants:
+            folder_v = b.work / f"stats-{how}"
+            layers = {}
+            for L in ref.layers:
+                fields = dict(ref.layers[L])
+                for k in EXPERT_FIELDS:
+                    fields[k] = degrade(fields[k], how)
+                layers[L] = fields
+            CalibrationStats(settings=ref.settings, layers=layers).save(folder_v)
+            shape = tuple(ref.layers[next(iter(ref.layers))]["inter_expert"].shape)
+            for ratio in args.ratios:
+                u = b.uniform(ratio)
+                row = b.run(f"per-expert, stats {how}, uniform {u} ({1 - ratio:.0%} removed)", ranks=u, stats=folder_v)
+                rows.append(row | {"storage": how, "ratio": ratio, "baseline_ppl": base,
+                                   "bytes_per_layer": len(EXPERT_FIELDS) * stored_bytes(shape, how)})
+    return rows
+
+
+def storage_markdown(rows: list[dict]) -> str:
+    lines = ["| model | removed | per-expert statistics stored as | bytes per layer (vs float32) | perplexity | vs float32 |",
+             "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        ref = next(x for x in rows if x["model"] == r["model"] and x["ratio"] == r["ratio"] and x["storage"] == "float32")
+        ref_b = ref["bytes_per_layer"]
+        lines.append(f"| {r['model']} | {1 - r['ratio']:.0%} | {r['storage']} | {r['bytes_per_layer']:,} "
+                     f"({r['bytes_per_layer'] / ref_b:.2f}x) | {r['ppl']:.3f} | {r['ppl'] / ref['ppl'] - 1:+.2%} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = []
     models = list(dict.fromkeys(r["model"] for r in rows if "ppl" in r))
@@ -390,6 +468,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--storage", action="store_true",
+                    help="per-expert statistics stored in float16/bfloat16/low rank vs float32: perplexity")
     ap.add_argument("--scale", action="store_true", help="time/memory of the per-expert ALS at Qwen3-30B-A3B shapes")
     ap.add_argument("--scale-iters", type=int, default=3)
     ap.add_argument("--output-errors", action="store_true", help="also per-layer block output errors")
@@ -418,6 +498,11 @@ def main() -> None:
         return
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
+    if args.storage:
+        rows = storage(args)
+        (OUT / "calibration_storage.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        print(storage_markdown(rows))
+        return
     if args.ablations:
         rows = ablations(args)
         (OUT / "calibration_ablations.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
