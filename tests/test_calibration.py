@@ -317,12 +317,19 @@ def test_allocated_plan_meets_budget_and_round_trips_through_config(demo_runs, t
 
 
 def test_default_config_path_under_configs(demo_runs, tmp_path, monkeypatch):
+    """The CLI keeps an allocated plan under configs/ of the working directory; the library
+    only returns it (manifest and out/rank_plan.yaml) unless asked where to save it."""
     monkeypatch.chdir(tmp_path)
-    m = decompose_checkpoint(str(DEMO), tmp_path / "o", ratio=0.9, stats=demo_runs["white"])
+    r = cli("--ratio", "0.9", "--stats", str(demo_runs["white"]), "--out", str(tmp_path / "o"), "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
     assert m["allocation"]["config"] == "configs/demo-keep0.9.yaml"
     plan = load_plan(tmp_path / "configs" / "demo-keep0.9.yaml")
     assert [list(plan.ranks_for(t["layer"], t["projection"])) for t in m["tensors"]] == [t["ranks"] for t in m["tensors"]]
     assert (tmp_path / "configs" / "demo-keep0.9.yaml").read_text() == (tmp_path / "o" / "rank_plan.yaml").read_text()
+    lib = decompose_checkpoint(str(DEMO), tmp_path / "lib", ratio=0.9, stats=demo_runs["white"])
+    assert lib["allocation"]["config"] is None and lib["rank_plan"] == m["rank_plan"]
+    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == ["demo-keep0.9.yaml"]
 
 
 def test_statistics_are_reused_and_checked(demo_runs, tmp_path, monkeypatch):
@@ -430,16 +437,24 @@ def cli(*args: str):
         (("--ratio", "0.5", "--ranks", "16,64,32"), "exactly one"),
         (("--ratio", "0.5", "--calibration", "/no/such/text.txt"), "does not exist"),
         (("--ranks", "16,64,32", "--sequential"), "--sequential needs --calibration"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--damp", "0"), "--damp"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD damp: 0"), "method.damp 0"),
         (("--ratio", "0.5", "--expert-rank", "some"), "--expert-rank"),
         (("--ranks", "16,64,32", "--stats", "/no/such/stats"), "do not exist"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "both"), "--whitening 'both'"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "pooled", "--expert-hidden"), "--expert-hidden"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--als-iters", "-1"), "--als-iters -1"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD whitening: both"), "method.whitening 'both'"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD {whitening: pooled, expert_hidden: true}"),
+         "expert_hidden needs"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD als_iters: -1"), "method.als_iters -1"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--samples", "100000", "--seqlen", "512"), "fewer than"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, fragment):
+    """(``METHOD x: y``: a --config file whose method: section is ``x: y``.)"""
+    args = list(args)
+    for i, a in enumerate(args):
+        if a.startswith("METHOD "):
+            body = a.removeprefix("METHOD ")
+            (tmp_path / "m.yaml").write_text(f"method: {body}\n" if body.startswith("{") else f"method:\n  {body}\n")
+            args[i] = str(tmp_path / "m.yaml")
     assert_cli_error(cli(*args, "--out", str(tmp_path / "o")), fragment)
 
 
