@@ -27,11 +27,13 @@ class DecomposeProgress(RichProgress):
             super().advance(task, n, **info)
             return
         for name in info.get("damaged", []):
-            console.print(f"{info['out']}/{name} is unreadable; redoing the files it recorded")
+            console.print(f"{info['out']}/{name} is unreadable; redoing the files it recorded", soft_wrap=True,
+                          markup=False, highlight=False)
         where = f"continuing from layer {info['layer']}" if info.get("layer") is not None else "nothing left to redo"
         if info.get("layer") == -1:
             where = "continuing from the non-layer tensors"
-        console.print(f"resuming in {info['out']}: {n} of {self.resume_total} files kept from the earlier run; {where}")
+        console.print(f"resuming in {info['out']}: {n} of {self.resume_total} files kept from the earlier run; {where}",
+                      soft_wrap=True, markup=False, highlight=False)
 
     def finish(self, task: str) -> None:
         if task != "resume":
