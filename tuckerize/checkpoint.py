@@ -280,14 +280,20 @@ _WRITE_FIXES = {
 }
 
 
-def output_error(exc: OSError, path: Path | str) -> OutputError | None:
-    """The one-line error for an ``OSError`` raised while writing ``path``, or None when
-    it is not one a user can fix (a bug: re-raise it)."""
+#: Errors that only a write raises (the others may come from reading too).
+_WRITE_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def output_error(exc: OSError, path: Path | str | None = None) -> OutputError | None:
+    """The one-line error for an ``OSError`` raised while writing ``path`` (or, with no
+    ``path``, anywhere: the CLI's last resort), or None when it is not one a user can fix
+    (a bug: re-raise it)."""
     fix = _WRITE_FIXES.get(exc.errno or 0)
-    if fix is None:
+    if fix is None or (path is None and exc.filename is None):
         return None
     what, todo = fix
-    return OutputError(f"cannot write {exc.filename or path}: {what}; {todo}")
+    verb = "write" if path is not None or exc.errno in _WRITE_ONLY else "use"
+    return OutputError(f"cannot {verb} {exc.filename or path}: {what}; {todo}")
 
 
 @contextlib.contextmanager

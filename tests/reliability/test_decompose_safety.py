@@ -293,3 +293,22 @@ def test_cuda_error_names_device(qwen3_ckpt, tmp_path):
         pytest.skip("CUDA is available here")
     assert_cli_error(decompose(qwen3_ckpt, tmp_path / "out", "--device", "cuda"), "--device cpu")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- the shared writer, from shard
+
+
+def test_shard_gets_the_same_one_line_write_errors(reference, tmp_path, monkeypatch):
+    """Disk full and an unwritable --out in `tuckerize shard` (the writer is shared)."""
+    import tuckerize.checkpoint as checkpoint
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    r = CliRunner().invoke(app, ["shard", str(reference), "--tp", "2", "--out", str(tmp_path / "tp2")])
+    assert_cli_error(r, "no space left", "free some space", str(tmp_path))
+    monkeypatch.undo()
+    (tmp_path / "afile").write_text("x")
+    r = CliRunner().invoke(app, ["shard", str(reference), "--tp", "2", "--out", str(tmp_path / "afile" / "tp2")])
+    assert_cli_error(r, str(tmp_path / "afile"), "not a folder")
