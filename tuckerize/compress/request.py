@@ -103,6 +103,8 @@ class DecomposeRequest:
         check_expert_rank(self.expert_rank)
         if self.whiten_options is None:
             self.whiten_options = self.method.whiten_options()
+        else:  # given directly (library callers): the same ridge rule as method.damp
+            Method(damp=self.whiten_options.damp).check("whiten_options")
         if self.calibration is not None and self.calibration_text is None:
             from tuckerize.calibrate import read_calibration_text
 
