@@ -87,6 +87,7 @@ class OutputFolder:
         self.locked = False
         self.journal: dict[str, Any] = {}
         self.damaged: list[str] = []  # names of records that could not be read
+        self._checked: dict[tuple[str, int, str], bool] = {}
 
     # ------------------------------------------------------------------ claiming
     @contextlib.contextmanager
@@ -198,6 +199,7 @@ class OutputFolder:
     def previous(self) -> dict[str, Any] | None:
         """The journal, else the manifest, of an earlier run; a damaged one is noted in
         :attr:`damaged` and treated as absent (its files are redone)."""
+        self.damaged = []
         for name in (JOURNAL_NAME, MANIFEST_NAME):
             data, damaged = _read_json(self.path / name)
             if damaged:
@@ -244,11 +246,16 @@ class OutputFolder:
         self.progress.finish("resume")
 
     def verified(self, entry: dict[str, Any] | None) -> bool:
-        """A journal entry whose file is present with its recorded size and sha256."""
+        """A journal entry whose file is present with its recorded size and sha256 (each
+        file hashed once per run)."""
         if not entry:
             return False
-        path = self.path / entry["file"]
-        return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+        key = (entry["file"], entry["bytes"], entry["sha256"])
+        if key not in self._checked:
+            path = self.path / entry["file"]
+            self._checked[key] = (path.is_file() and path.stat().st_size == entry["bytes"]
+                                  and sha256_file(path) == entry["sha256"])
+        return self._checked[key]
 
     def record(self, filename: str, entry: dict[str, Any], *, save: bool = True) -> None:
         """Add a file to the journal, in the order of the run (written atomically unless
