@@ -13,7 +13,7 @@ the ranks::
                             # (null: 0.1 for expert, 1 for pooled)
       als_iters: 3          # alternation sweeps of whitening: expert
       expert_hidden: false  # expert with each expert's own hidden covariance (E x H x H)
-      alloc_damp: 10        # ridge of the spectra that --ratio/--params allocation compares
+      alloc_damp: null      # ridge of the spectra that --ratio/--params allocation compares (null: 10)
       refit_damp: 0.01      # ridge of the per-expert core refit (--refit)
       iters: 0              # HOOI sweeps after ST-HOSVD
       tol: 0.0001           # HOOI stopping tolerance
