@@ -234,5 +234,6 @@ def plan_params(plan: RankPlan, moe_layers: Sequence[int], shape: Sequence[int])
     return sum(tucker_params(shape, plan.ranks_for(L, p)) for L in moe_layers for p in PROJECTIONS)
 
 
-__all__ = ["allocate", "uniform_ranks", "expert_budget", "check_budget", "check_expert_rank", "plan_from_ranks", "plan_params", "tucker_params",
+__all__ = ["allocate", "uniform_ranks", "expert_budget", "check_budget", "check_expert_rank", "plan_from_ranks",
+           "plan_params", "tucker_params",
            "dense_params", "default_step"]

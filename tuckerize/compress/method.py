@@ -86,7 +86,8 @@ def method_from_dict(data: Any, source: str) -> Method:
     known = {f.name for f in fields(Method)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise CalibrationError(f"{source}: method setting {unknown[0]!r} is unknown; allowed: {', '.join(sorted(known))}")
+        raise CalibrationError(f"{source}: method setting {unknown[0]!r} is unknown; "
+                               f"allowed: {', '.join(sorted(known))}")
     method = dataclasses.replace(Method(), **dict(data))
     method.check(f"{source}: method")
     return method

@@ -92,7 +92,8 @@ class DecomposeRequest:
             raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the "
                                    "compressed layers)")
         if self.refit and self.calibration is None:
-            raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each layer)")
+            raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each "
+                                   "layer)")
         if self.sequential and not self.method.whiten:
             raise CalibrationError("--sequential only changes the whitening statistics; drop method.whiten: false "
                                    "or --sequential")

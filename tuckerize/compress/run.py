@@ -214,7 +214,8 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
     write_json(out / "config.json", tucker_config(source.config, spec, ranks))
     weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
     total_size = sum((out / e["file"]).stat().st_size for e in files.values())
-    write_json(out / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    write_json(out / INDEX_NAME,
+               {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     side_files = {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in written}
 
     manifest = build_manifest(
