@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tuckerize.errors import RankError
+from tuckerize.compress.method import Method, load_method
+from tuckerize.errors import RankError, TuckerizeError
 from tuckerize.ranks import (
     RankPlan,
     check_ranks,
@@ -244,7 +245,48 @@ def test_qwen3_30b_a3b_config_validates():
             assert E * r[0] + H * r[1] + I * r[2] + r[0] * r[1] * r[2] < E * H * I
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
+    """Each shipped config gives ranks, or (configs/method.yaml) the documented method defaults."""
     plan = load_plan(path)
-    assert plan.to_dict(), f"{path} defines no ranks"
+    if path.name == "method.yaml":
+        assert plan.empty
+        assert load_method(path) == Method()  # the file documents the defaults
+    else:
+        assert plan.to_dict(), f"{path} defines no ranks"
+        assert load_method(path) == Method()
+
+
+def test_method_section(tmp_path):
+    path = write(tmp_path, "ranks: [2, 3, 4]\nmethod:\n  whitening: pooled\n  damp: 0.5\n  iters: 2\n")
+    assert load_plan(path).default == (2, 3, 4)
+    m = load_method(path)
+    assert (m.whitening, m.damp, m.iters, m.als_iters) == ("pooled", 0.5, 2, Method().als_iters)
+    opts = m.whiten_options()
+    assert (opts.method, opts.damp) == ("pooled", 0.5)
+    assert load_method(None) == Method()
+
+
+@pytest.mark.parametrize("body, match", [
+    ("method:\n  damp: 0\n", "method.damp 0 must be a positive"),
+    ("method:\n  alloc_damp: -1\n", "method.alloc_damp -1 must be a positive"),
+    ("method:\n  whitening: both\n", "method.whitening 'both'"),
+    ("method:\n  als_iters: -1\n", "method.als_iters -1"),
+    ("method:\n  iters: -2\n", "method.iters -2"),
+    ("method:\n  whitening: pooled\n  expert_hidden: true\n", "expert_hidden needs"),
+    ("method:\n  damping: 1\n", "'damping' is unknown"),
+    ("method: [1, 2]\n", "must be a mapping"),
+])
+def test_method_section_errors(tmp_path, body, match):
+    path = write(tmp_path, body)
+    with pytest.raises(TuckerizeError, match=match) as info:
+        load_method(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_save_plan_is_inline_atomic_and_creates_its_folder(tmp_path):
+    plan = load_plan(write(tmp_path, PLAN_YAML))
+    out = tmp_path / "new" / "deeper" / "plan.yaml"
+    save_plan(plan, out)
+    assert out.is_file() and [p.name for p in out.parent.iterdir()] == ["plan.yaml"]  # no temporary file left
+    assert "ranks: [" in out.read_text()  # triples inline, as the shipped configs

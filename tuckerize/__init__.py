@@ -8,8 +8,11 @@ the functions that need them so that ``tuckerize --help`` stays instant.
 __version__ = "0.1.0"
 
 from tuckerize.errors import (  # noqa: E402
+    BackendError,
+    CalibrationError,
     InputError,
     OutputConflictError,
+    OutputError,
     RankError,
     ShardError,
     TuckerizeError,
@@ -23,5 +26,18 @@ __all__ = [
     "RankError",
     "UnsupportedArchitectureError",
     "OutputConflictError",
+    "OutputError",
     "ShardError",
+    "BackendError",
+    "CalibrationError",
+    "decompose_checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    """``tuckerize.decompose_checkpoint`` without importing the pipeline at ``import tuckerize``."""
+    if name == "decompose_checkpoint":
+        from tuckerize.compress import decompose_checkpoint
+
+        return decompose_checkpoint
+    raise AttributeError(f"module 'tuckerize' has no attribute {name!r}")

@@ -50,20 +50,57 @@ def dense_params(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+def check_expert_rank(mode: str) -> None:
+    if mode not in ("full", "auto"):
+        raise RankError(f"--expert-rank {mode} is not 'full' (r_E = number of experts) or 'auto'")
+
+
+def check_budget(ratio: float | None, params: int | None) -> None:
+    """The rule for ``--ratio``/``--params`` that needs no model: ratio in (0, 1], params >= 1."""
+    if ratio is not None and (not (0.0 < ratio <= 1.0) or math.isnan(ratio)):
+        raise RankError(f"--ratio {ratio} is outside (0, 1]; it is the fraction of expert parameters kept, e.g. 0.75")
+    if params is not None and params < 1:
+        raise RankError(f"--params {params} must be a positive number of routed-expert parameters to keep")
+
+
 def expert_budget(shape: Sequence[int], n_tensors: int, *, ratio: float | None = None,
-                  params: int | None = None) -> int:
-    """Parameters to keep over ``n_tensors`` stacked projections of ``shape``."""
+                  params: int | None = None, expert_rank: str = "full") -> int:
+    """Parameters to keep over ``n_tensors`` stacked projections of ``shape``; a budget
+    below the smallest ranks :func:`allocate` starts from is refused here, before any work."""
     total = dense_params(shape) * n_tensors
     if (ratio is None) == (params is None):
         raise RankError("give exactly one of --ratio (fraction of expert parameters kept) or --params N")
+    check_budget(ratio, params)
+    check_expert_rank(expert_rank)
     if ratio is not None:
-        if not (0.0 < ratio <= 1.0) or math.isnan(ratio):
-            raise RankError(f"--ratio {ratio} is outside (0, 1]; it is the fraction of expert parameters kept, e.g. 0.75")
-        return int(round(ratio * total))
-    assert params is not None
-    if not (0 < params <= total):
-        raise RankError(f"--params {params} is outside 1..{total:,} (the routed experts' parameter count)")
-    return int(params)
+        budget = int(round(ratio * total))
+    else:
+        assert params is not None
+        if params > total:
+            raise RankError(f"--params {params} is outside 1..{total:,} (the routed experts' parameter count)")
+        budget = int(params)
+    _check_fits(shape, n_tensors, budget, expert_rank)
+    return budget
+
+
+def _start_ranks(shape: Sequence[int], steps: Sequence[int], expert_rank: str) -> list[int]:
+    """The smallest ranks of the greedy: from (1, 1, 1) no single step would be useful
+    (r_n <= product of the others)."""
+    r = [min(max(2, steps[n]), shape[n]) for n in range(3)]
+    if expert_rank == "full":
+        r[0] = shape[0]
+    return r
+
+
+def _check_fits(shape: Sequence[int], n_tensors: int, budget: int, expert_rank: str,
+                steps: Sequence[int] | None = None) -> None:
+    steps = tuple(steps) if steps is not None else tuple(default_step(d) for d in shape)
+    used = n_tensors * tucker_params(shape, _start_ranks(shape, steps, expert_rank))
+    if used > budget:
+        raise RankError(
+            f"a budget of {budget:,} expert parameters is below the smallest ranks' {used:,}; "
+            "raise --ratio/--params" + (" or let the expert rank shrink" if expert_rank == "full" else "")
+        )
 
 
 def default_step(dim: int) -> int:
@@ -85,8 +122,7 @@ def allocate(
     steps: Sequence[int] | None = None,
 ) -> dict[Key, Ranks]:
     """Ranks per (layer, projection) with total parameters <= ``budget`` (see module docstring)."""
-    if expert_rank not in ("full", "auto"):
-        raise RankError(f"expert rank mode {expert_rank!r} is not 'full' or 'auto'")
+    check_expert_rank(expert_rank)
     if normalise not in ("relative", "absolute", "layer"):
         raise RankError(f"normalisation {normalise!r} is not 'relative', 'absolute' or 'layer'")
     shape = tuple(int(d) for d in shape)
@@ -110,19 +146,9 @@ def allocate(
         energy = max(tails[ref][n][0] for n in range(3))
         weight[k] = (1.0 / energy if energy > 0 else 0.0) if normalise in ("relative", "layer") else 1.0
 
-    ranks: dict[Key, list[int]] = {}
-    for k in keys:
-        # from (1, 1, 1) no single step would be useful (r_n <= product of the others)
-        r = [min(max(2, steps[n]), shape[n]) for n in range(3)]
-        if expert_rank == "full":
-            r[0] = shape[0]
-        ranks[k] = r
+    ranks: dict[Key, list[int]] = {k: _start_ranks(shape, steps, expert_rank) for k in keys}
+    _check_fits(shape, len(keys), budget, expert_rank, steps)
     used = sum(tucker_params(shape, r) for r in ranks.values())
-    if used > budget:
-        raise RankError(
-            f"a budget of {budget:,} expert parameters is below the smallest ranks' {used:,}; "
-            "raise --ratio/--params" + (" or let the expert rank shrink" if expert_rank == "full" else "")
-        )
     modes = (1, 2) if expert_rank == "full" else (0, 1, 2)
     version = {k: 0 for k in keys}
     heap: list[tuple[float, int, int, Key, int]] = []
@@ -204,8 +230,10 @@ def plan_from_ranks(ranks: Mapping[Key, Ranks], source: str = "allocated") -> Ra
 
 
 def plan_params(plan: RankPlan, moe_layers: Sequence[int], shape: Sequence[int]) -> int:
+    """Routed-expert parameters of ``plan`` over all MoE layers and projections."""
     return sum(tucker_params(shape, plan.ranks_for(L, p)) for L in moe_layers for p in PROJECTIONS)
 
 
-__all__ = ["allocate", "uniform_ranks", "expert_budget", "plan_from_ranks", "plan_params", "tucker_params",
+__all__ = ["allocate", "uniform_ranks", "expert_budget", "check_budget", "check_expert_rank", "plan_from_ranks",
+           "plan_params", "tucker_params",
            "dense_params", "default_step"]

@@ -4,15 +4,21 @@
   (huggingface_hub's ``snapshot_download`` with only the files a decomposition
   needs; it honours the HF cache, ``--revision`` and ``HF_HUB_OFFLINE``).
 * :class:`Checkpoint` reads ``model.safetensors.index.json`` or a single
-  safetensors file and hands out one tensor at a time through safetensors'
-  lazy (memory-mapped) access: nothing is read until asked for.
-* :func:`atomic_write` writes to a temporary name and renames when complete, so
-  an interrupted run never leaves a file that looks finished.
+  safetensors file and hands out one tensor at a time, each with a positioned
+  read of its own bytes: nothing is read until asked for.
+* Writing (the one writer every command uses): :func:`atomic_write` writes to a
+  temporary name (:func:`tmp_name`) and renames when complete, so an interrupted
+  run never leaves a file that looks finished; :func:`write_json`,
+  :func:`write_bytes`, :func:`copy_file` and :func:`save_safetensors` go through it.
+  An operating-system error while writing (disk full, read-only folder, a path
+  below a file, no permission) becomes one :class:`~tuckerize.errors.OutputError`
+  line naming the path and what to do (:func:`output_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from tuckerize.errors import InputError
+from tuckerize.errors import InputError, OutputError
 
 #: Files a decomposition needs from a hub repository.
 HUB_PATTERNS = (
@@ -261,26 +267,105 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+#: errno -> what to do about it, for :func:`output_error`.
+_WRITE_FIXES = {
+    errno.ENOSPC: ("no space left on the device", "free some space or choose another --out"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or choose another --out"),
+    errno.EROFS: ("the file system is read-only", "choose a writable --out"),
+    errno.EACCES: ("permission denied", "choose a folder you can write to with --out"),
+    errno.EPERM: ("operation not permitted", "choose a folder you can write to with --out"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "choose an --out below a folder"),
+    errno.EEXIST: ("a part of the path is a file, not a folder", "choose an --out below a folder"),
+    errno.EISDIR: ("it is a folder", "choose another --out"),
+}
+
+
+#: Errors that only a write raises (the others may come from reading too).
+_WRITE_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+
+
+def output_error(exc: OSError, path: Path | str | None = None) -> OutputError | None:
+    """The one-line error for an ``OSError`` raised while writing ``path`` (or, with no
+    ``path``, anywhere: the CLI's last resort), or None when it is not one a user can fix
+    (a bug: re-raise it)."""
+    fix = _WRITE_FIXES.get(exc.errno or 0)
+    if fix is None or (path is None and exc.filename is None):
+        return None
+    what, todo = fix
+    verb = "write" if path is not None or exc.errno in _WRITE_ONLY else "use"
+    return OutputError(f"cannot {verb} {exc.filename or path}: {what}; {todo}")
+
+
+@contextlib.contextmanager
+def output_errors(path: Path | str) -> Iterator[None]:
+    """Turn disk-full, read-only and not-a-folder errors of writes below ``path`` into one
+    :class:`~tuckerize.errors.OutputError` line."""
+    try:
+        yield
+    except OSError as exc:
+        mapped = output_error(exc, path)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
+#: ``.NAME.tmp-PID``: the temporary file of :func:`atomic_write` (and of every streaming
+#: writer of the package) while NAME is being written by process PID.
+TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+def tmp_name(path: Path) -> Path:
+    """The temporary path :func:`atomic_write` writes ``path`` under (matches :data:`TMP_RE`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` only on success."""
+    """Yield a temporary path next to ``path``; rename it to ``path`` only on success.
+
+    The temporary file is removed on any failure; an ``OSError`` a user can fix (disk
+    full, read-only folder, ``path`` below a file) becomes an
+    :class:`~tuckerize.errors.OutputError` naming the path.
+    """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = tmp_name(path)
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with output_errors(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def write_json(path: Path, data: Any) -> None:
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode())
+
+
+def copy_file(src: Path, path: Path) -> None:
+    """Copy ``src`` to ``path`` atomically."""
+    import shutil
+
     with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        shutil.copyfile(src, tmp)
 
 
 def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
+    """Serialise in memory, then write through :func:`atomic_write` (safetensors' own file
+    writer reports a full disk as its own error type, not as an ``OSError``)."""
+    from safetensors.torch import save
 
-    with atomic_write(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))

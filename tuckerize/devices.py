@@ -10,8 +10,9 @@ from tuckerize.errors import BackendError
 BACKENDS = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}
 
 
-def resolve_device(name: str, local_rank: int | None = None):
-    """A ``torch.device`` for ``cpu``, ``cuda[:N]`` or ``npu[:N]``, checked to exist."""
+def resolve_device(name: str, local_rank: int | None = None, flag: str = "--backend"):
+    """A ``torch.device`` for ``cpu``, ``cuda[:N]`` or ``npu[:N]``, checked to exist;
+    ``flag``: the command-line option the user chose it with, named in errors."""
     import torch
 
     kind, _, index = name.partition(":")
@@ -21,11 +22,11 @@ def resolve_device(name: str, local_rank: int | None = None):
         try:
             import torch_npu  # noqa: F401
         except ImportError:
-            raise BackendError("--backend npu needs torch_npu (Ascend); install torch_npu matching your torch") from None
+            raise BackendError(f"{flag} npu needs torch_npu (Ascend); install torch_npu matching your torch") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise BackendError("CUDA is not available to this torch build; use --backend cpu or install a CUDA torch")
+        raise BackendError(f"CUDA is not available to this torch build; use {flag} cpu or install a CUDA torch")
     if kind == "npu" and not torch.npu.is_available():  # type: ignore[attr-defined]
-        raise BackendError("no Ascend NPU is visible to torch_npu; check the driver or use --backend cpu")
+        raise BackendError(f"no Ascend NPU is visible to torch_npu; check the driver or use {flag} cpu")
     if kind == "cpu":
         return torch.device("cpu")
     if index:

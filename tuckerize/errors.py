@@ -29,6 +29,10 @@ class OutputConflictError(TuckerizeError):
     """The output folder exists and holds something this run must not overwrite."""
 
 
+class OutputError(TuckerizeError):
+    """An output path cannot be written: disk full, read-only, below a file, no permission."""
+
+
 class ShardError(TuckerizeError):
     """A shard set is inconsistent with the request (world size, files, checksums)."""
 

@@ -19,12 +19,13 @@ the same semantic axes for gate, up and down.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tuckerize.arch import FACTORS, PROJECTIONS, Architecture, MoESpec, moe_spec
-from tuckerize.checkpoint import INDEX_NAME, Checkpoint, load_config
+from tuckerize.checkpoint import Checkpoint, load_config
 from tuckerize.errors import InputError
 
 FORMAT_VERSION = 1
@@ -40,6 +41,11 @@ def factor_name(experts_prefix: str, projection: str, factor: str) -> str:
 
 def unit_file(unit: int, units: int) -> str:
     return f"model-{unit:05d}-of-{units:05d}.safetensors"
+
+
+def is_unit_file(name: str) -> bool:
+    """A name :func:`unit_file` gives."""
+    return re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None
 
 
 @dataclass
@@ -79,13 +85,7 @@ class TuckerCheckpoint:
     def layers(self) -> dict[int, dict[str, Any]]:
         return {int(k): v for k, v in self.config[CONFIG_KEY]["layers"].items()}
 
-    def ranks(self, layer: int, projection: str) -> tuple[int, int, int]:
-        return tuple(self.layers[layer][projection]["ranks"])  # type: ignore[return-value]
-
     def factors(self, layer: int, projection: str) -> dict[str, Any]:
         prefix = self.arch.experts_prefix(layer)
         return {f: self.tensors.get(factor_name(prefix, projection, f)) for f in FACTORS}
 
-
-def has_index(folder: Path) -> bool:
-    return (folder / INDEX_NAME).is_file()

@@ -12,6 +12,8 @@ Either one triple for everything (``--ranks 64,512,256``) or a YAML file::
         up: [32, 256, 128]
 
 More specific entries win: layer+projection, then layer, then projection, then default.
+The same file may hold a ``method:`` section (how to decompose, not which ranks; read by
+:mod:`tuckerize.compress.method`); a file with only that section gives no ranks.
 """
 
 from __future__ import annotations
@@ -81,6 +83,11 @@ class RankPlan:
     layer_projections: dict[tuple[int, str], Ranks] = field(default_factory=dict)
     source: str = "--ranks"
 
+    @property
+    def empty(self) -> bool:
+        """No ranks at all (a config file with only a ``method:`` section)."""
+        return self.default is None and not (self.projections or self.layers or self.layer_projections)
+
     def ranks_for(self, layer: int, projection: str) -> Ranks:
         for found in (
             self.layer_projections.get((layer, projection)),
@@ -138,9 +145,9 @@ def _ranges(layers: tuple[int, ...]) -> str:
 def plan_from_dict(data: Mapping[str, Any], source: str) -> RankPlan:
     if not isinstance(data, Mapping):
         raise RankError(f"{source} must be a mapping with a 'ranks:' entry")
-    unknown = set(data) - {"ranks", "projections", "layers", "description", "model"}
+    unknown = set(data) - {"ranks", "projections", "layers", "description", "model", "method"}
     if unknown:
-        raise RankError(f"{source} has unknown key {sorted(unknown)[0]!r}; allowed: ranks, projections, layers")
+        raise RankError(f"{source} has unknown key {sorted(unknown)[0]!r}; allowed: ranks, projections, layers, method")
     plan = RankPlan(source=source)
     if data.get("ranks") is not None:
         plan.default = parse_ranks(data["ranks"])
@@ -162,26 +169,41 @@ def plan_from_dict(data: Mapping[str, Any], source: str) -> RankPlan:
     return plan
 
 
-def load_plan(path: str | Path) -> RankPlan:
+def read_yaml(path: str | Path) -> Any:
+    """A rank config's YAML, parsed; a missing or invalid file is a one-line :class:`RankError`."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise RankError(f"rank config {path} does not exist; pass a YAML file such as configs/qwen3-30b-a3b.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" at line {line + 1}" if line is not None else ""
         raise RankError(f"rank config {path} is not valid YAML{where}; fix the file") from None
-    return plan_from_dict(data or {}, str(path))
+
+
+def load_plan(path: str | Path) -> RankPlan:
+    return plan_from_dict(read_yaml(path) or {}, str(path))
+
+
+def plan_text(plan: RankPlan, header: str = "") -> str:
+    """The YAML of a rank plan (inline triples), each ``header`` line as a comment above it."""
+    import yaml
+
+    return "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(
+        plan.to_dict(), sort_keys=False, default_flow_style=None)
 
 
 def save_plan(plan: RankPlan, path: str | Path, header: str = "") -> None:
-    import yaml
+    """Write :func:`plan_text` to ``path`` atomically (creating its folder)."""
+    from tuckerize.checkpoint import output_errors, write_text
 
-    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(plan.to_dict(), sort_keys=False)
-    Path(path).write_text(text)
+    path = Path(path)
+    with output_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, plan_text(plan, header))
 
 
 def uniform_plan(ranks: Ranks | str) -> RankPlan:

@@ -60,12 +60,19 @@ def test_allocated_plan_meets_budget_and_round_trips_through_config(demo_runs, t
 
 
 def test_default_config_path_under_configs(demo_runs, tmp_path, monkeypatch):
+    """The CLI keeps an allocated plan under configs/ of the working directory; the library
+    only returns it (manifest and out/rank_plan.yaml) unless asked where to save it."""
     monkeypatch.chdir(tmp_path)
-    m = decompose_checkpoint(str(DEMO), tmp_path / "o", ratio=0.9, stats=demo_runs["white"])
+    r = cli("--ratio", "0.9", "--stats", str(demo_runs["white"]), "--out", str(tmp_path / "o"), "--json")
+    assert r.exit_code == 0, r.output
+    m = json.loads(r.stdout)
     assert m["allocation"]["config"] == "configs/demo-keep0.9.yaml"
     plan = load_plan(tmp_path / "configs" / "demo-keep0.9.yaml")
     assert [list(plan.ranks_for(t["layer"], t["projection"])) for t in m["tensors"]] == [t["ranks"] for t in m["tensors"]]
     assert (tmp_path / "configs" / "demo-keep0.9.yaml").read_text() == (tmp_path / "o" / "rank_plan.yaml").read_text()
+    lib = decompose_checkpoint(str(DEMO), tmp_path / "lib", ratio=0.9, stats=demo_runs["white"])
+    assert lib["allocation"]["config"] is None and lib["rank_plan"] == m["rank_plan"]
+    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == ["demo-keep0.9.yaml"]
 
 
 def test_cli_allocates_from_saved_statistics(tmp_path, demo_runs):

@@ -21,16 +21,24 @@ from tuckerize.decompose.whiten import whitening
         (("--ratio", "0.5", "--ranks", "16,64,32"), "exactly one"),
         (("--ratio", "0.5", "--calibration", "/no/such/text.txt"), "does not exist"),
         (("--ranks", "16,64,32", "--sequential"), "--sequential needs --calibration"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--damp", "0"), "--damp"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD damp: 0"), "method.damp 0"),
         (("--ratio", "0.5", "--expert-rank", "some"), "--expert-rank"),
         (("--ranks", "16,64,32", "--stats", "/no/such/stats"), "do not exist"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "both"), "--whitening 'both'"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--whitening", "pooled", "--expert-hidden"), "--expert-hidden"),
-        (("--ranks", "16,64,32", "--calibration", "demo", "--als-iters", "-1"), "--als-iters -1"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD whitening: both"), "method.whitening 'both'"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD {whitening: pooled, expert_hidden: true}"),
+         "expert_hidden needs"),
+        (("--ranks", "16,64,32", "--calibration", "demo", "--config", "METHOD als_iters: -1"), "method.als_iters -1"),
         (("--ranks", "16,64,32", "--calibration", "demo", "--samples", "100000", "--seqlen", "512"), "fewer than"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, fragment):
+    """(``METHOD x: y``: a --config file whose method: section is ``x: y``.)"""
+    args = list(args)
+    for i, a in enumerate(args):
+        if a.startswith("METHOD "):
+            body = a.removeprefix("METHOD ")
+            (tmp_path / "m.yaml").write_text(f"method: {body}\n" if body.startswith("{") else f"method:\n  {body}\n")
+            args[i] = str(tmp_path / "m.yaml")
     assert_cli_error(cli(*args, "--out", str(tmp_path / "o")), fragment)
 
 

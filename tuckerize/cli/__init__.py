@@ -28,7 +28,9 @@ T = TypeVar("T")
 def run_or_exit(fn: Callable[[], T]) -> T:
     """Run a library call; turn a known error into one line on stderr and exit code 1.
 
-    ``TUCKERIZE_DEBUG=1`` re-raises it with the traceback.
+    ``TUCKERIZE_DEBUG=1`` re-raises it with the traceback. An ``OSError`` a user can fix
+    (disk full, read-only or unwritable path, a path below a file) that no library writer
+    mapped is one line too (:func:`tuckerize.checkpoint.output_error`).
     """
     try:
         return fn()
@@ -36,6 +38,14 @@ def run_or_exit(fn: Callable[[], T]) -> T:
         if os.environ.get("TUCKERIZE_DEBUG"):
             raise
         print(f"error: {exc}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        from tuckerize.checkpoint import output_error
+
+        mapped = output_error(exc)
+        if mapped is None or os.environ.get("TUCKERIZE_DEBUG"):
+            raise
+        print(f"error: {mapped}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)

@@ -13,56 +13,71 @@ from tuckerize.cli.ui import RichProgress, console, print_json
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder. Default: the embedded demo model.")]
 
 
+class DecomposeProgress(RichProgress):
+    """The progress bars, plus one line when an earlier run is continued."""
+
+    def start(self, task: str, total: int) -> None:
+        if task == "resume":
+            self.resume_total = total
+        else:
+            super().start(task, total)
+
+    def advance(self, task: str, n: int = 1, **info) -> None:
+        if task != "resume":
+            super().advance(task, n, **info)
+            return
+        for name in info.get("damaged", []):
+            console.print(f"{info['out']}/{name} is unreadable; redoing the files it recorded", soft_wrap=True,
+                          markup=False, highlight=False)
+        where = f"continuing from layer {info['layer']}" if info.get("layer") is not None else "nothing left to redo"
+        if info.get("layer") == -1:
+            where = "continuing from the non-layer tensors"
+        console.print(f"resuming in {info['out']}: {n} of {self.resume_total} files kept from the earlier run; {where}",
+                      soft_wrap=True, markup=False, highlight=False)
+
+    def finish(self, task: str) -> None:
+        if task != "resume":
+            super().finish(task)
+
+
 @app.command()
 def decompose(
     model: Model = "demo",
     ranks: Annotated[Optional[str], typer.Option(help="r_E,r_H,r_I for every MoE layer and projection, e.g. 64,512,256.")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML rank plan with per-layer/projection overrides (configs/).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <model>-tucker-<ranks>.")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
-    iters: Annotated[int, typer.Option(help="HOOI sweeps after ST-HOSVD (0: ST-HOSVD only).")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
-    overwrite: Annotated[bool, typer.Option(help="Start over in an existing output folder.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks are allocated per layer and projection.")] = None,
     params: Annotated[Optional[int], typer.Option(help="Routed-expert parameters to keep (instead of --ratio).")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="Calibration text: a text file, a folder of .txt files, a .jsonl with 'text', hf:DATASET[:CONFIG[:SPLIT]], or 'demo'. Enables whitened Tucker.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML with a rank plan (per-layer/projection ranks) and/or a 'method:' section of decomposition settings (configs/, README).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Calibration text: a text file, a folder of .txt files, a .jsonl with 'text', hf:DATASET[:CONFIG[:SPLIT]], or 'demo'. Enables weighted Tucker.")] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     stats: Annotated[Optional[Path], typer.Option(help="Reuse saved calibration statistics (calibration_stats.safetensors or the output folder holding it).")] = None,
-    whiten: Annotated[bool, typer.Option(help="Whiten by the calibration statistics (--no-whiten: plain Tucker, statistics used for allocation only).")] = True,
+    refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
     sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
     expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
-    whitening: Annotated[str, typer.Option(help="'expert': per-expert output weights on the intermediate side, alternating least squares (default); 'pooled': one whitening per mode, closed form.")] = "expert",
-    damp: Annotated[Optional[float], typer.Option(help="Ridge of the decomposition's weights, relative to each covariance's mean eigenvalue (default 0.1 expert, 1 pooled).")] = None,
-    als_iters: Annotated[int, typer.Option(help="Alternation sweeps of --whitening expert.")] = 3,
-    expert_hidden: Annotated[bool, typer.Option(help="--whitening expert with each expert's own hidden covariance (E x H x H per layer: small models).")] = False,
-    alloc_damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the spectra that --ratio/--params allocation compares (default 10).")] = None,
-    refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <model>-tucker-<ranks>.")] = None,
     save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Start over in an output folder written earlier by tuckerize (deletes only the files it recorded).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core."""
-    from tuckerize.compress import decompose_checkpoint
+    from tuckerize.compress import decompose_checkpoint, default_plan_path, load_method
     from tuckerize.demo import resolve_demo
 
     model_path = resolve_demo(model)
 
     def call():
-        from tuckerize.calibration.weights import WhitenOptions
-        from tuckerize.errors import CalibrationError
-
-        for name, value in (("--damp", damp), ("--alloc-damp", alloc_damp)):
-            if value is not None and not value > 0:
-                raise CalibrationError(f"{name} {value} must be positive (a ridge relative to the mean eigenvalue, e.g. 1)")
+        method = load_method(config)
+        plan_path = save_config if save_config is not None else default_plan_path(model_path, ratio, params)
         return decompose_checkpoint(
-            model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision, iters=iters,
+            model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
-            seqlen=seqlen, stats=stats, whiten=whiten, sequential=sequential, expert_rank=expert_rank,
-            whiten_options=WhitenOptions(method=whitening, damp=damp, iters=als_iters, expert_hidden=expert_hidden),
-            per_expert_stats=expert_hidden, save_config=save_config, alloc_damp=alloc_damp, refit=refit,
+            seqlen=seqlen, stats=stats, sequential=sequential, expert_rank=expert_rank, method=method,
+            per_expert_stats=method.expert_hidden, save_config=plan_path, refit=refit,
         )
 
-    with RichProgress(enabled=not json_out) as progress:
+    with DecomposeProgress(enabled=not json_out) as progress:
         manifest = run_or_exit(call)
     if json_out:
         print_json(manifest)

@@ -1,0 +1,105 @@
+"""The Tucker checkpoint's ``config.json`` section and ``tuckerize_manifest.json``, built
+from what a run recorded: pure functions, no files read or written here.
+
+The manifest holds provenance (source, its file checksums), the rank plan, the settings,
+per-tensor errors and parameter counts, ``files`` (each layer file's size, sha256,
+tensors and errors), ``written`` (every other file the run wrote) and ``side_files``
+(size and sha256 of each of those, tokenizer and generation config included).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from tuckerize import __version__
+from tuckerize.allocate import dense_params, tucker_params
+from tuckerize.arch import FACTORS, PROJECTIONS, MoESpec
+from tuckerize.format import CONFIG_KEY, FORMAT_VERSION
+
+
+def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
+    """``{"layer": {projection: [r_E, r_H, r_I]}}`` of every MoE layer."""
+    return {str(layer): {p: list(plan.ranks_for(layer, p)) for p in PROJECTIONS} for layer in spec.moe_layers}
+
+
+def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any]) -> dict[str, Any]:
+    """The output ``config.json``: the source's, plus the ``tucker`` section."""
+    E, H, I = spec.shape
+    out = dict(src_config)
+    out[CONFIG_KEY] = {
+        "format_version": FORMAT_VERSION,
+        "architecture": spec.arch.name,
+        "axes": "W[e, h, i] = sum core[a, b, c] U_E[e, a] U_H[h, b] U_I[i, c]; gate/up/down share (E, H, I)",
+        "factors": list(FACTORS),
+        "layers": {
+            str(layer): {p: {"ranks": ranks[str(layer)][p], "shape": [E, H, I]} for p in PROJECTIONS}
+            for layer in spec.moe_layers
+        },
+    }
+    return out
+
+
+def build_manifest(
+    *,
+    source,  # tuckerize.checkpoint.ModelSource
+    source_files: Mapping[str, str],
+    out: str,
+    spec: MoESpec,
+    plan,
+    settings: Mapping[str, Any],
+    fingerprint: Mapping[str, Any],
+    files: Mapping[str, Any],
+    model_params: int,
+    wall_seconds: float,
+    side_files: Mapping[str, Any],
+    calibration: Mapping[str, Any] | None = None,
+    allocation: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``files``: the journal's entries in unit order; ``model_params``: parameters of the
+    source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written."""
+    E, H, I = spec.shape
+    dense_expert = len(PROJECTIONS) * dense_params(spec.shape) * len(spec.moe_layers)
+    tucker_expert = 0
+    per_tensor = []
+    for entry in files.values():
+        for proj, info in entry["errors"].items():
+            count = tucker_params(spec.shape, info["ranks"])
+            tucker_expert += count
+            per_tensor.append({"layer": entry["layer"], "projection": proj, **info, "params": count})
+    per_tensor.sort(key=lambda d: (d["layer"], PROJECTIONS.index(d["projection"])))
+    model_after = model_params - dense_expert + tucker_expert
+    manifest: dict[str, Any] = {
+        "tool": "tuckerize",
+        "version": __version__,
+        "fingerprint": dict(fingerprint),
+        "source": {
+            "model": source.label,
+            "path": str(source.path),
+            "hub_id": source.hub_id,
+            "revision": source.revision,
+            "files_sha256": dict(source_files),
+        },
+        "out": out,
+        "architecture": spec.arch.name,
+        "moe": {"layers": list(spec.moe_layers), "experts": E, "top_k": spec.top_k, "hidden": H, "intermediate": I},
+        "rank_plan": plan.to_dict(),
+        "settings": dict(settings),
+        "tensors": per_tensor,
+        "params": {
+            "experts_before": dense_expert,
+            "experts_after": tucker_expert,
+            "experts_ratio": tucker_expert / dense_expert,
+            "model_before": model_params,
+            "model_after": model_after,
+            "model_ratio": model_after / model_params,
+        },
+        "files": dict(files),
+        "wall_seconds": wall_seconds,
+    }
+    if calibration is not None:
+        manifest["calibration"] = dict(calibration)
+    if allocation is not None:
+        manifest["allocation"] = dict(allocation)
+    manifest["written"] = sorted(side_files)
+    manifest["side_files"] = {name: dict(side_files[name]) for name in sorted(side_files)}
+    return manifest

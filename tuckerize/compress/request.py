@@ -1,0 +1,167 @@
+"""What a decomposition is asked to do, validated once before any work.
+
+:class:`DecomposeRequest` gathers the four choices of a run (ranks or a budget, the
+calibration, the weighting method, the output) and :meth:`DecomposeRequest.validate`
+checks every rule that needs no model, in one place: a bad flag fails before a hub
+download, a hash of the source or a calibration pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuckerize.compress.method import Method
+from tuckerize.errors import CalibrationError, RankError
+from tuckerize.ranks import RankPlan, load_plan, uniform_plan
+
+
+@dataclass
+class DecomposeRequest:
+    """Arguments of :func:`tuckerize.compress.decompose_checkpoint` (see its docstring)."""
+
+    model: str
+    out: Path | None = None
+    # ranks: exactly one of ranks / config (with ranks) / ratio / params
+    ranks: str | tuple[int, int, int] | None = None
+    config: Path | None = None
+    ratio: float | None = None
+    params: int | None = None
+    expert_rank: str = "full"
+    normalise: str = "relative"
+    save_config: Path | None = None
+    # calibration
+    calibration: str | None = None
+    samples: int = 128
+    seqlen: int = 512
+    stats: Path | None = None
+    sequential: bool = False
+    refit: bool = False
+    calibration_batch: int = 8
+    # weighting method
+    method: Method = field(default_factory=Method)
+    whiten_options: Any = None  # tuckerize.calibration.weights.WhitenOptions
+    per_expert_stats: bool = False
+    # where
+    revision: str | None = None
+    device: str = "cpu"
+    overwrite: bool = False
+    # filled by validate()
+    plan: RankPlan | None = None
+    calibration_text: tuple[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def calibrated(self) -> bool:
+        """Statistics are used (collected from text or loaded)."""
+        return self.calibration is not None or self.stats is not None
+
+    @property
+    def whitening_on(self) -> bool:
+        return self.calibrated and self.method.whiten
+
+    @property
+    def budget_tag(self) -> str | None:
+        """``keep0.75`` / ``params500000`` for a budget, else None (names default paths)."""
+        if self.ratio is not None:
+            return f"keep{self.ratio:g}"
+        if self.params is not None:
+            return f"params{self.params}"
+        return None
+
+    def validate(self) -> "DecomposeRequest":
+        """Check every rule that needs no model; load the rank plan and the calibration text
+        (a missing file fails here, before any work). Returns self."""
+        from tuckerize.allocate import check_budget, check_expert_rank
+
+        plan = None
+        if self.config is not None:
+            plan = load_plan(self.config)
+            if plan.empty:  # a config with only a method: section
+                plan = None
+        given = sum(x is not None for x in (self.ranks, plan, self.ratio, self.params))
+        if given != 1:
+            raise RankError("give exactly one of --ranks r_E,r_H,r_I, --config FILE.yaml (with ranks), "
+                            "--ratio F or --params N")
+        if self.ranks is not None:
+            plan = uniform_plan(self.ranks)
+        self.plan = plan
+        self.method.check()
+        if self.sequential and self.calibration is None:
+            raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the "
+                                   "compressed layers)")
+        if self.refit and self.calibration is None:
+            raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each "
+                                   "layer)")
+        if self.sequential and not self.method.whiten:
+            raise CalibrationError("--sequential only changes the whitening statistics; drop method.whiten: false "
+                                   "or --sequential")
+        if self.calibration is not None and (self.samples < 1 or self.seqlen < 2):
+            raise CalibrationError(f"--samples {self.samples} --seqlen {self.seqlen}: need at least 1 sample of at "
+                                   "least 2 tokens")
+        check_budget(self.ratio, self.params)
+        check_expert_rank(self.expert_rank)
+        if self.whiten_options is None:
+            self.whiten_options = self.method.whiten_options()
+        else:  # given directly (library callers): the same ridge rule as method.damp
+            Method(damp=self.whiten_options.damp).check("whiten_options")
+        if self.calibration is not None and self.calibration_text is None:
+            from tuckerize.text import read_text
+
+            self.calibration_text = read_text(self.calibration, "calibration")
+        return self
+
+    def settings(self) -> dict[str, Any]:
+        """The decomposition settings recorded in the fingerprint and the manifest."""
+        iters = self.method.iters
+        settings = {
+            "algorithm": "st-hosvd" + ("+hooi" if iters else ""),
+            "mode_order": "cheapest",
+            "hooi_iters": iters,
+            "hooi_tol": self.method.tol,
+            "compute_dtype": "float32",
+            "eigensolver": "float64 symmetric (Gram matrices)",
+            "factor_dtype": "float32",
+        }
+        if self.whitening_on:
+            settings["algorithm"] = ("whitened-" + settings["algorithm"]
+                                     + ("+expert-als" if self.whiten_options.method == "expert" else ""))
+        return settings
+
+
+def model_stem(model: str) -> str:
+    """A file-name-safe name of a model: a folder's name, or a hub id with ``/`` as ``--``."""
+    return re.sub(r"[^\w.\-]+", "-", Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--"))
+
+
+def default_out(model: str, plan: RankPlan | None, tag: str | None = None) -> Path:
+    """``<model>-tucker-<ranks | plan file stem | budget tag>`` in the working directory."""
+    stem = model_stem(model)
+    if plan is None:
+        return Path(f"{stem}-tucker-{tag}")
+    if plan.default is not None and not plan.projections and not plan.layers and not plan.layer_projections:
+        tag = "-".join(map(str, plan.default))
+    else:
+        tag = Path(plan.source).stem if plan.source != "--ranks" else "custom"
+    return Path(f"{stem}-tucker-{tag}")
+
+
+def plan_stem(model: str) -> str:
+    """Name of an allocated rank plan: ``demo``/``demo-mixtral`` for the embedded demo
+    models (whose folders are called model/ and mixtral/), else the model's name."""
+    from tuckerize.demo import DEMO_DIR
+
+    p = Path(model).resolve()
+    if p == DEMO_DIR.resolve():
+        return "demo"
+    if p.parent == DEMO_DIR.parent.resolve():
+        return f"demo-{p.name}"
+    return model_stem(model)
+
+
+def default_plan_path(model: str, ratio: float | None, params: int | None) -> Path | None:
+    """Where the CLI keeps an allocated plan: ``configs/<model>-keep<ratio>.yaml`` (or
+    ``-params<N>``) in the working directory; None without a budget."""
+    tag = DecomposeRequest(model=model, ratio=ratio, params=params).budget_tag
+    return None if tag is None else Path("configs") / f"{plan_stem(model)}-{tag}.yaml"

@@ -1,0 +1,229 @@
+""":func:`decompose_checkpoint`: the run, start to end, as a sequence of named steps.
+
+request validated -> source opened and hashed -> output folder claimed (lock, cleanup,
+conflicts) -> calibration statistics -> ranks (given, or allocated to the budget) ->
+journal started (resume) -> per-layer pipeline (:mod:`tuckerize.compress.stages`) ->
+config, index and side files -> manifest (:mod:`tuckerize.compress.manifest`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, copy_file, sha256_file, write_json
+from tuckerize.compress.method import DEFAULT_ITERS, Method
+from tuckerize.compress.output import PLAN_NAME, OutputFolder
+from tuckerize.compress.request import DecomposeRequest, default_out
+from tuckerize.format import FORMAT_VERSION
+from tuckerize.progress import Progress, ensure
+
+
+def decompose_checkpoint(
+    model: str,
+    out: str | Path | None = None,
+    *,
+    ranks: str | tuple[int, int, int] | None = None,
+    config: str | Path | None = None,
+    ratio: float | None = None,
+    params: int | None = None,
+    revision: str | None = None,
+    iters: int = DEFAULT_ITERS,
+    tol: float = 1e-4,
+    device: str = "cpu",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    calibration: str | None = None,
+    samples: int = 128,
+    seqlen: int = 512,
+    stats: str | Path | None = None,
+    whiten: bool = True,
+    whiten_options: Any = None,
+    sequential: bool = False,
+    expert_rank: str = "full",
+    normalise: str = "relative",
+    save_config: str | Path | None = None,
+    per_expert_stats: bool = False,
+    calibration_batch: int = 8,
+    refit: bool = False,
+    alloc_damp: float | None = None,
+    refit_damp: float = 1e-2,
+    method: Method | None = None,
+) -> dict[str, Any]:
+    """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
+
+    Parameters
+    ----------
+    model : hub id or local folder of a Hugging Face MoE checkpoint.
+    out : output folder (default: ``<model>-tucker-<ranks>`` in the working directory).
+    ranks : ``"r_E,r_H,r_I"`` for every layer and projection, or
+    config : a YAML rank plan (see :mod:`tuckerize.ranks`), or
+    ratio : fraction of the routed experts' parameters to keep, or
+    params : number of routed-expert parameters to keep; with ``ratio``/``params`` the
+        ranks are allocated per layer and projection (:mod:`tuckerize.allocate`), written
+        to ``out/rank_plan.yaml`` and returned in the manifest (``rank_plan``); also
+        written to ``save_config`` when given.
+    device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
+    calibration : calibration text (see :func:`tuckerize.text.read_text`);
+        with it, ``samples`` windows of ``seqlen`` tokens are run through the model one
+        layer at a time and each projection is decomposed weighted by its statistics.
+    stats : saved statistics (``calibration_stats.safetensors`` or its folder) to use
+        instead of collecting them; statistics found in ``out`` with matching settings
+        are reused too.
+    sequential : feed each layer the hidden states of the already compressed layers.
+    refit : refit each expert's core to its own routed calibration data (needs
+        ``calibration``; only where r_E = E).
+    method : the research settings (:class:`tuckerize.compress.method.Method`, the
+        ``method:`` section of a config YAML). Without it they come from ``whiten``,
+        ``whiten_options`` (:class:`tuckerize.calibration.weights.WhitenOptions`), ``iters``/``tol``
+        (HOOI sweeps after ST-HOSVD), ``alloc_damp`` and ``refit_damp``;
+        ``per_expert_stats`` also collects each expert's hidden covariance.
+
+    Returns the manifest (also written to ``out/tuckerize_manifest.json``). Progress:
+    tasks ``hash``, ``calibrate``, ``allocate``, ``decompose`` and, when an earlier run is
+    continued, ``resume`` (see :meth:`tuckerize.compress.output.OutputFolder.resume`).
+    """
+    if method is None:
+        method = Method(whiten=whiten, iters=iters, tol=tol, alloc_damp=alloc_damp, refit_damp=refit_damp)
+    elif whiten_options is None:
+        per_expert_stats = per_expert_stats or method.expert_hidden
+    request = DecomposeRequest(
+        model=model, out=Path(out) if out is not None else None, ranks=ranks,
+        config=Path(config) if config is not None else None, ratio=ratio, params=params, expert_rank=expert_rank,
+        normalise=normalise, save_config=Path(save_config) if save_config is not None else None,
+        calibration=calibration, samples=samples, seqlen=seqlen, stats=Path(stats) if stats is not None else None,
+        sequential=sequential, refit=refit, calibration_batch=calibration_batch, method=method,
+        whiten_options=whiten_options, per_expert_stats=per_expert_stats, revision=revision, device=device,
+        overwrite=overwrite,
+    )
+    return run(request, progress)
+
+
+def run(request: DecomposeRequest, progress: Progress | None = None) -> dict[str, Any]:
+    """Carry out a :class:`DecomposeRequest` (validated here)."""
+    from tuckerize.compress.source import SourceModel
+    from tuckerize.devices import resolve_device
+
+    started = time.time()
+    progress = ensure(progress)
+    request.validate()
+    dev = resolve_device(request.device, flag="--device")
+    # Calibration runs where float64 accumulation is available: CUDA, else the CPU.
+    cal_device = dev if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
+
+    source = SourceModel.open(request.model, request.revision)
+    spec = source.spec
+    plan = request.plan
+    if plan is not None:
+        plan.check(spec.moe_layers, spec.shape)
+    budget = None
+    if plan is None:
+        from tuckerize.allocate import expert_budget
+
+        budget = expert_budget(spec.shape, source.n_tensors, ratio=request.ratio, params=request.params,
+                               expert_rank=request.expert_rank)
+    source_files = source.hash_files(progress)
+    settings = request.settings()
+    out = request.out if request.out is not None else default_out(request.model, plan, request.budget_tag)
+    folder = OutputFolder(out, progress)
+    try:
+        with folder.claim(request.overwrite):
+            return _decompose(request, source, source_files, settings, folder, progress, dev, cal_device,
+                              budget, started)
+    finally:
+        source.ckpt.close()
+
+
+def _decompose(request, source, source_files, settings, folder: OutputFolder, progress, dev, cal_device,
+               budget, started) -> dict[str, Any]:
+    from tuckerize.compress.manifest import build_manifest, layer_ranks, tucker_config
+    from tuckerize.compress.stages import LayerPipeline, choose_strategy
+    from tuckerize.ranks import plan_text, save_plan
+
+    out, spec, plan = folder.path, source.spec, request.plan
+    previous = None if request.overwrite else folder.previous()
+    if previous is not None:  # before spending time on calibration
+        fp = previous.get("fingerprint") or {}
+        if (fp.get("source_files") != source_files or fp.get("settings") != settings
+                or bool(fp.get("calibration")) != request.calibrated
+                or (fp.get("calibration") or {}).get("sequential", False) != request.sequential):
+            raise folder.conflict()
+
+    cal = None
+    if request.calibrated:
+        from tuckerize.compress.statistics import prepare_statistics
+
+        cal = prepare_statistics(request, source, source_files, out, progress, cal_device,
+                                 need_dense=not request.sequential or plan is None)
+
+    allocation = None
+    if plan is None:
+        from tuckerize.compress.allocation import allocate_plan
+
+        allocation = allocate_plan(request, source, budget, cal.stats if cal else None,
+                                   cal.settings if cal else None, progress, dev)
+        plan = allocation.plan
+        if request.save_config is not None:
+            save_plan(plan, request.save_config, allocation.header)
+
+    ranks = layer_ranks(plan, spec)
+    fingerprint: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "source_files": source_files,
+        "ranks": ranks,
+        "settings": settings,
+    }
+    if cal is not None:
+        fingerprint["calibration"] = {
+            "settings": cal.settings.key() if cal.settings is not None else None,
+            "whitening": cal.info["whitening"],
+            "sequential": request.sequential,
+        }
+        if request.refit:
+            fingerprint["calibration"]["refit"] = request.method.refit_damp
+    side = [n for n in SIDE_FILES if (source.source.path / n).is_file()]
+    written = ["config.json", INDEX_NAME, *side] + ([PLAN_NAME] if allocation is not None else [])
+    done = folder.start(fingerprint, written)
+    folder.resume(source.units(), done)
+    if allocation is not None:
+        from tuckerize.checkpoint import write_text
+
+        write_text(out / PLAN_NAME, plan_text(plan, allocation.header))
+
+    runner = None
+    if request.sequential or request.refit:
+        from tuckerize.runtime.layerwise import LayerwiseRunner
+        from tuckerize.runtime.loader import TensorSource
+
+        runner = LayerwiseRunner(TensorSource.open(source.source.path), cal.tokens,
+                                 batch_size=request.calibration_batch, device=cal_device)
+    pipeline = LayerPipeline(
+        source=source, plan=plan, folder=folder, progress=progress, device=dev, runner=runner,
+        strategy=choose_strategy(request.whitening_on, request.whiten_options, request.method.iters,
+                                 request.method.tol),
+        cal_stats=cal.stats if cal is not None else None, whitening_on=request.whitening_on,
+        sequential=request.sequential, refit=request.refit, refit_damp=request.method.refit_damp,
+        per_expert_stats=request.per_expert_stats,
+    )
+    pipeline.run(done)
+    files = folder.journal["files"]
+
+    for name in side:
+        copy_file(source.source.path / name, out / name)
+    write_json(out / "config.json", tucker_config(source.config, spec, ranks))
+    weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
+    total_size = sum((out / e["file"]).stat().st_size for e in files.values())
+    write_json(out / INDEX_NAME,
+               {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
+    side_files = {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in written}
+
+    manifest = build_manifest(
+        source=source.source, source_files=source_files, out=str(out.resolve()), spec=spec, plan=plan,
+        settings=settings, fingerprint=fingerprint, files=files, model_params=source.total_params(),
+        wall_seconds=round(time.time() - started, 3), side_files=side_files,
+        calibration=cal.info if cal is not None else None,
+        allocation=allocation.info if allocation is not None else None,
+    )
+    folder.finish(manifest)
+    return manifest
