@@ -413,3 +413,18 @@ def test_architectures_without_native_model_split_only_factors(arch, tucker_fact
             else:
                 a, b = splits[name]["ranges"][r]
                 assert torch.equal(got[name], t.narrow(splits[name]["axis"], a, b - a)), name
+
+
+def test_layering_shard_imports_neither_torch_nn_nor_runtime():
+    """The offline sharder and the bottom layer load without torch.nn or the runtime
+    (the writer asks the runtime's layers only when it runs); the documented import
+    ``from tuckerize.runtime import TuckerExperts`` works."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tuckerize.shard, tuckerize.parallel; "
+            "print(sorted(m for m in ('torch', 'torch.nn', 'tuckerize.runtime') if m in sys.modules)); "
+            "from tuckerize.runtime import TuckerExperts; from tuckerize.runtime.tucker_experts import TuckerExperts as T; "
+            "print(TuckerExperts is T)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True"], out
