@@ -18,6 +18,7 @@ def shard(
     layout: Annotated[str, typer.Option(help="intermediate (U_I rows split) or expert (experts split).")] = "intermediate",
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <tucker>-tp<N>-<layout>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the source's sha256 check (sizes are still checked).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the shard manifest as JSON.")] = False,
 ) -> None:
     """Write one safetensors set per rank holding only that rank's slices."""
@@ -25,7 +26,9 @@ def shard(
 
     with RichProgress(enabled=not json_out) as progress:
         manifest = run_or_exit(
-            lambda: shard_checkpoint(tucker, tp, layout=layout, out=out, overwrite=overwrite, progress=progress)
+            lambda: shard_checkpoint(tucker, tp, layout=layout, out=out, overwrite=overwrite,
+                                     verify=not no_verify, progress=progress),
+            interrupted="interrupted; no shard set was written: rerun the command",
         )
     if json_out:
         print_json(manifest)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tuckerize import __version__
-from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
 from tuckerize.progress import Progress, ensure
@@ -44,13 +44,18 @@ def shard_checkpoint(
     layout: str = "intermediate",
     out: str | Path | None = None,
     overwrite: bool = False,
+    verify: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Write one safetensors set per rank holding only that rank's slices; returns the manifest."""
+    """Write one safetensors set per rank holding only that rank's slices; returns the manifest.
+    The source is checked against its manifest's sha256s first (``verify=False``: sizes only)."""
     progress = ensure(progress)
     if layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     src = TuckerCheckpoint.open(tucker)
+    from tuckerize.integrity import verify_checkpoint
+
+    verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
     if out.exists():
@@ -132,9 +137,10 @@ class ShardSet:
         path = folder / SHARD_MANIFEST
         if not path.is_file():
             raise ShardError(f"{folder} has no {SHARD_MANIFEST}: not a finished shard set; run `tuckerize shard` again")
-        manifest = json.loads(path.read_text())
-        config = json.loads((folder / "config.json").read_text())
-        return cls(folder=folder, manifest=manifest, config=config)
+        from tuckerize.integrity import check_shard_manifest
+
+        manifest = check_shard_manifest(path)
+        return cls(folder=folder, manifest=manifest, config=load_config(folder))
 
     @property
     def tp(self) -> int:
@@ -153,10 +159,7 @@ class ShardSet:
             )
         entry = self.manifest["ranks"][rank]
         folder = self.folder / entry["dir"]
-        for filename, info in entry["files"].items():
-            path = folder / filename
-            if not path.is_file():
-                raise ShardError(f"shard file {path} is missing; run `tuckerize shard` again")
-            if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
-                raise ShardError(f"shard file {path} is corrupted (checksum mismatch); run `tuckerize shard` again")
+        from tuckerize.integrity import verify_shard_rank
+
+        verify_shard_rank(self.folder, entry, verify=verify)
         return folder
