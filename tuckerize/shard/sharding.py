@@ -16,7 +16,6 @@ The source is read one unit (decoder layer) at a time.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
