@@ -151,14 +151,19 @@ def load_cached_baseline(path: Path, n_windows: int, seqlen: int, topk: int) -> 
     """A baseline cached by :func:`save_cached_baseline`, or None when it is absent, truncated,
     corrupt or of other shapes (then it is recomputed and written again). Never unpickles:
     safetensors tensors plus a JSON object in the file's metadata."""
-    from safetensors import safe_open
+    from safetensors.torch import load
+
+    from tuckerize.checkpoint import read_header
 
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})["tuckerize_baseline"])
-            base = {k: f.get_tensor(k) for k in _CACHE_TENSORS}
+        read_header(path)  # validated first: a damaged header is a miss, not a crash
+        blob = path.read_bytes()  # read whole, not memory-mapped: a file truncated later cannot fault
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(json.loads(blob[8:8 + n])["__metadata__"]["tuckerize_baseline"])
+        tensors = load(blob)
+        base = {k: tensors[k] for k in _CACHE_TENSORS}
         seconds, vocab = float(meta["seconds"]), int(meta["vocab"])
     except Exception:  # safetensors raises its own error types for a damaged file
         return None
