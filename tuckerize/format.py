@@ -18,7 +18,6 @@ the same semantic axes for gate, up and down.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +63,10 @@ class TuckerCheckpoint:
         config = load_config(folder)
         if CONFIG_KEY not in config:
             raise InputError(f"{folder}/config.json has no '{CONFIG_KEY}' section; rerun `tuckerize decompose`")
-        return cls(folder=folder, config=config, tensors=Checkpoint.open(folder),
-                   manifest=json.loads(manifest_path.read_text()))
+        from tuckerize.integrity import load_manifest
+
+        manifest = load_manifest(manifest_path, "rerun `tuckerize decompose`")
+        return cls(folder=folder, config=config, tensors=Checkpoint.open(folder), manifest=manifest)
 
     @property
     def spec(self) -> MoESpec:

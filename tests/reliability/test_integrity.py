@@ -131,3 +131,17 @@ def cli_runner():
     from tuckerize.cli import app
 
     return lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", ["shard", "eval"])
+def test_damaged_tucker_manifest_one_line(tiny, work_copy, cli_runner, tmp_path, command):
+    folder = work_copy(tiny["tucker"], "tucker")
+    path = folder / "tuckerize_manifest.json"
+    path.write_bytes(path.read_bytes()[:200])
+    before = snapshot(tmp_path)
+    args = (["shard", folder, "--tp", 2, "--out", tmp_path / "s"] if command == "shard" else
+            ["eval", "--model", folder, "--baseline", tiny["src"], "--text", tiny["text"], "--seqlen", 32])
+    result = cli_runner(*args)
+    assert result.exit_code == 1 and result.stdout == ""
+    one_line(result.stderr, str(path), "damaged", "tuckerize decompose")
+    assert snapshot(tmp_path) == before
