@@ -9,7 +9,7 @@ import json
 import pytest
 
 from reliab_helpers import *  # noqa: F401,F403
-from reliab_helpers import in_process, one_line, run_cli, snapshot
+from reliab_helpers import in_process, snapshot
 
 FAST = ["--seqlen", "32", "--max-windows", "2", "--layer-tokens", "8"]
 
@@ -68,15 +68,12 @@ def test_baseline_with_other_vocabulary(tiny, cli):
                f"--baseline {tiny['vocab80']} has vocabulary size 80", "has 64", "cannot be compared")
 
 
-def test_missing_baseline_path_and_offline_hub_id(tiny, tmp_path):
-    proc = run_cli("eval", "--model", tiny["tucker"], "--baseline", tmp_path / "no-such-model", "--text", tiny["text"],
-                   cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stdout == ""
-    one_line(proc.stderr, "baseline folder", str(tmp_path / "no-such-model"), "does not exist")
-    proc = run_cli("eval", "--model", tiny["tucker"], "--baseline", "nobody/no-such-model", "--text", tiny["text"],
-                   cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
-    assert proc.returncode == 1 and proc.stdout == ""
-    one_line(proc.stderr, "nobody/no-such-model", "not in the Hugging Face cache", "hf download")
+def test_missing_baseline_path_and_offline_hub_id(tiny, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    in_process(cli("eval", "--model", tiny["tucker"], "--baseline", tmp_path / "no-such-model", "--text",
+                   tiny["text"]), "baseline folder", str(tmp_path / "no-such-model"), "does not exist")
+    in_process(cli("eval", "--model", tiny["tucker"], "--baseline", "nobody/no-such-model", "--text", tiny["text"]),
+               "nobody/no-such-model", "not in the Hugging Face cache", "hf download")
 
 
 def test_cache_is_safetensors_and_damage_is_recomputed(tiny, cli, cache, tmp_path):

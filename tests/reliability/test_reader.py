@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from reliab_helpers import *  # noqa: F401,F403
-from reliab_helpers import one_line, run_cli, snapshot
+from reliab_helpers import in_process, one_line, run_cli, snapshot
 from tuckerize.checkpoint import Checkpoint, read_header
 from tuckerize.errors import InputError
 
@@ -75,7 +75,7 @@ def test_list_header_in_baseline_one_line(tiny, work_copy, tmp_path):
     assert snapshot(src) == before
 
 
-def test_shape_mismatch_in_tucker_file_one_line(tiny, work_copy, tmp_path):
+def test_shape_mismatch_in_tucker_file_one_line(tiny, work_copy, tmp_path, monkeypatch):
     """A Tucker unit file whose header claims a larger shape than its byte range (checked with
     --no-verify, so that the reader, not the checksum, is what catches it)."""
     folder = work_copy(tiny["tucker"], "tucker")
@@ -88,7 +88,12 @@ def test_shape_mismatch_in_tucker_file_one_line(tiny, work_copy, tmp_path):
         return h
 
     _rewrite_header(path, grow)
-    proc = run_cli("eval", "--model", folder, "--baseline", tiny["src"], "--text", tiny["text"], "--seqlen", 32,
-                   "--max-windows", 1, "--no-verify", "--no-cache", cwd=tmp_path)
-    assert proc.returncode == 1 and proc.stdout == ""
-    one_line(proc.stderr, str(path), name, "byte range", "download or write it again")
+    from typer.testing import CliRunner
+
+    from tuckerize.cli import app
+
+    monkeypatch.setenv("TUCKERIZE_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, [str(a) for a in ("eval", "--model", folder, "--baseline", tiny["src"], "--text",
+                                                       tiny["text"], "--seqlen", 32, "--max-windows", 1,
+                                                       "--no-verify", "--no-cache")], catch_exceptions=False)
+    in_process(result, str(path), name, "byte range", "download or write it again")
