@@ -78,15 +78,17 @@ def _looks_like_path(text: str) -> bool:
     return text.startswith((".", "/", "~")) or text.count("/") > 1
 
 
-def resolve_model(model: str, revision: str | None = None) -> ModelSource:
-    """A local folder as is, or a hub id resolved through the Hugging Face cache."""
+def resolve_model(model: str, revision: str | None = None, flag: str = "--model") -> ModelSource:
+    """A local folder as is, or a hub id resolved through the Hugging Face cache.
+
+    ``flag`` is the option the user passed it with, for the error messages."""
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelSource(path=path.resolve())
     if path.exists():
-        raise InputError(f"--model {model} is a file; pass the folder that holds config.json and the safetensors")
+        raise InputError(f"{flag} {model} is a file; pass the folder that holds config.json and the safetensors")
     if _looks_like_path(model) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model):
-        raise InputError(f"model folder {model} does not exist; pass an existing folder or a hub id like Qwen/Qwen3-30B-A3B")
+        raise InputError(f"{flag.lstrip('-')} folder {model} does not exist; pass an existing folder or a hub id like Qwen/Qwen3-30B-A3B")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -116,9 +118,13 @@ def load_config(folder: Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"{folder} has no config.json; pass a Hugging Face model folder")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path} is not valid JSON (line {exc.lineno}); restore the file") from None
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise InputError(f"{path} is not valid JSON{where}; restore the file") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a JSON object; restore the file")
+    return config
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -144,8 +150,21 @@ class _Entry:
     stop: int
 
 
+#: Bytes per element of each safetensors dtype (the header's byte ranges must agree).
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+
+
 def read_header(path: Path) -> dict[str, _Entry]:
-    """Parse a safetensors header; an error naming the file if it is truncated or corrupt."""
+    """Parse and validate a safetensors header; an error naming the file if it is truncated or corrupt.
+
+    Checked: the header is a JSON object of entries ``{"dtype": str, "shape": [int, ...],
+    "data_offsets": [start, stop]}``, each byte range lies inside the file and holds exactly
+    ``prod(shape) * itemsize(dtype)`` bytes.
+    """
+    fix = "download or write it again"
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -157,16 +176,34 @@ def read_header(path: Path) -> dict[str, _Entry]:
                 raise ValueError("header runs past the end of the file")
             header = json.loads(f.read(n))
     except (OSError, ValueError) as exc:
-        raise InputError(f"safetensors file {path} is truncated or corrupt ({exc}); download it again") from None
+        raise InputError(f"safetensors file {path} is truncated or corrupt ({exc}); {fix}") from None
+    if not isinstance(header, dict):
+        raise InputError(f"safetensors file {path} has a corrupt header (a JSON {type(header).__name__}, "
+                         f"not an object); {fix}")
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        a, b = info["data_offsets"]
-        entries[name] = _Entry(info["dtype"], list(info["shape"]), 8 + n + a, 8 + n + b)
+        try:
+            dtype, shape, (a, b) = info["dtype"], info["shape"], info["data_offsets"]
+            if not (isinstance(dtype, str) and isinstance(shape, list)
+                    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+                    and all(isinstance(o, int) and not isinstance(o, bool) for o in (a, b)) and 0 <= a <= b):
+                raise ValueError
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"safetensors file {path} has a corrupt header (entry {name} is malformed); {fix}") from None
+        itemsize = _ITEMSIZE.get(dtype)
+        if itemsize is not None:
+            count = 1
+            for d in shape:
+                count *= d
+            if count * itemsize != b - a:
+                raise InputError(f"safetensors file {path} has a corrupt header: {name} is {dtype} {shape} "
+                                 f"({count * itemsize} bytes) but its byte range holds {b - a}; {fix}")
+        entries[name] = _Entry(dtype, list(shape), 8 + n + a, 8 + n + b)
     end = max((e.stop for e in entries.values()), default=8 + n)
     if end > size:
-        raise InputError(f"safetensors file {path} is truncated ({size} of {end} bytes); download it again")
+        raise InputError(f"safetensors file {path} is truncated ({size} of {end} bytes); {fix}")
     return entries
 
 
@@ -190,7 +227,9 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = dict(json.loads(index.read_text())["weight_map"])
-            except (json.JSONDecodeError, KeyError):
+                if not all(isinstance(v, str) for v in weight_map.values()):
+                    raise ValueError
+            except (ValueError, KeyError, TypeError):
                 raise InputError(f"{index} is not a valid safetensors index; restore it from the source") from None
         else:
             files = sorted(folder.glob("*.safetensors"))

@@ -43,3 +43,7 @@ class BackendError(TuckerizeError):
 
 class CalibrationError(TuckerizeError):
     """Calibration text, settings or saved statistics cannot be used as given."""
+
+
+class IntegrityError(TuckerizeError):
+    """A file does not match the size or sha256 its manifest records (damaged or replaced)."""

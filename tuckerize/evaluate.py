@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
@@ -91,11 +91,12 @@ class EvalModel:
     moe_blocks: dict[int, torch.nn.Module]
 
 
-def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto") -> EvalModel:
+def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto",
+               verify: bool = True) -> EvalModel:
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM, native_supported
 
-    source = TensorSource.open(path, parallel)
+    source = TensorSource.open(path, parallel, verify=verify)
     native = native_supported(source.spec.arch.name)
     if runtime == "native" and not native:
         raise InputError(f"the native runtime does not cover {source.spec.arch.classes[0]}; use --runtime hf")
@@ -123,6 +124,47 @@ def _baseline_key(baseline: str, text_sha: str, seqlen: int, n_windows: int, dty
             ident.append(f"{f.name}:{st.st_size}:{int(st.st_mtime)}")
     blob = json.dumps([ident, text_sha, seqlen, n_windows, dtype, topk, __version__])
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+_CACHE_TENSORS = ("nll", "top1", "lp_top", "idx_top")
+
+
+def load_cached_baseline(path: Path, n_windows: int, seqlen: int, topk: int) -> dict[str, Any] | None:
+    """A baseline cached by :func:`save_cached_baseline`, or None when it is absent, truncated,
+    corrupt or of other shapes (then it is recomputed and written again). Never unpickles:
+    safetensors tensors plus a JSON object in the file's metadata."""
+    from safetensors.torch import load
+
+    from tuckerize.checkpoint import read_header
+
+    if not path.is_file():
+        return None
+    try:
+        read_header(path)  # validated first: a damaged header is a miss, not a crash
+        blob = path.read_bytes()  # read whole, not memory-mapped: a file truncated later cannot fault
+        n = int.from_bytes(blob[:8], "little")
+        meta = json.loads(json.loads(blob[8:8 + n])["__metadata__"]["tuckerize_baseline"])
+        tensors = load(blob)
+        base = {k: tensors[k] for k in _CACHE_TENSORS}
+        seconds, vocab = float(meta["seconds"]), int(meta["vocab"])
+    except Exception:  # safetensors raises its own error types for a damaged file
+        return None
+    k = min(topk, vocab)
+    want = {"nll": (n_windows, seqlen - 1), "top1": (n_windows, seqlen - 1), "lp_top": (n_windows, seqlen - 1, k),
+            "idx_top": (n_windows, seqlen - 1, k)}
+    if any(tuple(base[name].shape) != shape for name, shape in want.items()):
+        return None
+    return {**base, "seconds": seconds, "vocab": vocab}
+
+
+def save_cached_baseline(path: Path, base: dict[str, Any]) -> None:
+    """Write the scored baseline atomically as safetensors with a JSON metadata entry."""
+    from tuckerize.checkpoint import save_safetensors
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"tuckerize_baseline": json.dumps({"seconds": base["seconds"], "vocab": base["vocab"],
+                                               "version": __version__})}
+    save_safetensors({k: base[k] for k in _CACHE_TENSORS}, path, metadata=meta)
 
 
 @torch.no_grad()
@@ -291,32 +333,81 @@ def evaluate(
     tasks: list[str] | None = None,
     task_limit: int | None = None,
     use_cache: bool = True,
+    verify: bool = True,
+    allow_baseline_mismatch: bool = False,
+    on_note: Callable[[str], None] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (Tucker checkpoint or shard set) against ``baseline`` (the original;
-    by default the source recorded in the Tucker manifest). Returns the report."""
+    by default the source recorded in the Tucker manifest). Returns the report.
+
+    Before any work: the model's files are checked against their manifest's sha256s
+    (``verify``; sizes always), the baseline against the source the Tucker manifest records
+    (a different model is refused unless ``allow_baseline_mismatch``, then the report carries
+    a warning), vocabulary and shapes against the Tucker model's, and ``seqlen`` is clamped to
+    the model's ``max_position_embeddings``. ``on_note(line)`` receives each note or warning
+    as it happens (they are also in ``report["notes"]``). Under torchrun every rank agrees on
+    these checks (one collective), so one rank's error stops all ranks with the same message.
+    """
     from transformers import AutoTokenizer
 
+    from tuckerize.checkpoint import load_config, resolve_model
     from tuckerize.runtime.hf import quiet_transformers
 
     progress = ensure(progress)
     started = time.time()
+    notes: list[str] = []
+    ready = {"emit": False}  # notes are handed out once the checks passed (an error is then the only line)
+
+    def note(line: str) -> None:
+        notes.append(line)
+        if on_note is not None and ready["emit"]:
+            on_note(line)
+
     model = resolve_demo(model)
     folder = Path(model)
     if not folder.is_dir():
         raise InputError(f"--model {model} does not exist; pass a Tucker checkpoint or shard folder")
+    tucker_config = load_config(folder)
+    manifest = _tucker_manifest(folder)
+    recorded = (manifest or {}).get("source") or {}
     if baseline is None:
-        manifest = _tucker_manifest(folder)
-        baseline = manifest.get("source", {}).get("path") if manifest else None
+        baseline = recorded.get("path")
         if not baseline or not Path(baseline).is_dir():
-            raise InputError("cannot find the original model; pass it with --baseline PATH")
-    baseline = resolve_demo(baseline)
+            where = f" ({baseline}, recorded in its manifest, does not exist)" if baseline else ""
+            raise InputError(f"cannot find the original model of {model}{where}; pass it with --baseline PATH")
+    else:
+        baseline = str(resolve_model(resolve_demo(baseline), flag="--baseline").path)
+    base_config = load_config(Path(baseline))
+    _check_comparable(model, tucker_config, baseline, base_config)
+    mismatch = _baseline_mismatch(baseline, recorded, verify) if manifest else None
+    if manifest is None:
+        note(f"baseline identity not checked: no Tucker manifest found for {model}")
+    elif mismatch:
+        msg = (f"--baseline {baseline} is not the model {model} was decomposed from ({recorded.get('model') or recorded.get('path')}): "
+               f"{mismatch}")
+        if not allow_baseline_mismatch:
+            raise InputError(f"{msg}; pass --baseline {recorded.get('path')} (or leave --baseline out), "
+                             "or --allow-baseline-mismatch to compare anyway")
+        note(f"warning: {msg}; compared anyway (--allow-baseline-mismatch)")
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
         raise InputError(f"--dtype {dtype} is not one of float32, bfloat16, float16")
     if seqlen < 2:
         raise InputError(f"--seqlen {seqlen} must be at least 2")
+    seqlen_requested = seqlen
+    max_pos = min((int(c["max_position_embeddings"]) for c in (base_config, tucker_config)
+                   if c.get("max_position_embeddings")), default=None)
+    if max_pos is not None and seqlen > max_pos:
+        seqlen = max_pos
+        note(f"note: --seqlen {seqlen_requested} is longer than the model's max_position_embeddings {max_pos}; "
+             f"using windows of {max_pos} tokens")
     parallel, device = setup(backend)
+
+    # Every rank checks its own files; all agree before any collective work starts.
+    from tuckerize.runtime.loader import TensorSource
+
+    agreed(parallel, lambda: TensorSource.open(model, parallel, verify=verify))
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(baseline)
@@ -324,26 +415,27 @@ def evaluate(
     with quiet_transformers():  # the whole text is longer than model_max_length; windows are cut below
         ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, seqlen, max_windows)
+    ready["emit"] = True
+    for line in notes if on_note is not None else ():
+        on_note(line)
     text_sha = hashlib.sha256(raw.encode()).hexdigest()
 
     key = _baseline_key(baseline, text_sha, seqlen, len(windows), dtype, kl_topk)
-    cache_file = CACHE_DIR / f"{key}.pt"
-    base = None
-    if use_cache and cache_file.is_file():
-        base = torch.load(cache_file)
-        base_cached = True
+    cache_file = CACHE_DIR / f"{key}.safetensors"
+    base = load_cached_baseline(cache_file, len(windows), seqlen, kl_topk) if use_cache else None
+    base_cached = base is not None
     if base is None:
-        base_model = load_model(baseline, parallel, device, torch_dtype, runtime)
+        base_model = agreed(parallel, lambda: load_model(baseline, parallel, device, torch_dtype, runtime))
         base = score_baseline(base_model, windows, kl_topk, device, progress)
         del base_model
-        base_cached = False
         if use_cache and parallel.rank == 0:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(base, tmp)
-            os.replace(tmp, cache_file)
+            try:
+                save_cached_baseline(cache_file, base)
+            except OSError as exc:
+                note(f"note: the baseline could not be cached in {cache_file.parent} ({exc.strerror}); "
+                     "it will be recomputed next time")
 
-    tucker_model = load_model(model, parallel, device, torch_dtype, runtime)
+    tucker_model = agreed(parallel, lambda: load_model(model, parallel, device, torch_dtype, runtime, verify=False))
     tk = score_tucker(tucker_model, windows, base, device, layer_tokens, progress)
     per_layer = layer_errors(tucker_model, baseline, tk.pop("inputs"), parallel, device, torch_dtype, progress)
 
@@ -351,24 +443,25 @@ def evaluate(
     report: dict[str, Any] = {
         "tool": "tuckerize", "version": __version__,
         "model": str(folder), "baseline": str(baseline),
-        "settings": {"seqlen": seqlen, "backend": backend, "device": str(device), "dtype": dtype,
+        "settings": {"seqlen": seqlen, "seqlen_requested": seqlen_requested, "backend": backend,
+                     "device": str(device), "dtype": dtype,
                      "runtime": tucker_model.runtime, "world_size": parallel.world, "kl_topk": kl_topk,
                      "kl": "exact" if base["lp_top"].shape[-1] >= base["vocab"]
                      else f"top-{base['lp_top'].shape[-1]} of {base['vocab']} + rest bucket (a lower bound)",
-                     "layer_tokens": layer_tokens},
+                     "layer_tokens": layer_tokens, "verified": verify},
         "text": {"source": text_label, "sha256": text_sha, "tokens_in_text": int(ids.numel()),
                  "windows": len(windows), "tokens_scored": n_tokens},
-        "baseline_result": {"perplexity": math.exp(float(base["nll"].mean())), "mean_nll": float(base["nll"].mean()),
+        "baseline_result": {"perplexity": _exp(float(base["nll"].mean())), "mean_nll": float(base["nll"].mean()),
                             "cached": base_cached, "tokens_per_s": None if base_cached else
                             windows.numel() / max(base["seconds"], 1e-9)},
-        "tucker_result": {"perplexity": math.exp(float(tk["nll"].mean())), "mean_nll": float(tk["nll"].mean()),
+        "tucker_result": {"perplexity": _exp(float(tk["nll"].mean())), "mean_nll": float(tk["nll"].mean()),
                           "tokens_per_s": windows.numel() / max(tk["seconds"], 1e-9)},
         "fidelity": {"kl_mean": float(tk["kl"].mean()), "top1_agreement": float(tk["agree"].mean()),
                      "layer_relative_error": {str(k): v for k, v in per_layer.items()}},
         "tokens_used": windows.reshape(-1)[:64].tolist(),
     }
-    report["perplexity_ratio"] = report["tucker_result"]["perplexity"] / report["baseline_result"]["perplexity"]
-    manifest = _tucker_manifest(folder)
+    b_ppl, t_ppl = report["baseline_result"]["perplexity"], report["tucker_result"]["perplexity"]
+    report["perplexity_ratio"] = t_ppl / b_ppl if math.isfinite(b_ppl) and math.isfinite(t_ppl) else math.inf
     if manifest:
         report["compression"] = manifest.get("params")
     if tasks_jsonl:
@@ -390,19 +483,101 @@ def evaluate(
             "baseline": score_lm_eval(baseline, tokenizer, tasks, torch_dtype, device, task_limit),
             "tucker": score_lm_eval(model, tokenizer, tasks, torch_dtype, device, task_limit),
         }
+    report["notes"] = notes
     report["wall_seconds"] = time.time() - started
     return report
 
 
-def _tucker_manifest(folder: Path) -> dict[str, Any] | None:
+def _exp(x: float) -> float:
+    """exp(x), inf where it overflows (a perplexity of a badly broken model)."""
+    return math.exp(x) if x < 709.0 else math.inf
+
+
+T = TypeVar("T")
+
+
+def agreed(parallel: ParallelContext, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank, then one collective so that all ranks agree on the outcome: if
+    any rank raised a :class:`~tuckerize.errors.TuckerizeError`, every rank raises it (the
+    first failing rank's message, prefixed with its rank), instead of the others running into
+    a collective that the failed rank left and dying with gloo/NCCL tracebacks."""
+    from tuckerize.errors import TuckerizeError
+
+    result: Any = None
+    failure: tuple[str, str] | None = None
+    try:
+        result = fn()
+    except TuckerizeError as exc:
+        if parallel.world <= 1:
+            raise
+        failure = (type(exc).__name__, str(exc))
+    if parallel.world > 1:
+        import torch.distributed as dist
+
+        outcomes: list[Any] = [None] * parallel.world
+        dist.all_gather_object(outcomes, failure)
+        for rank, outcome in enumerate(outcomes):
+            if outcome is not None:
+                import tuckerize.errors as errors
+
+                kind = getattr(errors, outcome[0], errors.TuckerizeError)
+                prefix = "" if rank == parallel.rank or outcome[1].startswith("rank ") else f"rank {rank}: "
+                raise kind(prefix + outcome[1])
+    return result
+
+
+def _check_comparable(model: str, tucker_config: dict[str, Any], baseline: str, base_config: dict[str, Any]) -> None:
+    """The two models must share vocabulary and shapes to be compared token by token and layer by layer."""
+    for key, what in (("vocab_size", "vocabulary size"), ("hidden_size", "hidden size"),
+                      ("num_hidden_layers", "number of layers")):
+        a, b = base_config.get(key), tucker_config.get(key)
+        if a is not None and b is not None and a != b:
+            raise InputError(f"--baseline {baseline} has {what} {a}, the model {model} has {b}: they cannot be "
+                             "compared; pass the original model the Tucker checkpoint was made from")
+
+
+def _baseline_mismatch(baseline: str, recorded: dict[str, Any], verify: bool) -> str | None:
+    """Why ``baseline`` is not the source a Tucker manifest records (``recorded``), or None.
+
+    The same folder is the source. Another folder must hold the same safetensors with the
+    sha256s recorded at decomposition (hashed once, cached under the tuckerize cache folder;
+    with ``verify=False`` names only)."""
+    from tuckerize.checkpoint import Checkpoint
+    from tuckerize.errors import TuckerizeError
     from tuckerize.format import MANIFEST_NAME
+    from tuckerize.integrity import verify_files
+
+    path = Path(baseline).resolve()
+    if recorded.get("path") and Path(recorded["path"]).resolve() == path:
+        return None
+    files = recorded.get("files_sha256") or {}
+    if not files:
+        return None  # nothing recorded to compare with
+    have = set(Checkpoint.open(path).files)
+    if have != set(files):
+        return f"its safetensors files ({len(have)}) are not those recorded ({len(files)})"
+    if not verify:
+        return None
+    cache = CACHE_DIR.parent / "verified" / (hashlib.sha256(str(path).encode()).hexdigest()[:24] + ".json")
+    try:
+        verify_files(path, {f: {"sha256": h} for f, h in files.items()}, manifest_name=MANIFEST_NAME,
+                     fix="", cache_path=cache)
+    except TuckerizeError:
+        return "its safetensors differ from the sha256s recorded at decomposition"
+    return None
+
+
+def _tucker_manifest(folder: Path) -> dict[str, Any] | None:
+    """The Tucker manifest of ``folder``, or of the checkpoint a shard set was cut from
+    (checked against the identity the shard set recorded)."""
+    from tuckerize.format import MANIFEST_NAME
+    from tuckerize.integrity import check_shard_manifest, load_manifest, shard_source_manifest
     from tuckerize.shard.sharding import SHARD_MANIFEST
 
     if (folder / SHARD_MANIFEST).is_file():
-        src = json.loads((folder / SHARD_MANIFEST).read_text())["source"]["path"]
-        folder = Path(src)
+        return shard_source_manifest(folder, check_shard_manifest(folder / SHARD_MANIFEST))
     path = folder / MANIFEST_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
+    return load_manifest(path, "rerun `tuckerize decompose`") if path.is_file() else None
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:
@@ -425,5 +600,5 @@ def plot_report(report: dict[str, Any], path: str | Path) -> None:
         b.text(i, v, f"{v:.2f}", ha="center", va="bottom")
     fig.suptitle(Path(report["model"]).name)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

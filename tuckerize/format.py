@@ -70,8 +70,10 @@ class TuckerCheckpoint:
         config = load_config(folder)
         if CONFIG_KEY not in config:
             raise InputError(f"{folder}/config.json has no '{CONFIG_KEY}' section; rerun `tuckerize decompose`")
-        return cls(folder=folder, config=config, tensors=Checkpoint.open(folder),
-                   manifest=json.loads(manifest_path.read_text()))
+        from tuckerize.integrity import load_manifest
+
+        manifest = load_manifest(manifest_path, "rerun `tuckerize decompose`")
+        return cls(folder=folder, config=config, tensors=Checkpoint.open(folder), manifest=manifest)
 
     @property
     def spec(self) -> MoESpec:

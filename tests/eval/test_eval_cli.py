@@ -44,7 +44,7 @@ def test_demo_two_rank_settings_and_baseline_cache(cli, demo_tuckers, tmp_path, 
         report = json.loads(out.read_text())
         runs[name] = (" ".join((result.stderr + result.stdout).split()), report)  # rich wraps at the width
         if name == "heavy":
-            assert len(list(eval_cache.glob("*.pt"))) == 1, "the first run caches its baseline"
+            assert len(list(eval_cache.glob("*.safetensors"))) == 1, "the first run caches its baseline"
 
     heavy, light, nocache = (runs[n][1] for n in ("heavy", "light", "light-nocache"))
     # The table printed: both perplexities, KL and top-1 agreement, as in the report.
@@ -63,7 +63,7 @@ def test_demo_two_rank_settings_and_baseline_cache(cli, demo_tuckers, tmp_path, 
     assert not nocache["baseline_result"]["cached"]
     assert abs(nocache["baseline_result"]["perplexity"] / heavy["baseline_result"]["perplexity"] - 1) < 1e-6
     assert nocache["tucker_result"]["perplexity"] == pytest.approx(light["tucker_result"]["perplexity"], rel=1e-6)
-    assert len(list(eval_cache.glob("*.pt"))) == 1
+    assert len(list(eval_cache.glob("*.safetensors"))) == 1
     # Lighter compression (16,112,56) is closer to the original than 8,64,32.
     base = heavy["baseline_result"]["perplexity"]
     assert abs(light["tucker_result"]["perplexity"] - base) < abs(heavy["tucker_result"]["perplexity"] - base)

@@ -25,12 +25,13 @@ app = typer.Typer(
 T = TypeVar("T")
 
 
-def run_or_exit(fn: Callable[[], T]) -> T:
+def run_or_exit(fn: Callable[[], T], interrupted: str = "interrupted; rerun the same command to resume") -> T:
     """Run a library call; turn a known error into one line on stderr and exit code 1.
 
     ``TUCKERIZE_DEBUG=1`` re-raises it with the traceback. An ``OSError`` a user can fix
     (disk full, read-only or unwritable path, a path below a file) that no library writer
-    mapped is one line too (:func:`tuckerize.checkpoint.output_error`).
+    mapped is one line too (:func:`tuckerize.checkpoint.output_error`). ``interrupted`` is the
+    line printed on Ctrl-C (exit code 130): say what a rerun does for this command.
     """
     try:
         return fn()
@@ -48,7 +49,7 @@ def run_or_exit(fn: Callable[[], T]) -> T:
         print(f"error: {mapped}", file=sys.stderr)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         raise typer.Exit(130) from None
 
 

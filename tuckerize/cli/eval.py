@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from tuckerize.cli import app, run_or_exit
-from tuckerize.cli.ui import RichProgress, console
+from tuckerize.cli.ui import RichProgress, console, to_json
 
 
 @app.command("eval")
@@ -28,13 +27,19 @@ def eval_(
     tasks: Annotated[Optional[str], typer.Option(help="lm-eval-harness tasks, comma-separated (needs lm-eval).")] = None,
     task_limit: Annotated[Optional[int], typer.Option(help="At most this many examples per task.")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the baseline instead of reusing a cached one.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the sha256 check of the model's files against its manifest (sizes are still checked).")] = False,
+    allow_baseline_mismatch: Annotated[bool, typer.Option("--allow-baseline-mismatch", help="Compare against a baseline that is not the model the Tucker checkpoint was made from (a warning goes in the report).")] = False,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the full report here.")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of per-layer error and the two perplexities.")] = None,
 ) -> None:
     """Perplexity, KL, top-1 agreement, per-layer error and task accuracy against the original model."""
-    from tuckerize.evaluate import evaluate, plot_report
+    import os
 
-    rank0 = int(__import__("os").environ.get("RANK", "0")) == 0
+    from tuckerize.evaluate import evaluate
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    # Output paths are checked before the work, so that a typo does not lose an evaluation.
+    run_or_exit(lambda: (_check_output(json_out, "--json"), _check_output(plot, "--plot", needs="matplotlib")))
     done = False
     try:
         with RichProgress(enabled=rank0) as progress:
@@ -42,16 +47,63 @@ def eval_(
                 model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, backend=backend, dtype=dtype,
                 runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens, tasks_jsonl=tasks_jsonl,
                 tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
-                use_cache=not no_cache, progress=progress))
+                use_cache=not no_cache, verify=not no_verify, allow_baseline_mismatch=allow_baseline_mismatch,
+                on_note=(lambda line: progress.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)) if rank0
+                else None, progress=progress),
+                interrupted="interrupted; no report was written. eval does not resume: rerun the command "
+                            "(a baseline already computed is reused from the cache)")
         done = True
     finally:
         _leave_process_group(done)
     if not rank0:
         return
+    _print_table(report)
+    run_or_exit(lambda: _write_reports(report, json_out, plot))
+
+
+def _check_output(path: Optional[Path], flag: str, needs: Optional[str] = None) -> None:
+    """A report path must be writable before the evaluation starts."""
+    import importlib.util
+    import os
+
+    from tuckerize.errors import InputError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; pass a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InputError(f"{flag} {path}: folder {parent} does not exist; create it or choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{flag} {path} cannot be written (permission denied); choose another path")
+    if needs and importlib.util.find_spec(needs) is None:
+        raise InputError(f"{flag} needs the `{needs}` package: pip install 'tuckerize[eval]'")
+
+
+def _write_reports(report: dict, json_out: Optional[Path], plot: Optional[Path]) -> None:
+    """Report files, each written atomically (a temporary name renamed when complete)."""
+    from tuckerize.checkpoint import atomic_write
+    from tuckerize.errors import InputError
+    from tuckerize.evaluate import plot_report
+
+    for path, write in ((json_out, lambda tmp: tmp.write_text(to_json(report))),
+                        (plot, lambda tmp: plot_report(report, tmp))):
+        if path is None:
+            continue
+        try:
+            with atomic_write(path) as tmp:
+                write(tmp)
+        except OSError as exc:
+            raise InputError(f"cannot write {path} ({exc.strerror}); the table above is the report; "
+                             "choose another path and rerun") from None
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2, default=str))
+        console.print(f"report written to {json_out}")
     if plot:
-        plot_report(report, plot)
+        console.print(f"plot written to {plot}")
+
+
+def _print_table(report: dict) -> None:
     from rich.table import Table
 
     t = report["text"]

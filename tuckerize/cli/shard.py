@@ -19,6 +19,7 @@ def shard(
     layout: Annotated[Optional[str], typer.Option(help="intermediate (U_I rows split), expert (experts split) or hybrid (every term split). Default: the one with the fewest multiply-adds per rank for this model and tp.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <tucker>-tp<N>-<layout>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the source's sha256 check (sizes are still checked).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the shard manifest as JSON.")] = False,
 ) -> None:
     """Write one safetensors set per rank holding only that rank's slices."""
@@ -31,10 +32,11 @@ def shard(
         folder = model if model is not None else tucker
         if folder is None:
             raise InputError("no Tucker checkpoint given; pass --model FOLDER (or the folder as an argument)")
-        return shard_checkpoint(folder, tp, layout=layout, out=out, overwrite=overwrite, progress=progress)
+        return shard_checkpoint(folder, tp, layout=layout, out=out, overwrite=overwrite, verify=not no_verify,
+                                progress=progress)
 
     with RichProgress(enabled=not json_out) as progress:
-        manifest = run_or_exit(run)
+        manifest = run_or_exit(run, interrupted="interrupted; no shard set was written: rerun the command")
     if json_out:
         print_json(manifest)
         return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from rich.console import Console
@@ -17,6 +18,7 @@ LABELS = {
     "eval": "evaluating",
     "calibrate": "calibrating",
     "allocate": "allocating ranks",
+    "verify": "verifying checksums",
 }
 
 
@@ -73,5 +75,23 @@ class RichProgress:
         self.bar.update(self.tasks[task], info="")
 
 
+def finite(data: Any) -> Any:
+    """``data`` with every non-finite float (inf, -inf, nan) replaced by None: JSON has no
+    Infinity or NaN, and strict parsers reject Python's bare ``Infinity``. Reports write null
+    for a value that overflowed (e.g. a perplexity of exp(1000))."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON text (``allow_nan=False`` after :func:`finite`), indented, ending in a newline."""
+    return json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n"
+
+
 def print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(to_json(data), end="")

@@ -185,6 +185,9 @@ class OutputFolder:
 
             recorded = {c.name for c in self.path.iterdir() if is_unit_file(c.name)}
             recorded |= {JOURNAL_NAME, MANIFEST_NAME, *OTHER_FILES}
+        from tuckerize.integrity import VERIFY_CACHE_NAME
+
+        recorded = recorded | {VERIFY_CACHE_NAME}  # eval's and shard's checksum cache of this folder
         keep = {LOCK_NAME, *CALIBRATION_FILES}
         foreign = sorted(c.name for c in self.path.iterdir()
                          if c.name not in keep and (c.name not in recorded or not c.is_file() or c.is_symlink()))

@@ -66,6 +66,10 @@ class TensorSource:
             return cls(folder, shards.config, Checkpoint.open(rank_folder), "shard", parallel, shards.layout)
         config = load_config(folder)
         kind = "tucker" if CONFIG_KEY in config and (folder / MANIFEST_NAME).is_file() else "original"
+        if kind == "tucker":
+            from tuckerize.integrity import verify_checkpoint
+
+            verify_checkpoint(folder, verify=verify)
         return cls(folder, config, Checkpoint.open(folder), kind, parallel, layout or "intermediate")
 
     @property

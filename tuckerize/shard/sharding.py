@@ -18,14 +18,13 @@ a weight is split. The source is read one unit (decoder layer) at a time.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from tuckerize import __version__
-from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
 from tuckerize.parallel import LAYOUTS, balanced_assignment, check_tp, contiguous_assignment, imbalance, take
@@ -47,6 +46,7 @@ def shard_checkpoint(
     overwrite: bool = False,
     expert_load: Mapping[int, Sequence[float]] | None = None,
     balance_above: float = 0.2,
+    verify: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Write one safetensors set per rank holding only that rank's slices; returns the manifest.
@@ -59,11 +59,15 @@ def shard_checkpoint(
     ``balance_above`` above the mean: ``expert_load`` ``{layer: pairs per expert}``, by
     default the routed-token counts of the checkpoint's calibration statistics (if it
     was decomposed with calibration). The assignment is recorded in the manifest
-    (``expert_assignment``) and in the shard set's config (read by the runtime)."""
+    (``expert_assignment``) and in the shard set's config (read by the runtime). The source is checked against its manifest's sha256s first
+    (``verify=False``: sizes only)."""
     progress = ensure(progress)
     if layout is not None and layout != "auto" and layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     src = TuckerCheckpoint.open(tucker)
+    from tuckerize.integrity import verify_checkpoint
+
+    verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     # The layers' own rule (torch.nn is imported here only, when the writer runs).
     from tuckerize.runtime.plan import choose_layout, rank_splits
@@ -203,9 +207,10 @@ class ShardSet:
         path = folder / SHARD_MANIFEST
         if not path.is_file():
             raise ShardError(f"{folder} has no {SHARD_MANIFEST}: not a finished shard set; run `tuckerize shard` again")
-        manifest = json.loads(path.read_text())
-        config = json.loads((folder / "config.json").read_text())
-        return cls(folder=folder, manifest=manifest, config=config)
+        from tuckerize.integrity import check_shard_manifest
+
+        manifest = check_shard_manifest(path)
+        return cls(folder=folder, manifest=manifest, config=load_config(folder))
 
     @property
     def tp(self) -> int:
@@ -224,10 +229,7 @@ class ShardSet:
             )
         entry = self.manifest["ranks"][rank]
         folder = self.folder / entry["dir"]
-        for filename, info in entry["files"].items():
-            path = folder / filename
-            if not path.is_file():
-                raise ShardError(f"shard file {path} is missing; run `tuckerize shard` again")
-            if path.stat().st_size != info["bytes"] or (verify and sha256_file(path) != info["sha256"]):
-                raise ShardError(f"shard file {path} is corrupted (checksum mismatch); run `tuckerize shard` again")
+        from tuckerize.integrity import verify_shard_rank
+
+        verify_shard_rank(self.folder, entry, verify=verify)
         return folder
