@@ -1,0 +1,224 @@
+"""Triton kernels for the Tucker experts' per-pair chain (GPU; the Triton interpreter in tests).
+
+Axes: T tokens, K experts per token, P = T*K pairs (pair p is token p // K), E_loc
+experts on this rank, BM pairs per block. Three kernels after the two shared input
+projections ``x U_H,g`` and ``x U_H,u`` (torch matmuls, once per token):
+
+1. ``_core_kernel`` (twice: gate, up): z[p] = xU_H[p // K] @ G[e_p]: the gather of the
+   routed rows and the per-expert core in one kernel, a block of BM pairs of one expert
+   per program, so each core is read once per block.
+2. ``_act_kernel``: y[p] = (act(z_g[p] U_I,g^T) * (z_u[p] U_I,u^T)) U_I,d, the U_I
+   projections, the activation, the gating and the down U_I projection fused; the
+   [P, I] activations never reach memory (each program takes BI columns of I and adds
+   its share of y with an atomic add).
+3. ``_core_kernel`` (down, transposed core, weighted scatter): s[p // K] += w_p y[p] G_d[e_p]^T,
+   the routing weights and the reduction over a token's pairs (atomic add into s).
+
+Blocks of pairs come from :func:`pair_blocks`, computed with static shapes (no host
+synchronisation): one pair per block for decoding (no sort at all) or pairs sorted by
+expert and padded to whole blocks (fused-MoE style) for larger P. Blocks whose expert is
+-1 (padding, or another rank's experts in the ``expert`` layout) exit at once.
+
+Under ``TRITON_INTERPRET=1`` bfloat16 operands of ``tl.dot`` are not supported by the
+interpreter, so the dot operands are cast to float32 there (``dot_dtype``); on a GPU
+they stay in the factors' dtype with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tuckerize.runtime.kernels.static import DecodeFactors, local_routing
+
+#: activation name -> the kernel's ACT constant
+ACT_IDS = {"silu": 0, "swish": 0, "gelu": 1, "gelu_pytorch_tanh": 2}
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def _core_kernel(a_ptr, b_ptr, out_ptr, rows_ptr, block_expert_ptr, w_ptr,
+                 N, KD, TOPK,
+                 stride_a, stride_be, stride_bk, stride_bn, stride_out,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 SCATTER: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """out[p, n] = sum_k a[row(p), k] b[e, k, n] for the BM pairs p of block pid_m (expert e).
+    SCATTER=False: row(p) = p // TOPK, out row p (stored).
+    SCATTER=True: row(p) = p, out row p // TOPK += w[p] * (.) (atomic)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        pair = tl.load(rows_ptr + offs_m)
+        valid = pair >= 0
+        pair = tl.where(valid, pair, 0)
+        if SCATTER:
+            a_row = pair
+        else:
+            a_row = pair // TOPK
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        nmask = offs_n < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, KD, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            kmask = offs_k < KD
+            a = tl.load(a_ptr + a_row[:, None] * stride_a + offs_k[None, :],
+                        mask=valid[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptr + e * stride_be + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                        mask=kmask[:, None] & nmask[None, :], other=0.0)
+            acc += tl.dot(a.to(DOT), b.to(DOT), input_precision=PREC)
+        omask = valid[:, None] & nmask[None, :]
+        if SCATTER:
+            w = tl.load(w_ptr + pair, mask=valid, other=0.0).to(tl.float32)
+            tok = pair // TOPK
+            tl.atomic_add(out_ptr + tok[:, None] * stride_out + offs_n[None, :], acc * w[:, None], mask=omask)
+        else:
+            tl.store(out_ptr + pair[:, None] * stride_out + offs_n[None, :],
+                     acc.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _act_kernel(zg_ptr, zu_ptr, ug_ptr, uu_ptr, ud_ptr, y_ptr,
+                P, I, RG, RU, RD,
+                BM: tl.constexpr, BI: tl.constexpr, RGP: tl.constexpr, RUP: tl.constexpr, RDP: tl.constexpr,
+                ACT: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """y[p] += (act(z_g[p] U_g[i]^T) * (z_u[p] U_u[i]^T)) U_d[i] over the BI rows i of
+    U_I that program pid_i owns; rows of z/y are contiguous, U_I's are [I, r]."""
+    pid_m = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    mmask = offs_m < P
+    offs_i = pid_i * BI + tl.arange(0, BI)
+    imask = offs_i < I
+    rg = tl.arange(0, RGP)
+    ru = tl.arange(0, RUP)
+    rd = tl.arange(0, RDP)
+    zg = tl.load(zg_ptr + offs_m[:, None] * RG + rg[None, :], mask=mmask[:, None] & (rg[None, :] < RG), other=0.0)
+    ug = tl.load(ug_ptr + offs_i[:, None] * RG + rg[None, :], mask=imask[:, None] & (rg[None, :] < RG), other=0.0)
+    g = tl.dot(zg.to(DOT), tl.trans(ug.to(DOT)), input_precision=PREC)  # [BM, BI]
+    zu = tl.load(zu_ptr + offs_m[:, None] * RU + ru[None, :], mask=mmask[:, None] & (ru[None, :] < RU), other=0.0)
+    uu = tl.load(uu_ptr + offs_i[:, None] * RU + ru[None, :], mask=imask[:, None] & (ru[None, :] < RU), other=0.0)
+    u = tl.dot(zu.to(DOT), tl.trans(uu.to(DOT)), input_precision=PREC)
+    if ACT == 0:
+        act = g * tl.sigmoid(g)
+    elif ACT == 1:
+        act = 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+    else:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        act = 0.5 * g * (1.0 + (2.0 * tl.sigmoid(2.0 * inner) - 1.0))
+    a = act * u  # [BM, BI] float32
+    ud = tl.load(ud_ptr + offs_i[:, None] * RD + rd[None, :], mask=imask[:, None] & (rd[None, :] < RD), other=0.0)
+    y = tl.dot(a.to(DOT), ud.to(DOT), input_precision=PREC)  # [BM, RDP]
+    tl.atomic_add(y_ptr + offs_m[:, None] * RD + rd[None, :], y, mask=mmask[:, None] & (rd[None, :] < RD))
+
+
+def pair_blocks(expert: torch.Tensor, n_local: int, block: int, grouped: bool):
+    """Blocks of pairs of one expert, with static shapes.
+
+    expert [P] local expert per pair, -1 for pairs this rank does not compute.
+    Returns rows [NB * block] (pair index or -1) and block_expert [NB] (-1: skip).
+    ``grouped=False``: NB = P, one pair per block, in order (decoding: no sort).
+    ``grouped=True``: pairs sorted by expert, each expert's pairs padded to whole
+    blocks; NB = ceil(P / block) + n_local, an upper bound, unused blocks are -1."""
+    P = expert.numel()
+    dev = expert.device
+    if not grouped:
+        rows = torch.full((P, block), -1, dtype=torch.int32, device=dev)
+        rows[:, 0] = torch.arange(P, dtype=torch.int32, device=dev)
+        return rows.reshape(-1), expert.to(torch.int32)
+    key = torch.where(expert >= 0, expert, torch.full_like(expert, n_local))  # other ranks' pairs last
+    sorted_key, order = torch.sort(key, stable=True)
+    counts = torch.zeros(n_local + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:n_local]
+    padded = (counts + block - 1) // block * block
+    pend = torch.cumsum(padded, 0)
+    pstart = pend - padded
+    start = torch.cumsum(counts, 0) - counts
+    nb = (P + block - 1) // block + n_local
+    k = sorted_key.clamp(max=n_local - 1)
+    dest = pstart[k] + torch.arange(P, device=dev) - start[k]
+    dest = torch.where(sorted_key < n_local, dest, torch.full_like(dest, nb * block))  # dump slot
+    rows = torch.full((nb * block + 1,), -1, dtype=torch.int32, device=dev)
+    rows.scatter_(0, dest, order.to(torch.int32))
+    starts = torch.arange(nb, device=dev) * block
+    block_expert = torch.searchsorted(pend, starts, right=True)
+    block_expert = torch.where(block_expert < n_local, block_expert, torch.full_like(block_expert, -1))
+    return rows[: nb * block], block_expert.to(torch.int32)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                   top_k_weights: torch.Tensor, *, grouped: bool | None = None) -> torch.Tensor:
+    """This rank's ``s`` [T, r_H,d] as :meth:`TuckerExperts.partial`, through the Triton
+    kernels. ``grouped``: pair blocks sorted by expert (default: when P > 64)."""
+    if f.act not in ACT_IDS:
+        raise ValueError(f"activation {f.act!r} has no Triton kernel")
+    T, K = top_k_index.shape
+    P = T * K
+    dtype = f.dtype
+    x = hidden_states.to(dtype)
+    e, w = local_routing(f, top_k_index, top_k_weights)
+    if f.sliced:
+        local = (top_k_index.reshape(-1) >= f.e0) & (top_k_index.reshape(-1) < f.e1)
+        e = torch.where(local, e, torch.full_like(e, -1))
+    n_local = f.e1 - f.e0
+    if grouped is None:
+        grouped = P > 64
+    BM = 16 if not grouped or P <= 1024 else 64
+    rows, block_expert = pair_blocks(e, n_local, BM, grouped)
+    nb = block_expert.numel()
+    if interpreting() or dtype == torch.float32:
+        dot, prec = tl.float32, "ieee"
+    else:
+        dot, prec = _TL_DTYPES[dtype], "tf32"
+    dev = x.device
+    xs = {p: x @ f.U_H[p] for p in ("gate", "up")}  # [T, r_H,p], once per token
+    z = {}
+    for p in ("gate", "up"):
+        G = f.G[p]  # [E_loc, r_H, r_I]
+        rH, rI = G.shape[1], G.shape[2]
+        out = torch.empty(P, rI, dtype=dtype, device=dev)
+        BN = min(64, _pow2(rI))
+        BK = min(64, _pow2(rH))
+        _core_kernel[(nb, triton.cdiv(rI, BN))](
+            xs[p], G, out, rows, block_expert, w,
+            rI, rH, K,
+            xs[p].stride(0), G.stride(0), G.stride(1), G.stride(2), out.stride(0),
+            BM=BM, BN=BN, BK=BK, SCATTER=False, DOT=dot, PREC=prec)
+        z[p] = out
+    ug, uu, ud = (f.U_I[p].contiguous() for p in ("gate", "up", "down"))
+    I_loc = ug.shape[0]
+    RG, RU, RD = ug.shape[1], uu.shape[1], ud.shape[1]
+    y = torch.zeros(P, RD, dtype=torch.float32, device=dev)
+    BI = 16 if P <= 64 else 64
+    BMA = 16 if P <= 1024 else 64
+    _act_kernel[(triton.cdiv(P, BMA), triton.cdiv(I_loc, BI))](
+        z["gate"], z["up"], ug, uu, ud, y,
+        P, I_loc, RG, RU, RD,
+        BM=BMA, BI=BI, RGP=_pow2(RG), RUP=_pow2(RU), RDP=_pow2(RD),
+        ACT=ACT_IDS[f.act], DOT=dot, PREC=prec)
+    y = y.to(dtype)
+    Gd = f.G["down"]  # [E_loc, r_H,d, r_I,d]; y @ Gd[e]^T
+    rH = Gd.shape[1]
+    s = torch.zeros(T, rH, dtype=torch.float32, device=dev)
+    BN = min(64, _pow2(rH))
+    BK = min(64, _pow2(Gd.shape[2]))
+    _core_kernel[(nb, triton.cdiv(rH, BN))](
+        y, Gd, s, rows, block_expert, w.contiguous(),
+        rH, Gd.shape[2], K,
+        y.stride(0), Gd.stride(0), Gd.stride(2), Gd.stride(1), s.stride(0),
+        BM=BM, BN=BN, BK=BK, SCATTER=True, DOT=dot, PREC=prec)
+    return s.to(dtype)
