@@ -190,7 +190,8 @@ def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: t
     for p in ("gate", "up"):
         G = f.G[p]  # [E_loc, r_H, r_I]
         rH, rI = G.shape[1], G.shape[2]
-        out = torch.empty(P, rI, dtype=dtype, device=dev)
+        # rows of other ranks' pairs are never written: zeros, not garbage, go through the next kernel
+        out = (torch.zeros if f.sliced else torch.empty)(P, rI, dtype=dtype, device=dev)
         BN = min(64, _pow2(rI))
         BK = min(64, _pow2(rH))
         _core_kernel[(nb, triton.cdiv(rI, BN))](
