@@ -1,5 +1,17 @@
-"""GPU checks in one run: the Tucker engine, decompose and eval on the cuda backend.
+"""GPU checks in one run: the Tucker MoE layer against dense experts, then the Tucker
+engine, decompose and eval on the cuda backend.
 
+0. ``layer`` (issue 13): one MoE layer at Qwen3-30B-A3B shapes (E=128, H=2048, I=768,
+   top-8), bf16, ranks (64,512,256) and (128,1024,512), at 1, 4, 16, 512, 4096 tokens,
+   same routing for every implementation, median time per call:
+   Tucker: ``torch`` (the module's own path), ``static`` (static-shape decode path),
+   ``triton`` (the Triton kernels), ``graph-static`` / ``graph-triton`` (the same
+   captured in a CUDA graph and replayed); dense: transformers' ``Qwen3MoeExperts``
+   with ``grouped_mm`` (and ``batched_mm`` at <= 16 tokens), a Triton fused-MoE
+   (the repository's grouped gather-matmul kernel on dense weights, fused-MoE style:
+   pairs sorted and padded per expert, gate_up kernel, act, down kernel with the
+   routing weights), and vLLM's ``fused_experts`` when vLLM is installed.
+   The static path gathers one core per pair, so it runs where P cores fit in 2 GB.
 1. ST-HOSVD of one (128, 2048, 768) float32 tensor at ranks (64, 512, 256) on the GPU,
    against this GPU's measured matrix-multiply rate (the arithmetic floor).
 2. ``decompose_checkpoint(..., device="cuda")`` of the embedded demo model, compared
@@ -7,30 +19,234 @@
 3. ``evaluate(..., backend="cuda")`` of the demo's Tucker model: perplexities, KL, and
    tokens per second of the Tucker model against the dense original in the same run.
 
-    python bench/gpu.py --out /tmp/gpu
+    python bench/gpu.py --out /tmp/gpu                      # everything (a few minutes)
+    python bench/gpu.py --sections layer --json /tmp/gpu/layer.json
+    python bench/gpu.py --dry-run                           # tiny shapes on the CPU (Triton interpreted)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
+import sys
 import time
 from pathlib import Path
 
+if "--dry-run" in sys.argv and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on the CPU
+
 import torch
 
+QWEN3_30B = dict(E=128, H=2048, I=768, K=8)
+TINY = dict(E=8, H=64, I=48, K=2)
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="/tmp/tuckerize-gpu")
-    ap.add_argument("--ranks", default="8,64,32")
-    ap.add_argument("--seqlen", type=int, default=256)
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device("cuda")
-    res = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+#: timing of one measurement (the dry run sets one call, no warm-up: it checks that things run)
+TIMING = {"warmup": 2, "min_reps": 3, "min_time": 0.2, "max_reps": 200}
+
+
+def time_ms(fn, device):
+    """Median milliseconds per call after warm-up calls (:data:`TIMING`), and the last output."""
+    for _ in range(TIMING["warmup"]):
+        fn()
+    sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < TIMING["min_reps"] or (time.perf_counter() - start < TIMING["min_time"]
+                                               and len(times) < TIMING["max_reps"]):
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times), out
+
+
+def cuda_graph(fn):
+    """Capture ``fn()`` in a CUDA graph (after warm-up on a side stream); returns replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g, out
+
+
+def rel_err(ref, got) -> float:
+    return float((ref.double() - got.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+def make_tucker(shape, ranks, gen, dtype, device):
+    from tuckerize.runtime.tucker_experts import TuckerExperts
+
+    E, H, I = shape["E"], shape["H"], shape["I"]
+    rE, rH, rI = ranks
+    m = TuckerExperts(E, H, I, {p: ranks for p in ("gate", "up", "down")}, dtype=dtype, device=device)
+    t = {}
+    for p in ("gate", "up", "down"):
+        for f, (n, r) in {"U_E": (E, rE), "U_H": (H, rH), "U_I": (I, rI)}.items():
+            t[f"{p}.{f}"] = torch.linalg.qr(torch.randn(n, r, generator=gen))[0].to(device=device, dtype=dtype)
+        t[f"{p}.core"] = (torch.randn(rE, rH, rI, generator=gen) * 0.05).to(device=device, dtype=dtype)
+    m.load_factors(t)
+    return m
+
+
+def make_dense(shape, impl, gen, dtype, device):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    E, H, I, K = shape["E"], shape["H"], shape["I"], shape["K"]
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+    cfg._experts_implementation = impl
+    m = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        m.gate_up_proj.copy_(torch.randn(E, 2 * I, H, generator=gen) * 0.02)
+        m.down_proj.copy_(torch.randn(E, H, I, generator=gen) * 0.02)
+    return m.to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def triton_dense_moe(dense, x, idx, w):
+    """Dense fused-MoE in Triton: pairs sorted and padded per expert (``pair_blocks``),
+    one grouped gather-matmul for gate_up, the activation, one for down with the routing
+    weights and the reduction over a token's experts (the kernels of triton_moe)."""
+    import triton
+
+    from tuckerize.runtime.kernels.triton_moe import _core_kernel, interpreting, pair_blocks, _TL_DTYPES
+    import triton.language as tl
+
+    T, K = idx.shape
+    P = T * K
+    gu, dn = dense.gate_up_proj, dense.down_proj  # [E, 2I, H], [E, H, I]
+    E, I2, H = gu.shape
+    I = I2 // 2
+    grouped = P > 64
+    BM = 16 if not grouped or P <= 1024 else 64
+    rows, be = pair_blocks(idx.reshape(-1), E, BM, grouped)
+    nb = be.numel()
+    dot, prec = (tl.float32, "ieee") if interpreting() or x.dtype == torch.float32 else (_TL_DTYPES[x.dtype], "tf32")
+    wf = w.reshape(-1).contiguous()
+    h = torch.empty(P, I2, dtype=x.dtype, device=x.device)
+    _core_kernel[(nb, triton.cdiv(I2, 64))](x, gu, h, rows, be, wf, I2, H, K,
+                                            x.stride(0), gu.stride(0), gu.stride(2), gu.stride(1), h.stride(0),
+                                            BM=BM, BN=64, BK=64, SCATTER=False, DOT=dot, PREC=prec)
+    a = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]).contiguous()
+    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    _core_kernel[(nb, triton.cdiv(H, 64))](a, dn, out, rows, be, wf, H, I, K,
+                                           a.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), out.stride(0),
+                                           BM=BM, BN=64, BK=64, SCATTER=True, DOT=dot, PREC=prec)
+    return out.to(x.dtype)
+
+
+def vllm_fused(dense):
+    """vLLM's fused_experts on the same weights, or None when vLLM is not installed."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_experts
+    except Exception:
+        return None
+    w1, w2 = dense.gate_up_proj, dense.down_proj  # vLLM: w1 [E, 2I, H], w2 [E, H, I]
+    return lambda x, idx, w: fused_experts(x, w1, w2, w.float(), idx.to(torch.int32))
+
+
+def layer_bench(args, device, dtype) -> dict:
+    from tuckerize.runtime.kernels import DecodeDispatch, triton_available
+
+    shape = TINY if args.dry_run else QWEN3_30B
+    E, H, I, K = shape["E"], shape["H"], shape["I"], shape["K"]
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rank_sets = [tuple(int(v) for v in r.split(",")) for r in args.ranks.split(";")]
+    gen = torch.Generator().manual_seed(0)
+    has_triton = triton_available() and (device.type == "cuda" or args.dry_run)
+    res = {"shape": shape, "dtype": str(dtype), "device": str(device), "triton": has_triton, "rows": []}
+    dense = make_dense(shape, "grouped_mm", gen, dtype, device)
+    dense_b = make_dense(shape, "batched_mm", gen, dtype, device)
+    with torch.no_grad():
+        dense_b.gate_up_proj.copy_(dense.gate_up_proj)
+        dense_b.down_proj.copy_(dense.down_proj)
+    vllm = vllm_fused(dense) if device.type == "cuda" else None
+    tuckers = {r: make_tucker(shape, r, gen, dtype, device) for r in rank_sets}
+    elt = torch.tensor([], dtype=dtype).element_size()
+    impls = {"torch": None}
+    impls["static"] = DecodeDispatch("static", max_tokens=1 << 30, devices=(device.type,))
+    if has_triton:
+        impls["triton"] = DecodeDispatch("triton", max_tokens=1 << 30, devices=(device.type,))
+
+    with torch.inference_mode():
+        for T in tokens:
+            x = torch.randn(T, H, generator=gen).to(device=device, dtype=dtype)
+            w, idx = torch.topk(torch.softmax(torch.randn(T, E, generator=gen), -1), K, dim=-1)
+            w = (w / w.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
+            idx = idx.to(device)
+            row = {"tokens": T, "dense_ms": {}, "tucker": {}}
+            row["dense_ms"]["grouped_mm"], ref_dense = time_ms(lambda: dense(x, idx, w), device)
+            if T <= 16:
+                row["dense_ms"]["batched_mm"], _ = time_ms(lambda: dense_b(x, idx, w), device)
+            if has_triton:
+                row["dense_ms"]["triton_fused_moe"], got = time_ms(lambda: triton_dense_moe(dense, x, idx, w), device)
+                row["dense_triton_rel_err"] = rel_err(ref_dense, got)
+            if vllm is not None:
+                row["dense_ms"]["vllm_fused_experts"], got = time_ms(lambda: vllm(x, idx, w), device)
+                row["dense_vllm_rel_err"] = rel_err(ref_dense, got)
+            best_dense = min(row["dense_ms"], key=row["dense_ms"].get)
+            for r, m in tuckers.items():
+                key = ",".join(map(str, r))
+                cell = {}
+                gather_bytes = T * K * r[1] * r[2] * elt
+                for name, impl in impls.items():
+                    if name == "static" and gather_bytes > 2 << 30:
+                        continue
+                    m.decode_impl = impl
+                    cell[f"{name}_ms"], got = time_ms(lambda: m(x, idx, w), device)
+                    if name == "torch":
+                        ref = got
+                    else:
+                        cell[f"{name}_vs_torch_rel_err"] = rel_err(ref, got)
+                    if device.type == "cuda" and name != "torch":
+                        g, out = cuda_graph(lambda: m(x, idx, w))
+                        cell[f"graph-{name}_ms"], _ = time_ms(g.replay, device)
+                        cell[f"graph-{name}_vs_torch_rel_err"] = rel_err(ref, out)
+                        del g
+                m.decode_impl = None
+                best = min((k for k in cell if k.endswith("_ms")), key=cell.get)
+                mac = 3 * H * I * K / (3 * H * r[1] + K * (3 * r[1] * r[2] + 3 * r[2] * I))
+                cell.update(best=best[:-3], best_ms=cell[best], mac_ratio=mac,
+                            speedup_vs_fastest_dense=row["dense_ms"][best_dense] / cell[best],
+                            fastest_dense=best_dense)
+                cell["fraction_of_mac_ratio"] = cell["speedup_vs_fastest_dense"] / mac
+                row["tucker"][key] = cell
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    return res
+
+
+def layer_table(res) -> str:
+    """Markdown: per tokens and ranks, every path's ms, and the best Tucker path against
+    the fastest dense (target: >= 2x at 1-16 tokens, >= 70% of the MAC ratio at 512-4096)."""
+    cols = ["torch", "static", "triton", "graph-static", "graph-triton"]
+    lines = ["| tokens | dense grouped_mm (ms) | fastest dense (ms) | ranks | " + " | ".join(f"Tucker {c} (ms)" for c in cols)
+             + " | best vs fastest dense | MAC ratio | of MAC ratio |",
+             "|---:|---:|---|---|" + "---:|" * len(cols) + "---:|---:|---:|"]
+    for row in res["rows"]:
+        d = row["dense_ms"]
+        fd = min(d, key=d.get)
+        for r, c in row["tucker"].items():
+            ms = " | ".join(f"{c[k + '_ms']:.3f}" if k + "_ms" in c else "n/a" for k in cols)
+            lines.append(f"| {row['tokens']} | {d['grouped_mm']:.3f} | {d[fd]:.3f} ({fd}) | {r} | {ms} | "
+                         f"{c['speedup_vs_fastest_dense']:.2f}x ({c['best']}) | {c['mac_ratio']:.2f}x | "
+                         f"{c['fraction_of_mac_ratio']:.0%} |")
+    return "\n".join(lines)
+
+
+def engine_bench(dev) -> dict:
     from tuckerize.decompose import cheapest_mode_order, sthosvd_flops, tucker
 
     n = 8192
@@ -54,25 +270,27 @@ def main():
         r = tucker(W, ranks)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    res["engine"] = {"sgemm_tflops_fp32": rate / 1e12, "seconds": min(times), "floor_s": flops / rate,
-                     "floor_ratio": min(times) / (flops / rate), "error": r.relative_error}
-    print(json.dumps(res["engine"]))
-    del W
+    return {"sgemm_tflops_fp32": rate / 1e12, "seconds": min(times), "floor_s": flops / rate,
+            "floor_ratio": min(times) / (flops / rate), "error": r.relative_error}
 
+
+def decompose_bench(out: Path, ranks: str) -> dict:
     from tuckerize.compress import decompose_checkpoint
 
     t = time.perf_counter()
-    m_gpu = decompose_checkpoint("tuckerize/demo/model", out / "demo-gpu", ranks=args.ranks, device="cuda", overwrite=True)
-    res["decompose_cuda_s"] = time.perf_counter() - t
-    m_cpu = decompose_checkpoint("tuckerize/demo/model", out / "demo-cpu", ranks=args.ranks, device="cpu", overwrite=True)
+    m_gpu = decompose_checkpoint("tuckerize/demo/model", out / "demo-gpu", ranks=ranks, device="cuda", overwrite=True)
+    elapsed = time.perf_counter() - t
+    m_cpu = decompose_checkpoint("tuckerize/demo/model", out / "demo-cpu", ranks=ranks, device="cpu", overwrite=True)
     diffs = [abs(a["relative_error"] - b["relative_error"]) for a, b in zip(m_gpu["tensors"], m_cpu["tensors"])]
-    res["decompose_cpu_vs_cuda_max_error_diff"] = max(diffs)
-    print("decompose cuda vs cpu: max |error difference|", max(diffs))
+    return {"decompose_cuda_s": elapsed, "decompose_cpu_vs_cuda_max_error_diff": max(diffs)}
 
+
+def eval_bench(out: Path, seqlen: int) -> dict:
     from tuckerize.evaluate import evaluate
 
+    res = {}
     for dtype in ("float32", "bfloat16"):
-        rep = evaluate(str(out / "demo-gpu"), "tuckerize/demo/model", text="demo", seqlen=args.seqlen,
+        rep = evaluate(str(out / "demo-gpu"), "tuckerize/demo/model", text="demo", seqlen=seqlen,
                        backend="cuda", dtype=dtype, use_cache=False)
         res[f"eval_{dtype}"] = {
             "baseline_ppl": rep["baseline_result"]["perplexity"], "tucker_ppl": rep["tucker_result"]["perplexity"],
@@ -81,8 +299,55 @@ def main():
             "tucker_tokens_per_s": rep["tucker_result"]["tokens_per_s"],
             "speedup": rep["tucker_result"]["tokens_per_s"] / rep["baseline_result"]["tokens_per_s"],
         }
-        print(dtype, json.dumps(res[f"eval_{dtype}"]))
-    (out / "gpu.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/tuckerize-gpu")
+    ap.add_argument("--sections", default="layer,engine,decompose,eval")
+    ap.add_argument("--tokens", default=None, help="layer: token counts (default 1,4,16,512,4096; dry run 1,4)")
+    ap.add_argument("--ranks", default=None, help="layer: rank sets (default '64,512,256;128,1024,512')")
+    ap.add_argument("--demo-ranks", default="8,64,32", help="decompose/eval: the demo model's ranks")
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--json", default=None, help="results file (default OUT/gpu.json)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="the layer section only, on tiny shapes on the CPU in float32 (Triton interpreted)")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.dry_run:
+        dev, dtype, sections = torch.device("cpu"), torch.float32, ["layer"]
+        TIMING.update(warmup=0, min_reps=1, min_time=0.0, max_reps=1)
+        args.tokens = args.tokens or "1,4"
+        args.ranks = args.ranks or "4,16,8;8,32,16"
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/gpu.py needs a CUDA GPU (or --dry-run for a CPU check on tiny shapes)")
+        dev, dtype, sections = torch.device("cuda"), torch.bfloat16, args.sections.split(",")
+        args.tokens = args.tokens or "1,4,16,512,4096"
+        args.ranks = args.ranks or "64,512,256;128,1024,512"
+    res = {"dry_run": args.dry_run, "torch": torch.__version__,
+           "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
+    if "layer" in sections:
+        res["layer"] = layer_bench(args, dev, dtype)
+    if "engine" in sections:
+        res["engine"] = engine_bench(dev)
+        print(json.dumps(res["engine"]), flush=True)
+    if "decompose" in sections:
+        res.update(decompose_bench(out, args.demo_ranks))
+        print("decompose cuda vs cpu: max |error difference|", res["decompose_cpu_vs_cuda_max_error_diff"], flush=True)
+    if "eval" in sections:
+        if "decompose" not in sections and not (out / "demo-gpu").exists():
+            res.update(decompose_bench(out, args.demo_ranks))
+        res.update(eval_bench(out, args.seqlen))
+        for k in ("eval_float32", "eval_bfloat16"):
+            print(k, json.dumps(res[k]), flush=True)
+    path = Path(args.json) if args.json else out / "gpu.json"
+    path.write_text(json.dumps(res, indent=1))
+    if "layer" in res:
+        print()
+        print(layer_table(res["layer"]))
 
 
 if __name__ == "__main__":
