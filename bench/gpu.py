@@ -22,6 +22,7 @@ engine, decompose and eval on the cuda backend.
     python bench/gpu.py --out /tmp/gpu                      # everything (a few minutes)
     python bench/gpu.py --sections layer --json /tmp/gpu/layer.json
     python bench/gpu.py --dry-run                           # tiny shapes on the CPU (Triton interpreted)
+    python bench/gpu.py --sections layer --device cpu --dtype float32 --tokens 1,4,16   # CPU numbers
 """
 
 from __future__ import annotations
@@ -48,24 +49,31 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-#: timing of one measurement (the dry run sets one call, no warm-up: it checks that things run)
-TIMING = {"warmup": 2, "min_reps": 3, "min_time": 0.2, "max_reps": 200}
+#: timing (the dry run sets one call, no warm-up: it checks that things run)
+TIMING = {"warmup": 2, "min_rounds": 5, "min_time": 0.2, "max_rounds": 200}
 
 
-def time_ms(fn, device):
-    """Median milliseconds per call after warm-up calls (:data:`TIMING`), and the last output."""
+def time_round_robin(fns: dict, device) -> tuple[dict, dict]:
+    """Median milliseconds per call of each function, called in turn (one round calls
+    each once), so that a change of machine load hits every candidate alike; and each
+    one's last output."""
     for _ in range(TIMING["warmup"]):
-        fn()
+        for fn in fns.values():
+            fn()
     sync(device)
-    times = []
+    times = {k: [] for k in fns}
+    outs = {}
     start = time.perf_counter()
-    while len(times) < TIMING["min_reps"] or (time.perf_counter() - start < TIMING["min_time"]
-                                               and len(times) < TIMING["max_reps"]):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), out
+    rounds = 0
+    while rounds < TIMING["min_rounds"] or (time.perf_counter() - start < TIMING["min_time"] * len(fns)
+                                             and rounds < TIMING["max_rounds"]):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[k] = fn()
+            sync(device)
+            times[k].append(time.perf_counter() - t0)
+        rounds += 1
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}, outs
 
 
 def cuda_graph(fn):
@@ -168,17 +176,25 @@ def layer_bench(args, device, dtype) -> dict:
     has_triton = triton_available() and (device.type == "cuda" or args.dry_run)
     res = {"shape": shape, "dtype": str(dtype), "device": str(device), "triton": has_triton, "rows": []}
     dense = make_dense(shape, "grouped_mm", gen, dtype, device)
-    dense_b = make_dense(shape, "batched_mm", gen, dtype, device)
-    with torch.no_grad():
-        dense_b.gate_up_proj.copy_(dense.gate_up_proj)
-        dense_b.down_proj.copy_(dense.down_proj)
+
+    def dense_impl(impl):
+        def fn(x, idx, w):
+            dense.config._experts_implementation = impl  # read by transformers at each call
+            return dense(x, idx, w)
+        return fn
+
     vllm = vllm_fused(dense) if device.type == "cuda" else None
     tuckers = {r: make_tucker(shape, r, gen, dtype, device) for r in rank_sets}
     elt = torch.tensor([], dtype=dtype).element_size()
-    impls = {"torch": None}
-    impls["static"] = DecodeDispatch("static", max_tokens=1 << 30, devices=(device.type,))
+    impls = {"torch": None, "static": DecodeDispatch("static", max_tokens=1 << 30, devices=(device.type,))}
     if has_triton:
         impls["triton"] = DecodeDispatch("triton", max_tokens=1 << 30, devices=(device.type,))
+
+    def tucker_call(m, impl, x, idx, w):
+        def fn():
+            m.decode_impl = impl
+            return m(x, idx, w)
+        return fn
 
     with torch.inference_mode():
         for T in tokens:
@@ -186,41 +202,49 @@ def layer_bench(args, device, dtype) -> dict:
             w, idx = torch.topk(torch.softmax(torch.randn(T, E, generator=gen), -1), K, dim=-1)
             w = (w / w.sum(-1, keepdim=True)).to(device=device, dtype=dtype)
             idx = idx.to(device)
-            row = {"tokens": T, "dense_ms": {}, "tucker": {}}
-            row["dense_ms"]["grouped_mm"], ref_dense = time_ms(lambda: dense(x, idx, w), device)
-            if T <= 16:
-                row["dense_ms"]["batched_mm"], _ = time_ms(lambda: dense_b(x, idx, w), device)
-            if has_triton:
-                row["dense_ms"]["triton_fused_moe"], got = time_ms(lambda: triton_dense_moe(dense, x, idx, w), device)
-                row["dense_triton_rel_err"] = rel_err(ref_dense, got)
+            fns = {"dense/grouped_mm": lambda: dense_impl("grouped_mm")(x, idx, w)}
+            if T <= 16 and "batched_mm" in args.dense:
+                fns["dense/batched_mm"] = lambda: dense_impl("batched_mm")(x, idx, w)
+            if has_triton and "triton" in args.dense:
+                fns["dense/triton_fused_moe"] = lambda: triton_dense_moe(dense, x, idx, w)
             if vllm is not None:
-                row["dense_ms"]["vllm_fused_experts"], got = time_ms(lambda: vllm(x, idx, w), device)
-                row["dense_vllm_rel_err"] = rel_err(ref_dense, got)
-            best_dense = min(row["dense_ms"], key=row["dense_ms"].get)
+                fns["dense/vllm_fused_experts"] = lambda: vllm(x, idx, w)
+            graphs = []
             for r, m in tuckers.items():
                 key = ",".join(map(str, r))
-                cell = {}
-                gather_bytes = T * K * r[1] * r[2] * elt
                 for name, impl in impls.items():
-                    if name == "static" and gather_bytes > 2 << 30:
-                        continue
-                    m.decode_impl = impl
-                    cell[f"{name}_ms"], got = time_ms(lambda: m(x, idx, w), device)
-                    if name == "torch":
-                        ref = got
-                    else:
-                        cell[f"{name}_vs_torch_rel_err"] = rel_err(ref, got)
+                    if name == "static" and T * K * r[1] * r[2] * elt > 2 << 30:
+                        continue  # the per-pair core gather would not fit: not a decode size
+                    fns[f"{key}/{name}"] = tucker_call(m, impl, x, idx, w)
                     if device.type == "cuda" and name != "torch":
-                        g, out = cuda_graph(lambda: m(x, idx, w))
-                        cell[f"graph-{name}_ms"], _ = time_ms(g.replay, device)
-                        cell[f"graph-{name}_vs_torch_rel_err"] = rel_err(ref, out)
-                        del g
+                        g, out = cuda_graph(tucker_call(m, impl, x, idx, w))
+                        graphs.append(g)
+                        fns[f"{key}/graph-{name}"] = lambda g=g, out=out: (g.replay(), out)[1]
+            ms, outs = time_round_robin(fns, device)
+            del graphs
+            for m in tuckers.values():
                 m.decode_impl = None
+            row = {"tokens": T, "dense_ms": {}, "tucker": {}}
+            for k, v in ms.items():
+                if k.startswith("dense/"):
+                    row["dense_ms"][k[6:]] = v
+                    if k != "dense/grouped_mm":
+                        row[f"dense_{k[6:]}_rel_err"] = rel_err(outs["dense/grouped_mm"], outs[k])
+            best_dense = min(row["dense_ms"], key=row["dense_ms"].get)
+            for r in tuckers:
+                key = ",".join(map(str, r))
+                cell = {}
+                for k, v in ms.items():
+                    if k.startswith(key + "/"):
+                        name = k[len(key) + 1:]
+                        cell[f"{name}_ms"] = v
+                        if name != "torch":
+                            cell[f"{name}_vs_torch_rel_err"] = rel_err(outs[f"{key}/torch"], outs[k])
                 best = min((k for k in cell if k.endswith("_ms")), key=cell.get)
                 mac = 3 * H * I * K / (3 * H * r[1] + K * (3 * r[1] * r[2] + 3 * r[2] * I))
-                cell.update(best=best[:-3], best_ms=cell[best], mac_ratio=mac,
+                cell.update(best=best[:-3], best_ms=cell[best], mac_ratio=mac, fastest_dense=best_dense,
                             speedup_vs_fastest_dense=row["dense_ms"][best_dense] / cell[best],
-                            fastest_dense=best_dense)
+                            static_speedup_vs_torch=(cell["torch_ms"] / cell["static_ms"]) if "static_ms" in cell else None)
                 cell["fraction_of_mac_ratio"] = cell["speedup_vs_fastest_dense"] / mac
                 row["tucker"][key] = cell
             res["rows"].append(row)
@@ -311,6 +335,11 @@ def main():
     ap.add_argument("--demo-ranks", default="8,64,32", help="decompose/eval: the demo model's ranks")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--json", default=None, help="results file (default OUT/gpu.json)")
+    ap.add_argument("--device", default="cuda", help="cpu: the layer section at full shapes on the CPU (no Triton)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    ap.add_argument("--dense", default="grouped_mm,batched_mm,triton,vllm",
+                    help="layer: dense baselines (grouped_mm always; batched_mm at <= 16 tokens)")
+    ap.add_argument("--min-rounds", type=int, default=None, help="layer: rounds of timing at least (default 5)")
     ap.add_argument("--dry-run", action="store_true",
                     help="the layer section only, on tiny shapes on the CPU in float32 (Triton interpreted)")
     args = ap.parse_args()
@@ -318,16 +347,20 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     if args.dry_run:
         dev, dtype, sections = torch.device("cpu"), torch.float32, ["layer"]
-        TIMING.update(warmup=0, min_reps=1, min_time=0.0, max_reps=1)
+        TIMING.update(warmup=0, min_rounds=1, min_time=0.0, max_rounds=1)
         args.tokens = args.tokens or "1,4"
         args.ranks = args.ranks or "4,16,8;8,32,16"
     else:
-        if not torch.cuda.is_available():
-            sys.exit("bench/gpu.py needs a CUDA GPU (or --dry-run for a CPU check on tiny shapes)")
-        dev, dtype, sections = torch.device("cuda"), torch.bfloat16, args.sections.split(",")
+        if args.device == "cuda" and not torch.cuda.is_available():
+            sys.exit("bench/gpu.py needs a CUDA GPU (or --device cpu, or --dry-run for a CPU check on tiny shapes)")
+        dev, dtype, sections = torch.device(args.device), getattr(torch, args.dtype), args.sections.split(",")
+        if dev.type != "cuda":
+            sections = [s for s in sections if s == "layer"]
         args.tokens = args.tokens or "1,4,16,512,4096"
         args.ranks = args.ranks or "64,512,256;128,1024,512"
-    res = {"dry_run": args.dry_run, "torch": torch.__version__,
+    if args.min_rounds:
+        TIMING["min_rounds"] = args.min_rounds
+    res = {"dry_run": args.dry_run, "threads": torch.get_num_threads(), "torch": torch.__version__,
            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None}
     if "layer" in sections:
         res["layer"] = layer_bench(args, dev, dtype)

@@ -237,5 +237,5 @@ def test_gpu_bench_dry_run(tmp_path):
             if res["layer"]["triton"]:
                 assert r_["triton_vs_torch_rel_err"] < 1e-4
         if res["layer"]["triton"]:
-            assert row["dense_triton_rel_err"] < 1e-4
+            assert row["dense_triton_fused_moe_rel_err"] < 1e-4
     assert "| tokens |" in r.stdout
