@@ -17,7 +17,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tucker_refs as R
-from tuckerize.runtime.kernels import DecodeDispatch, install
+from tuckerize.errors import InputError
+from tuckerize.runtime.kernels import ENV, DecodeDispatch, default_dispatch, install
 from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
 from tuckerize.runtime.parallel import ParallelContext
 from tuckerize.runtime.tucker_experts import TuckerExperts
@@ -200,11 +201,22 @@ def test_dispatch_declines_other_devices_and_off(factors):
     m = _module(factors)
     x = torch.randn(2, H)
     idx, w = _routing(2, 2, seed=0)
-    assert DecodeDispatch()(m, x, idx, w) is None  # default devices: cuda, npu
-    assert DecodeDispatch("off", devices=("cpu",))(m, x, idx, w) is None
-    assert DecodeDispatch("static", devices=("cpu",))(m, x, idx, w) is not None
-    with pytest.raises(ValueError, match="decode impl"):
+    assert DecodeDispatch(devices=("cuda", "npu"))(m, x, idx, w) is None
+    assert DecodeDispatch("off")(m, x, idx, w) is None
+    assert DecodeDispatch("static", max_tokens=1)(m, x, idx, w) is None
+    assert DecodeDispatch()(m, x, idx, w) is not None
+    with pytest.raises(InputError, match="decode impl"):
         DecodeDispatch("fast")
+
+
+def test_default_dispatch_from_environment(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert default_dispatch().impl == "auto" and default_dispatch().max_tokens == 16
+    monkeypatch.setenv(ENV, "off")
+    assert default_dispatch().impl == "off"
+    monkeypatch.setenv(ENV, "fastest")
+    with pytest.raises(InputError, match=ENV):
+        default_dispatch()
 
 
 def test_install_sets_every_tucker_module(factors):
@@ -212,6 +224,40 @@ def test_install_sets_every_tucker_module(factors):
     d = DecodeDispatch("static")
     assert install(model, d) == 2
     assert model[0].decode_impl is d and model[2].decode_impl is d
+
+
+def test_native_runtime_uses_decode_path(tucker_factory, monkeypatch):
+    """CausalLM installs the decode path: a short sequence goes through it (every MoE
+    layer, once) and the logits equal transformers' on the reconstructed dense weights;
+    with TUCKERIZE_DECODE=off the module's own path gives the same logits."""
+    import model_refs as M
+    import tuckerize.runtime.kernels as K
+    from tuckerize.runtime.loader import TensorSource
+    from tuckerize.runtime.model import CausalLM
+
+    calls = []
+
+    def spy(f, *a):
+        calls.append(a[0].shape[0])
+        return static_partial(f, *a)
+
+    monkeypatch.setattr(K, "static_partial", spy)
+    src, tucker = tucker_factory("qwen3_moe")
+    ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+
+    def logits():
+        model = CausalLM(TensorSource.open(tucker, parallel=ParallelContext()), dtype=torch.float32).eval()
+        return model(ids), len(model.moe_blocks())
+
+    monkeypatch.delenv(K.ENV, raising=False)
+    got, n_moe = logits()
+    assert n_moe > 0 and calls == [10] * n_moe
+    ref = M.hf_logits(src, ids, tucker=tucker)
+    assert R.rel_err(ref, got) < 1e-4
+    monkeypatch.setenv(K.ENV, "off")
+    own, _ = logits()
+    assert len(calls) == n_moe
+    assert R.rel_err(own, got) < TOL
 
 
 # ------------------------------------------------------------------ bench/gpu.py dry run

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tuckerize.errors import BackendError
 from tuckerize.runtime.kernels.static import DecodeFactors, local_routing
 
 #: activation name -> the kernel's ACT constant
@@ -165,7 +166,7 @@ def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: t
     """This rank's ``s`` [T, r_H,d] as :meth:`TuckerExperts.partial`, through the Triton
     kernels. ``grouped``: pair blocks sorted by expert (default: when P > 64)."""
     if f.act not in ACT_IDS:
-        raise ValueError(f"activation {f.act!r} has no Triton kernel")
+        raise BackendError(f"activation {f.act!r} has no Triton kernel; use TUCKERIZE_DECODE=static")
     T, K = top_k_index.shape
     P = T * K
     dtype = f.dtype
