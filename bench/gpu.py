@@ -124,34 +124,19 @@ def make_dense(shape, impl, gen, dtype, device):
 
 
 def triton_dense_moe(dense, x, idx, w):
-    """Dense fused-MoE in Triton: pairs sorted and padded per expert (``pair_blocks``),
+    """Dense fused-MoE in Triton: pairs sorted and padded per expert (``PairBlocks``),
     one grouped gather-matmul for gate_up, the activation, one for down with the routing
     weights and the reduction over a token's experts (the kernels of triton_moe)."""
-    import triton
-
-    from tuckerize.runtime.kernels.triton_moe import _core_kernel, interpreting, pair_blocks, _TL_DTYPES
-    import triton.language as tl
+    from tuckerize.runtime.kernels.triton_moe import PairBlocks
 
     T, K = idx.shape
-    P = T * K
     gu, dn = dense.gate_up_proj, dense.down_proj  # [E, 2I, H], [E, H, I]
-    E, I2, H = gu.shape
-    I = I2 // 2
-    grouped = P > 64
-    BM = 16 if not grouped or P <= 1024 else 64
-    rows, be = pair_blocks(idx.reshape(-1), E, BM, grouped)
-    nb = be.numel()
-    dot, prec = (tl.float32, "ieee") if interpreting() or x.dtype == torch.float32 else (_TL_DTYPES[x.dtype], "tf32")
-    wf = w.reshape(-1).contiguous()
-    h = torch.empty(P, I2, dtype=x.dtype, device=x.device)
-    _core_kernel[(nb, triton.cdiv(I2, 64))](x, gu, h, rows, be, wf, I2, H, K,
-                                            x.stride(0), gu.stride(0), gu.stride(2), gu.stride(1), h.stride(0),
-                                            BM=BM, BN=64, BK=64, SCATTER=False, DOT=dot, PREC=prec)
+    I = gu.shape[1] // 2
+    blocks = PairBlocks(idx.reshape(-1), gu.shape[0], K, x.dtype)
+    h = blocks.matmul(x, gu, torch.empty(T * K, 2 * I, dtype=x.dtype, device=x.device), transposed=True)
     a = (torch.nn.functional.silu(h[:, :I]) * h[:, I:]).contiguous()
-    out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
-    _core_kernel[(nb, triton.cdiv(H, 64))](a, dn, out, rows, be, wf, H, I, K,
-                                           a.stride(0), dn.stride(0), dn.stride(2), dn.stride(1), out.stride(0),
-                                           BM=BM, BN=64, BK=64, SCATTER=True, DOT=dot, PREC=prec)
+    out = torch.zeros(T, gu.shape[2], dtype=torch.float32, device=x.device)
+    blocks.matmul(a, dn, out, transposed=True, scatter_weights=w.reshape(-1).contiguous())
     return out.to(x.dtype)
 
 
@@ -243,8 +228,9 @@ def layer_bench(args, device, dtype) -> dict:
                 best = min((k for k in cell if k.endswith("_ms")), key=cell.get)
                 mac = 3 * H * I * K / (3 * H * r[1] + K * (3 * r[1] * r[2] + 3 * r[2] * I))
                 cell.update(best=best[:-3], best_ms=cell[best], mac_ratio=mac, fastest_dense=best_dense,
-                            speedup_vs_fastest_dense=row["dense_ms"][best_dense] / cell[best],
-                            static_speedup_vs_torch=(cell["torch_ms"] / cell["static_ms"]) if "static_ms" in cell else None)
+                            speedup_vs_fastest_dense=row["dense_ms"][best_dense] / cell[best])
+                if "static_ms" in cell:
+                    cell["static_speedup_vs_torch"] = cell["torch_ms"] / cell["static_ms"]
                 cell["fraction_of_mac_ratio"] = cell["speedup_vs_fastest_dense"] / mac
                 row["tucker"][key] = cell
             res["rows"].append(row)
@@ -256,8 +242,8 @@ def layer_table(res) -> str:
     """Markdown: per tokens and ranks, every path's ms, and the best Tucker path against
     the fastest dense (target: >= 2x at 1-16 tokens, >= 70% of the MAC ratio at 512-4096)."""
     cols = ["torch", "static", "triton", "graph-static", "graph-triton"]
-    lines = ["| tokens | dense grouped_mm (ms) | fastest dense (ms) | ranks | " + " | ".join(f"Tucker {c} (ms)" for c in cols)
-             + " | best vs fastest dense | MAC ratio | of MAC ratio |",
+    lines = ["| tokens | dense grouped_mm (ms) | fastest dense (ms) | ranks | "
+             + " | ".join(f"Tucker {c} (ms)" for c in cols) + " | best vs fastest dense | MAC ratio | of MAC ratio |",
              "|---:|---:|---|---|" + "---:|" * len(cols) + "---:|---:|---:|"]
     for row in res["rows"]:
         d = row["dense_ms"]

@@ -161,6 +161,41 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
+class PairBlocks:
+    """The pair blocks of one call and the kernels' launch settings, from static shapes.
+
+    expert [P] local expert per pair (-1: not computed here), n_local experts, topk K.
+    ``grouped``: sorted by expert (default when P > 64; one pair per block below)."""
+
+    def __init__(self, expert: torch.Tensor, n_local: int, topk: int, dtype: torch.dtype, grouped: bool | None = None):
+        P = expert.numel()
+        self.P, self.topk = P, topk
+        self.grouped = P > 64 if grouped is None else grouped
+        self.BM = 16 if not self.grouped or P <= 1024 else 64
+        self.rows, self.block_expert = pair_blocks(expert, n_local, self.BM, self.grouped)
+        if interpreting() or dtype == torch.float32:  # the interpreter cannot dot bfloat16 operands
+            self.dot, self.prec = tl.float32, "ieee"
+        else:
+            self.dot, self.prec = _TL_DTYPES[dtype], "tf32"
+
+    def matmul(self, a: torch.Tensor, weights: torch.Tensor, out: torch.Tensor, *, transposed: bool = False,
+               scatter_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Per pair p of expert e: ``out[p] = a[p // K] @ W[e]``, or with ``scatter_weights``
+        w [P]: ``out[p // K] += w_p a[p] @ W[e]`` (atomic; out float32). ``weights`` is
+        [E, k, n], or [E, n, k] with ``transposed``; a and out have unit last stride."""
+        kd, n = (weights.shape[2], weights.shape[1]) if transposed else (weights.shape[1], weights.shape[2])
+        sk, sn = (weights.stride(2), weights.stride(1)) if transposed else (weights.stride(1), weights.stride(2))
+        BN, BK = min(64, _pow2(n)), min(64, _pow2(kd))
+        scatter = scatter_weights is not None
+        w = scatter_weights if scatter else self.block_expert  # unused pointer when storing
+        _core_kernel[(self.block_expert.numel(), triton.cdiv(n, BN))](
+            a, weights, out, self.rows, self.block_expert, w,
+            n, kd, self.topk,
+            a.stride(0), weights.stride(0), sk, sn, out.stride(0),
+            BM=self.BM, BN=BN, BK=BK, SCATTER=scatter, DOT=self.dot, PREC=self.prec)
+        return out
+
+
 def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                    top_k_weights: torch.Tensor, *, grouped: bool | None = None) -> torch.Tensor:
     """This rank's ``s`` [T, r_H,d] as :meth:`TuckerExperts.partial`, through the Triton
@@ -175,32 +210,14 @@ def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: t
     if f.sliced:
         local = (top_k_index.reshape(-1) >= f.e0) & (top_k_index.reshape(-1) < f.e1)
         e = torch.where(local, e, torch.full_like(e, -1))
-    n_local = f.e1 - f.e0
-    if grouped is None:
-        grouped = P > 64
-    BM = 16 if not grouped or P <= 1024 else 64
-    rows, block_expert = pair_blocks(e, n_local, BM, grouped)
-    nb = block_expert.numel()
-    if interpreting() or dtype == torch.float32:
-        dot, prec = tl.float32, "ieee"
-    else:
-        dot, prec = _TL_DTYPES[dtype], "tf32"
+    blocks = PairBlocks(e, f.e1 - f.e0, K, dtype, grouped)
     dev = x.device
-    xs = {p: x @ f.U_H[p] for p in ("gate", "up")}  # [T, r_H,p], once per token
     z = {}
     for p in ("gate", "up"):
-        G = f.G[p]  # [E_loc, r_H, r_I]
-        rH, rI = G.shape[1], G.shape[2]
+        xs = x @ f.U_H[p]  # [T, r_H,p], once per token
         # rows of other ranks' pairs are never written: zeros, not garbage, go through the next kernel
-        out = (torch.zeros if f.sliced else torch.empty)(P, rI, dtype=dtype, device=dev)
-        BN = min(64, _pow2(rI))
-        BK = min(64, _pow2(rH))
-        _core_kernel[(nb, triton.cdiv(rI, BN))](
-            xs[p], G, out, rows, block_expert, w,
-            rI, rH, K,
-            xs[p].stride(0), G.stride(0), G.stride(1), G.stride(2), out.stride(0),
-            BM=BM, BN=BN, BK=BK, SCATTER=False, DOT=dot, PREC=prec)
-        z[p] = out
+        out = (torch.zeros if f.sliced else torch.empty)(P, f.G[p].shape[2], dtype=dtype, device=dev)
+        z[p] = blocks.matmul(xs, f.G[p], out)
     ug, uu, ud = (f.U_I[p].contiguous() for p in ("gate", "up", "down"))
     I_loc = ug.shape[0]
     RG, RU, RD = ug.shape[1], uu.shape[1], ud.shape[1]
@@ -211,16 +228,9 @@ def triton_partial(f: DecodeFactors, hidden_states: torch.Tensor, top_k_index: t
         z["gate"], z["up"], ug, uu, ud, y,
         P, I_loc, RG, RU, RD,
         BM=BMA, BI=BI, RGP=_pow2(RG), RUP=_pow2(RU), RDP=_pow2(RD),
-        ACT=ACT_IDS[f.act], DOT=dot, PREC=prec)
+        ACT=ACT_IDS[f.act], DOT=blocks.dot, PREC=blocks.prec)
     y = y.to(dtype)
-    Gd = f.G["down"]  # [E_loc, r_H,d, r_I,d]; y @ Gd[e]^T
-    rH = Gd.shape[1]
-    s = torch.zeros(T, rH, dtype=torch.float32, device=dev)
-    BN = min(64, _pow2(rH))
-    BK = min(64, _pow2(Gd.shape[2]))
-    _core_kernel[(nb, triton.cdiv(rH, BN))](
-        y, Gd, s, rows, block_expert, w.contiguous(),
-        rH, Gd.shape[2], K,
-        y.stride(0), Gd.stride(0), Gd.stride(2), Gd.stride(1), s.stride(0),
-        BM=BM, BN=BN, BK=BK, SCATTER=True, DOT=dot, PREC=prec)
+    Gd = f.G["down"]  # [E_loc, r_H,d, r_I,d]: y @ Gd[e]^T
+    s = torch.zeros(T, Gd.shape[1], dtype=torch.float32, device=dev)
+    blocks.matmul(y, Gd, s, transposed=True, scatter_weights=w.contiguous())
     return s.to(dtype)
