@@ -113,6 +113,21 @@ class StaticShapeMode(TorchDispatchMode):
         self.trace: list[tuple[str, tuple]] = []
         self.violations: list[str] = []
 
+    def __enter__(self):
+        # .tolist() and .numpy() read memory without dispatching an op: watch them directly
+        self._saved = {n: getattr(torch.Tensor, n) for n in ("tolist", "numpy")}
+        for n, orig in self._saved.items():
+            def watched(t, *a, _n=n, _orig=orig, **k):
+                self.violations.append(_n)
+                return _orig(t, *a, **k)
+            setattr(torch.Tensor, n, watched)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for n, orig in self._saved.items():
+            setattr(torch.Tensor, n, orig)
+        return super().__exit__(*exc)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
@@ -132,6 +147,17 @@ def _trace(fn, *args):
     with torch.no_grad(), StaticShapeMode() as mode:
         fn(*args)
     return mode
+
+
+def test_static_shape_mode_flags_host_reads_and_dynamic_shapes():
+    t = torch.arange(6)
+    for fn, flag in [(lambda: t.tolist(), "tolist"), (lambda: t.sum().item(), "_local_scalar_dense"),
+                     (lambda: t.nonzero(), "nonzero"), (lambda: t[t > 2], "index[bool mask]"),
+                     (lambda: torch.bincount(t), "bincount"), (lambda: t.unique(), "unique")]:
+        mode = _trace(fn)
+        assert any(flag in v for v in mode.violations), (flag, mode.violations)
+    assert _trace(lambda: t[torch.tensor([0, 2])] * 2).violations == []
+    assert torch.Tensor.tolist(t) == list(range(6))  # restored
 
 
 @pytest.mark.parametrize("layout,world", [("intermediate", 1), ("expert", 3)])
@@ -267,8 +293,8 @@ def test_gpu_bench_dry_run(tmp_path):
     """bench/gpu.py's layer benchmark on tiny shapes on the CPU: every path runs and the
     JSON and table are written (the GPU numbers themselves need a GPU)."""
     out = tmp_path / "gpu.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", "--ranks", "4,16,8", "--json", str(out)],
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    cmd = [sys.executable, str(REPO / "bench" / "gpu.py"), "--dry-run", "--ranks", "4,16,8", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     import json
 
