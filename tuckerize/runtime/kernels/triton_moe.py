@@ -14,14 +14,17 @@ projections ``x U_H,g`` and ``x U_H,u`` (torch matmuls, once per token):
 3. ``_core_kernel`` (down, transposed core, weighted scatter): s[p // K] += w_p y[p] G_d[e_p]^T,
    the routing weights and the reduction over a token's pairs (atomic add into s).
 
-Blocks of pairs come from :func:`pair_blocks`, computed with static shapes (no host
-synchronisation): one pair per block for decoding (no sort at all) or pairs sorted by
-expert and padded to whole blocks (fused-MoE style) for larger P. Blocks whose expert is
--1 (padding, or another rank's experts in the ``expert`` layout) exit at once.
+Blocks of pairs come from :func:`pair_blocks` (held with the launch settings by
+:class:`PairBlocks`, whose ``matmul`` launches ``_core_kernel``), computed with static
+shapes (no host synchronisation, capturable in a CUDA graph): one pair per block for
+decoding (no sort at all) or pairs sorted by expert and padded to whole blocks
+(fused-MoE style) for larger P. Blocks whose expert is -1 (padding, or another rank's
+experts in the ``expert`` layout) exit at once.
 
 Under ``TRITON_INTERPRET=1`` bfloat16 operands of ``tl.dot`` are not supported by the
-interpreter, so the dot operands are cast to float32 there (``dot_dtype``); on a GPU
-they stay in the factors' dtype with float32 accumulation.
+interpreter, so the dot operands are cast to float32 there (``PairBlocks.dot``); on a
+GPU they stay in the factors' dtype with float32 accumulation. Block sizes are fixed
+(BM 16/64, BN = BK = 64, BI 16/64), not autotuned: no GPU has timed them yet.
 """
 
 from __future__ import annotations
