@@ -183,7 +183,11 @@ def test_kernels_compile_for_hopper(kernel):
         fn = _act_kernel
     sig.update({k: "constexpr" for k in const})
     try:
-        compiled = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32))
+        src = ASTSource(fn, sig, constexprs=const)
+    except TypeError as exc:  # triton < 3.3 names the arguments differently
+        pytest.skip(f"this triton ({triton.__version__}) has another ASTSource signature: {exc}")
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     except (FileNotFoundError, ImportError) as exc:  # no bundled ptxas / backend on this platform
         pytest.skip(f"triton cannot compile for sm_90 here: {exc}")
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
