@@ -47,9 +47,9 @@ def factors():
 
 
 @pytest.mark.parametrize("T,K", [(1, 2), (3, 3), (16, 2), (40, 3)])
-@pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_static_matches_module_world1(factors, T, K, act):
-    m = _module(factors, act=act)
+@pytest.mark.parametrize("act,layout", [("silu", "intermediate"), ("gelu", "intermediate"), ("silu", "expert")])
+def test_static_matches_module_world1(factors, T, K, act, layout):
+    m = _module(factors, layout, act=act)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
     idx, w = _routing(T, K, seed=T + K)
     with torch.no_grad():
