@@ -144,6 +144,8 @@ class TuckerExperts(nn.Module):
         i_local = self.inter_range[1] - self.inter_range[0]
         #: At most this many routed pairs take the gather + batched-product path (decoding).
         self.gather_pairs = 16
+        #: kernels hook: ``decode_impl(self, x, index, weights) -> s | None`` (tuckerize.runtime.kernels)
+        self.decode_impl = None
         for p in PROJECTIONS:
             rE, rH, rI = self.ranks[p]
             if p == "down":
@@ -235,6 +237,10 @@ class TuckerExperts(nn.Module):
     def partial(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """This rank's share of ``s = sum_e w_e (a_e U_I,d) G_d[e]^T`` [T, r_H,d]; the
         sum over ranks of ``partial`` is the single-device ``s``."""
+        if self.decode_impl is not None:  # kernels hook: static-shape / Triton decode path
+            s = self.decode_impl(self, hidden_states, top_k_index, top_k_weights)
+            if s is not None:
+                return s
         T, K = top_k_index.shape
         gate, up, down = self.gate, self.up, self.down
         x = hidden_states.to(gate.U_H.dtype)
