@@ -33,7 +33,7 @@ import torch
 
 from tuckerize import __version__
 from tuckerize.demo import resolve_demo
-from tuckerize.errors import BackendError, InputError
+from tuckerize.errors import BackendError, InputError, OutputError
 from tuckerize.progress import Progress, ensure
 from tuckerize.runtime.parallel import ParallelContext
 
@@ -41,7 +41,7 @@ CACHE_DIR = Path(os.environ.get("TUCKERIZE_CACHE", Path.home() / ".cache" / "tuc
 
 
 # -- text -------------------------------------------------------------------------------------
-def load_text(text: str | None, model_folder: Path) -> tuple[str, str]:
+def load_text(text: str | None, model_folder: Path | None) -> tuple[str, str]:
     """``(label, text)`` for ``--text`` (:func:`tuckerize.text.read_text`: a file, ``demo``
     = ``demo-heldout``, ``wikitext2``, ...), or None: the model's own held-out text if it
     has one (the demo models), else WikiText-2."""
@@ -364,6 +364,8 @@ def evaluate(
         if on_note is not None and ready["emit"]:
             on_note(line)
 
+    # A given --text is checked first (missing, binary): before any model is opened.
+    given_text = load_text(text, None) if text is not None else None
     model = resolve_demo(model)
     folder = Path(model)
     if not folder.is_dir():
@@ -411,7 +413,7 @@ def evaluate(
 
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(baseline)
-    text_label, raw = load_text(text, Path(baseline))
+    text_label, raw = given_text if given_text is not None else load_text(None, Path(baseline))
     with quiet_transformers():  # the whole text is longer than model_max_length; windows are cut below
         ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
     windows = token_windows(ids, seqlen, max_windows)
@@ -431,9 +433,9 @@ def evaluate(
         if use_cache and parallel.rank == 0:
             try:
                 save_cached_baseline(cache_file, base)
-            except OSError as exc:
-                note(f"note: the baseline could not be cached in {cache_file.parent} ({exc.strerror}); "
-                     "it will be recomputed next time")
+            except (OSError, OutputError) as exc:  # a cache is optional: never lose the evaluation to it
+                note(f"note: the baseline could not be cached in {cache_file.parent} "
+                     f"({getattr(exc, 'strerror', None) or exc}); it will be recomputed next time")
 
     tucker_model = agreed(parallel, lambda: load_model(model, parallel, device, torch_dtype, runtime, verify=False))
     tk = score_tucker(tucker_model, windows, base, device, layer_tokens, progress)

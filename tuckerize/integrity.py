@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tuckerize.checkpoint import sha256_file, write_json
-from tuckerize.errors import InputError, IntegrityError, ShardError, TuckerizeError
+from tuckerize.errors import InputError, IntegrityError, OutputError, ShardError, TuckerizeError
 from tuckerize.progress import Progress, ensure
 
 #: Hash cache written beside the files it covers (a file of ours, like the manifest).
@@ -54,7 +54,7 @@ def _write_cache(path: Path, files: dict[str, Any]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"version": _CACHE_VERSION, "files": files})
-    except OSError:
+    except (OSError, OutputError):
         pass  # read-only folder, full disk: verification still happened, it is only not remembered
 
 

@@ -95,8 +95,8 @@ def test_table_printed_before_a_failing_write(tiny, cli, tmp_path, monkeypatch):
     result = cli(*_args(tiny, "--seqlen", 32, "--json", out))
     assert result.exit_code == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert any("original vs Tucker" in line for line in lines)
-    assert lines[-1].startswith("error: cannot write") and str(out) in lines[-1] and "No space left" in lines[-1]
+    assert any("original vs Tucker" in line for line in lines), result.stderr + result.stdout
+    assert lines[-1].startswith("error: cannot write") and str(out) in lines[-1] and "no space left" in lines[-1].lower()
     assert "Traceback" not in result.stderr
     assert list(tmp_path.glob("*r.json*")) == []
 

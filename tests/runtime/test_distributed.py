@@ -175,5 +175,8 @@ def test_worker_failure_is_reported_not_hung(tmp_path):
     with pytest.raises(Exception) as info:
         dist_helpers.run_workers(dist_helpers.failing_worker, 2, timeout=60)
     assert time.monotonic() - t0 < 60
-    assert "rank 1 fails on purpose" in str(info.value) or "TimeoutError" in type(info.value).__name__
+    # Whichever rank torch reports first: rank 1's own error, or rank 0 losing its peer
+    # (under load rank 0 can be first); either way a failure, reported before the deadline.
+    msg = str(info.value)
+    assert "rank 1 fails on purpose" in msg or "Process 0 terminated" in msg or "TimeoutError" in type(info.value).__name__
 

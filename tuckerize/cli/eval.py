@@ -84,7 +84,7 @@ def _check_output(path: Optional[Path], flag: str, needs: Optional[str] = None) 
 def _write_reports(report: dict, json_out: Optional[Path], plot: Optional[Path]) -> None:
     """Report files, each written atomically (a temporary name renamed when complete)."""
     from tuckerize.checkpoint import atomic_write
-    from tuckerize.errors import InputError
+    from tuckerize.errors import InputError, OutputError
     from tuckerize.evaluate import plot_report
 
     for path, write in ((json_out, lambda tmp: tmp.write_text(to_json(report))),
@@ -97,6 +97,8 @@ def _write_reports(report: dict, json_out: Optional[Path], plot: Optional[Path])
         except OSError as exc:
             raise InputError(f"cannot write {path} ({exc.strerror}); the table above is the report; "
                              "choose another path and rerun") from None
+        except OutputError as exc:  # mapped by the shared writer (disk full, read-only, below a file)
+            raise OutputError(f"{exc}; the table above is the report") from None
     if json_out:
         console.print(f"report written to {json_out}")
     if plot:
