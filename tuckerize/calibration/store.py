@@ -5,7 +5,7 @@
 larger than the rest) in float16 scaled per expert (``{name}_scale`` [E] float32: each
 expert's largest magnitude; :func:`quantize_expert`), read back as float32. Measured on
 the demo models (BENCHMARKS.md, calibration): the same held-out perplexity as float32
-(within 0.003%) at half the size; format 3 (format 2 stored them in float32).
+(within 0.0021%) at half the size; format 3 (format 2 stored them in float32).
 It is written one layer at a time as calibration goes (all shapes are known up front, so
 the header comes first: :class:`StreamingSafetensors`) and read back one layer at a time
 (:class:`LazyLayers`). ``calibration_stats.json`` beside it records the
