@@ -379,8 +379,9 @@ def degrade(m: torch.Tensor, how: str) -> torch.Tensor:
     if how == "bfloat16":
         return m.to(torch.bfloat16).float()
     if how == "float16":  # scaled per expert by its largest entry (sums of squares overflow float16 otherwise)
-        scale = m.abs().amax(dim=(1, 2), keepdim=True).clamp_min(1e-300)
-        return ((m / scale).half().double() * scale).float()
+        from tuckerize.calibration.store import dequantize_expert, quantize_expert
+
+        return dequantize_expert(*quantize_expert(m))
     if how.startswith("rank"):  # top-k eigenpairs per expert plus the mean of the other eigenvalues times identity
         k = int(how[4:])
         vals, vecs = torch.linalg.eigh(0.5 * (m + m.transpose(1, 2)))
@@ -402,11 +403,16 @@ def stored_bytes(shape: tuple[int, ...], how: str) -> int:
 
 
 def storage(args) -> list[dict]:
-    """Per-expert [E, I, I] statistics stored smaller (float16 scaled per expert, bfloat16,
-    top-k eigenpairs + isotropic rest) vs float32 (today): held-out perplexity of the
-    per-expert weighted decomposition from each, same uniform ranks."""
+    """Per-expert [E, I, I] statistics stored smaller (float16 scaled per expert: the
+    format since version 3, bfloat16, top-k eigenpairs + isotropic rest) vs float32 (format
+    2): held-out perplexity of the per-expert weighted decomposition from each, same
+    uniform ranks. The statistics files of this run are written in float32 (format 2's
+    layout), each variant's values degraded here."""
+    import tuckerize.calibration.store as store
     from tuckerize.calibration.stats import EXPERT_FIELDS
     from tuckerize.calibration.store import CalibrationStats
+
+    store.stored_dtype = lambda name: "F32" if name.rsplit(".", 1)[-1].endswith("_expert") else "F64"
 
     rows = []
     for name, folder in MODELS.items():

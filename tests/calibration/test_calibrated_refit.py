@@ -47,4 +47,6 @@ def test_refit_with_per_expert_weighting(demo_runs, tmp_path):
         assert refit[layer] < white[layer], (layer, white[layer], refit[layer])
     a, b = TuckerCheckpoint.open(demo_runs["white"]), TuckerCheckpoint.open(out)
     kept, refitted = (rel(b.factors(1, p)["core"], a.factors(1, p)["core"]) for p in ("down", "up"))
-    assert kept < 1e-5 and refitted > 1e-3, (kept, refitted)
+    # down is not refitted: it differs only because --refit decomposes from the layer's statistics in float64
+    # (collected again as it runs the layer) and the first run from the file's (per-expert fields in float16)
+    assert kept < 2e-3 and refitted > 2e-2, (kept, refitted)

@@ -56,5 +56,5 @@ def test_statistics_over_two_gloo_ranks_equal_one_process(tmp_path, samples, bat
     for layer in ref.layers:
         got = on_disk.layers[layer]
         for k, v in ref.layers[layer].items():
-            tol = 1e-6 if k.endswith("_expert") else 1e-10  # per-expert fields are stored in float32
+            tol = 1e-3 if k.endswith("_expert") else 1e-10  # per-expert fields are stored in float16 (scaled)
             assert _rel(got[k].double().numpy(), v.numpy()) < tol, (layer, k)

@@ -10,7 +10,13 @@ import torch
 from calibration_common import DEMO, SAMPLES, SEQLEN, UNIFORM
 
 from tuckerize.calibration.collect import collect_statistics
-from tuckerize.calibration.store import CalibrationSettings, CalibrationStats
+from tuckerize.calibration.store import (
+    STATS_VERSION,
+    CalibrationSettings,
+    CalibrationStats,
+    dequantize_expert,
+    quantize_expert,
+)
 from tuckerize.calibration.weights import WhitenOptions
 from tuckerize.compress import decompose_checkpoint
 from tuckerize.decompose.whiten import whitening
@@ -29,9 +35,12 @@ def test_streamed_statistics_file_equals_in_memory(tiny_factory, tmp_path):
     assert again.settings == settings and sorted(again.layers) == sorted(mem.layers) == [0, 1]
     for L in mem.layers:
         for k, v in mem.layers[L].items():
-            # per-expert fields are stored in float32 (E times larger than the rest), the rest in float64
-            want = v.float() if k.endswith("_expert") else v
+            # per-expert fields are stored in float16 scaled per expert (E times larger than the rest), the rest
+            # in float64
+            want = dequantize_expert(*quantize_expert(v)) if k.endswith("_expert") else v
             assert torch.equal(disk.layers[L][k], want) and torch.equal(again.layers[L][k], want), (L, k)
+            if k.endswith("_expert"):
+                assert want.dtype == torch.float32 and float((want.double() - v).norm() / v.norm()) < 1e-3, (L, k)
     mem.save(tmp_path / "copy")
     assert torch.equal(CalibrationStats.load(tmp_path / "copy").layers[1]["inter_routed"], mem.layers[1]["inter_routed"])
 
@@ -63,7 +72,7 @@ def test_statistics_are_reused_and_checked(demo_runs, tmp_path, monkeypatch):
     meta = json.loads((old / "calibration_stats.json").read_text())
     meta["settings"]["version"] = 1
     (old / "calibration_stats.json").write_text(json.dumps(meta))
-    with pytest.raises(CalibrationError, match="format 1, this tuckerize reads format 2"):
+    with pytest.raises(CalibrationError, match=f"format 1, this tuckerize reads format {STATS_VERSION}"):
         decompose_checkpoint(str(DEMO), tmp_path / "d", ranks=(16, 32, 16), stats=old)
     # per-expert hidden covariances are not in statistics collected without them
     with pytest.raises(CalibrationError, match="hidden_expert"):
@@ -91,3 +100,17 @@ def test_manifest_records_calibration(demo_runs):
     assert m["fingerprint"]["calibration"]["settings"]["samples"] == SAMPLES
     assert (demo_runs["white"] / "calibration_stats.safetensors").is_file()
     assert "calibration" not in demo_runs["m_plain"] and "calibration" not in demo_runs["m_plain"]["fingerprint"]
+
+
+def test_per_expert_quantization_keeps_every_expert():
+    """float16 scaled per expert: experts of very different magnitudes (and an all-zero one)
+    each keep ~3 significant digits; sums far beyond float16's range do not overflow."""
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(4, 6, 6, generator=g, dtype=torch.float64)
+    cov = m @ m.transpose(1, 2) * torch.tensor([1e-6, 1.0, 1e9, 0.0], dtype=torch.float64)[:, None, None]
+    q, scale = quantize_expert(cov)
+    assert q.dtype == torch.float16 and scale.dtype == torch.float32 and scale.shape == (4,)
+    back = dequantize_expert(q, scale).double()
+    for e in range(3):
+        assert float((back[e] - cov[e]).norm() / cov[e].norm()) < 1e-3, e
+    assert torch.equal(back[3], cov[3])

@@ -19,8 +19,10 @@ Statistics per MoE layer, accumulated in float64 (``x``: the block input of a to
 ``hidden_expert``   sum_{t->e} w_e^2 x^T x (E x H x H; only with ``per_expert=True``,
                     ``--expert-hidden``: affordable for small models only)
 
-The per-expert tensors are stored in float32 (accumulated in float64): for Qwen3-30B-A3B
-they are 3 x 128 x 768^2 values per layer (0.9 GB, 43 GB for 48 layers).
+The per-expert tensors are stored in float16 scaled per expert (accumulated in float64;
+:mod:`tuckerize.calibration.store`): for Qwen3-30B-A3B they are 3 x 128 x 768^2 values per
+layer (0.45 GB, 22 GB for 48 layers; float32 was twice that, with the same results on the
+demo models, BENCHMARKS.md).
 
 Why these: the squared error that a change dW_e of expert e's gate/up makes in the
 block output is, to first order, sum_{t->e} w_e^2 ||(x dW_e o s) W_down,e^T||^2 (s as
@@ -106,9 +108,10 @@ def stats_layout(moe_layers, shape, per_expert: bool = False) -> list[tuple[str,
 
 
 def stored_dtype(name: str) -> str:
-    """Safetensors dtype of a statistics field: per-expert tensors in float32 (they are
-    E times larger than the rest), the others in float64."""
-    return "F32" if name.rsplit(".", 1)[-1].endswith("_expert") else "F64"
+    """Safetensors dtype of a statistics field: per-expert tensors in float16, scaled per
+    expert (they are E times larger than the rest; :func:`tuckerize.calibration.store.quantize_expert`),
+    the others in float64."""
+    return "F16" if name.rsplit(".", 1)[-1].endswith("_expert") else "F64"
 
 
 __all__ = ["EXPERT_FIELDS", "LayerStats", "stats_layout", "stored_dtype"]
