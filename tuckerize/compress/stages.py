@@ -83,7 +83,7 @@ class ExpertStrategy(PlainStrategy):
         """``keep_weights``: where to keep the per-expert weights ``(A, B)`` for a later
         refit of the layer (they cost a [E, H, I] x [E, H, I] product to form)."""
         from tuckerize.calibration.weights import expert_weights, mode_weights
-        from tuckerize.decompose.expert_weighted import expert_weighted_tucker
+        from tuckerize.decompose.expert_weighted import expert_weighted_tucker, solver_dtype
         from tuckerize.decompose.whiten import whitened_tucker
 
         pooled = mode_weights(layer_stats, proj, self.options)
@@ -92,7 +92,8 @@ class ExpertStrategy(PlainStrategy):
         A, B = expert_weights(layer_stats, proj, down, self.options)
         if keep_weights is not None:
             keep_weights[proj] = (A, B)
-        return expert_weighted_tucker(stacked, rank, A, B, init=init, iters=self.options.iters)
+        return expert_weighted_tucker(stacked, rank, A, B, init=init, iters=self.options.iters,
+                                      dtype=solver_dtype(stacked.device))  # float32 where there is no float64 (NPU)
 
     def errors(self, stacked, factors, core, layer_stats, proj, expert_AB):
         from tuckerize.decompose import TuckerTensor
