@@ -282,6 +282,7 @@ def decompose_checkpoint(
     refit: bool = False,
     alloc_damp: float | None = None,
     refit_damp: float = 1e-2,
+    factor_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
 
@@ -315,6 +316,9 @@ def decompose_checkpoint(
         calibration tokens through each layer; only where r_E = E). With ``method="expert"``
         only gate/up are refitted (down's cores are already fitted to each expert's own
         inputs), keeping their per-expert output-side weights.
+    factor_dtype : store factors/cores quantised (:func:`tuckerize.quant.parse_factor_dtype`,
+        e.g. ``"int8"`` or ``"int8,core=int4"``); the checkpoint is rewritten by
+        :func:`tuckerize.quant.quantize_checkpoint` after the decomposition.
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``).
     """
@@ -713,7 +717,12 @@ def decompose_checkpoint(
         manifest["calibration"] = cal_info
     if allocation_info is not None:
         manifest["allocation"] = allocation_info
+    from tuckerize import quant  # bytes against bf16 dense experts; quantised factors (issue 11)
+
+    manifest["bytes"] = quant.checkpoint_bytes(spec, {int(k): v for k, v in tucker_layers.items()})
     write_json(out / MANIFEST_NAME, manifest)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     ckpt.close()
+    if factor_dtype is not None and set(quant.parse_factor_dtype(factor_dtype).values()) != {"float32"}:
+        manifest = quant.quantize_checkpoint(out, quant.parse_factor_dtype(factor_dtype), progress=progress)
     return manifest

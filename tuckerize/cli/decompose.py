@@ -39,6 +39,7 @@ def decompose(
     expert_hidden: Annotated[bool, typer.Option(help="--whitening expert with each expert's own hidden covariance (E x H x H per layer: small models).")] = False,
     alloc_damp: Annotated[Optional[float], typer.Option(help="Whitening ridge of the spectra that --ratio/--params allocation compares (default 10).")] = None,
     refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
+    factor_dtype: Annotated[str, typer.Option(help="Storage of factors and cores: float32 (default), bf16, fp8, int8 or int4 (group-wise float16 scales), or per factor, e.g. 'int8,core=int4'.")] = "float32",
     save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core."""
@@ -60,6 +61,7 @@ def decompose(
             seqlen=seqlen, stats=stats, whiten=whiten, sequential=sequential, expert_rank=expert_rank,
             whiten_options=WhitenOptions(method=whitening, damp=damp, iters=als_iters, expert_hidden=expert_hidden),
             per_expert_stats=expert_hidden, save_config=save_config, alloc_damp=alloc_damp, refit=refit,
+            factor_dtype=factor_dtype,
         )
 
     with RichProgress(enabled=not json_out) as progress:
@@ -88,4 +90,8 @@ def decompose(
         f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
         f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s"
     )
+    if "bytes" in manifest:
+        b = manifest["bytes"]
+        console.print(f"expert bytes: {b['experts_stored']:,} stored ({b['ratio_to_bf16_dense']:.1%} of bf16 dense experts, "
+                      f"{b['experts_dense_bf16']:,}); factors {b['dtypes']}")
     console.print(f"written to {manifest['out']}")

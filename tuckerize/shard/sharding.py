@@ -26,6 +26,7 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
+from tuckerize.quant import logical_names
 from tuckerize.progress import Progress, ensure
 from tuckerize.runtime.tucker_experts import LAYOUTS
 from tuckerize.shard.plan import check_tp, take, tensor_split
@@ -73,7 +74,7 @@ def shard_checkpoint(
     for r in range(tp):
         (tmp_out / rank_dir(r, tp)).mkdir()
     for filename in files:
-        names = [n for n, f in src.tensors.weight_map.items() if f == filename]
+        names = logical_names(n for n, f in src.tensors.weight_map.items() if f == filename)  # quantised: dequantised
         full = {n: src.tensors.get(n) for n in names}
         for r in range(tp):
             local = {}
