@@ -329,6 +329,9 @@ def decompose_checkpoint(
 
     started = time.time()
     progress = ensure(progress)
+    from tuckerize import quant  # bytes against bf16 dense experts; quantised factors (issue 11)
+
+    factor_dtypes = quant.parse_factor_dtype(factor_dtype) if factor_dtype else None  # checked before the work
     if sum(x is not None for x in (ranks, config, ratio, params)) != 1:
         raise RankError("give exactly one of --ranks r_E,r_H,r_I, --config FILE.yaml, --ratio F or --params N")
     plan: RankPlan | None = None
@@ -717,12 +720,10 @@ def decompose_checkpoint(
         manifest["calibration"] = cal_info
     if allocation_info is not None:
         manifest["allocation"] = allocation_info
-    from tuckerize import quant  # bytes against bf16 dense experts; quantised factors (issue 11)
-
     manifest["bytes"] = quant.checkpoint_bytes(spec, {int(k): v for k, v in tucker_layers.items()})
     write_json(out / MANIFEST_NAME, manifest)
     (out / JOURNAL_NAME).unlink(missing_ok=True)
     ckpt.close()
-    if factor_dtype is not None and set(quant.parse_factor_dtype(factor_dtype).values()) != {"float32"}:
-        manifest = quant.quantize_checkpoint(out, quant.parse_factor_dtype(factor_dtype), progress=progress)
+    if factor_dtypes is not None and set(factor_dtypes.values()) != {"float32"}:
+        manifest = quant.quantize_checkpoint(out, factor_dtypes)
     return manifest

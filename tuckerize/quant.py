@@ -50,7 +50,7 @@ def _as_matrix(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
 
 
-def _grouped(m: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+def group_view(m: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
     """``m [rows, cols]`` padded with zeros to ``[rows, n, g]``; returns it and ``g``."""
     rows, cols = m.shape
     g = min(group, cols)
@@ -69,7 +69,7 @@ def quantize(x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> tuple[t
         raise InputError(f"factor dtype {dtype} is not one of {', '.join(QUANTISED)}")
     m = _as_matrix(x.float())
     rows, cols = m.shape
-    grouped, g = _grouped(m, group)
+    grouped, g = group_view(m, group)
     amax = grouped.abs().amax(-1)
     scale = (amax / _QMAX[dtype]).to(torch.float16)
     # a zero group keeps scale 0 (codes 0); scales below float16's range are kept at its minimum
@@ -91,7 +91,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...] 
     rows, cols = codes.shape
     n = scale.shape[-1]
     g = group or math.ceil(cols / n)
-    grouped, _ = _grouped(codes.float(), g)
+    grouped, _ = group_view(codes.float(), g)
     out = (grouped * scale.float()[..., None]).view(rows, -1)[:, :cols]
     return out.reshape(tuple(shape)).contiguous()
 
@@ -232,8 +232,8 @@ def quantize_factors(factors: Mapping[str, torch.Tensor], dtypes: Mapping[str, s
 
 
 # -- a checkpoint -------------------------------------------------------------------------------
-def quantize_checkpoint(folder, dtypes: Mapping[str, str], group: int = DEFAULT_GROUP, refit: bool = True,
-                        progress=None) -> dict[str, Any]:
+def quantize_checkpoint(folder, dtypes: Mapping[str, str], group: int = DEFAULT_GROUP,
+                        refit: bool = True) -> dict[str, Any]:
     """Rewrite the finished Tucker checkpoint in ``folder`` with its factors stored in ``dtypes``
     (``{U_E, U_H, U_I, core}`` -> one of :data:`DTYPES`), in place: each layer file is
     rewritten under a temporary name and renamed, then the index, config (``format_version`` 2,
