@@ -419,12 +419,12 @@ class Bench:
         shutil.rmtree(out)
         return res
 
-    def run(self) -> dict:
+    def run(self, sensitivity: bool = True) -> dict:
         d = self.d
         base = self.score.baseline("report")
         self.rows.append({"model": self.key, "removed": 0.0, "method": "original", "setting": "bf16 dense experts",
                           "bytes": d.dense_bytes, "bytes_ratio": 1.0, "macs": d.dense_macs, **base})
-        sens = self.sensitivity()
+        sens = self.sensitivity() if sensitivity else None
         # selection-split choices
         sel_svd = []
         for ridge in SVD_RIDGES:
@@ -515,10 +515,64 @@ def plot(result: dict, model: str, path: Path) -> None:
     plt.close(fig)
 
 
+def gptq_row(key: str, python: str, work: Path, log, samples: int = 16) -> dict:
+    """GPTQ int4 of ``key``'s experts by llmcompressor (bench/baselines/gptq.py, run with
+    ``python``, its own environment), scored like every other row; bytes as RTN int4's."""
+    import subprocess
+
+    d = Dense(MODELS[key])
+    out = work / f"gptq-{key}"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    t = time.time()
+    subprocess.run([python, str(REPO / "bench" / "baselines" / "gptq.py"), str(MODELS[key]), str(out),
+                    "--samples", str(samples), "--seqlen", str(SEQLEN)], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log(f"[{key}] GPTQ ({time.time() - t:.0f} s)")
+    _, nbytes = rtn(d, 4)
+    score = Scorer(MODELS[key])
+    r = {"model": key, "removed": None, "method": "GPTQ int4 (llmcompressor)",
+         "setting": f"asymmetric, group min(128, in), {samples} calibration windows", "bytes": nbytes,
+         "bytes_ratio": nbytes / d.dense_bytes, "macs": d.dense_macs, **score(out)}
+    log(f"[{key}] GPTQ int4: ppl {r['ppl']:.2f} kl {r['kl']:.4f} top1 {r['top1']:.3f}")
+    shutil.rmtree(out)
+    return r
+
+
+def report(files: list[Path]) -> None:
+    """Merge result files (the main runs and ``--only gptq``): tables and Pareto plots."""
+    models: dict = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        for key, res in data["models"].items():
+            cur = models.setdefault(key, {"rows": []})
+            cur["rows"] += res.get("rows", [])
+            for extra in res.get("extra_rows", []):
+                budgets = sorted({r["removed"] for r in cur["rows"] if r["removed"]})
+                for removed in budgets:
+                    if extra["bytes"] <= cur["rows"][0]["bytes"] * (1 - removed):
+                        cur["rows"].append({**extra, "removed": removed})
+                if not any(extra["bytes"] <= cur["rows"][0]["bytes"] * (1 - b) for b in budgets):
+                    cur.setdefault("over_budget", []).append(extra)
+    for key, res in models.items():
+        order = {m: i for i, m in enumerate(["original", "Tucker (bf16 factors)", "Tucker (quantised factors)",
+                                             "RTN int4", "RTN int3", "GPTQ int4 (llmcompressor)"])}
+        res["rows"].sort(key=lambda r: (r["removed"] or 0, order.get(r["method"], 99)))
+        plot(res, key, OUT / f"compare_{key}.png")
+        print(f"\n### {key}\n")
+        print(table(res, key))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="qwen3,mixtral")
     ap.add_argument("--work", type=Path, default=OUT / "compare_work")
+    ap.add_argument("--json", type=Path, default=OUT / "compare.json", help="where the results go")
+    ap.add_argument("--skip-sensitivity", action="store_true", help="no per-factor int4 sensitivity runs")
+    ap.add_argument("--only", choices=["gptq"], help="only the GPTQ rows (needs --gptq-python)")
+    ap.add_argument("--gptq-python", help="python of an environment with llmcompressor (it pins its own versions)")
+    ap.add_argument("--gptq-samples", type=int, default=16, help="GPTQ calibration windows (llmcompressor's "
+                    "sequential pipeline is slow on 2 shared cores)")
+    ap.add_argument("--report", type=Path, nargs="+", help="merge these result files into tables and plots")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -526,17 +580,28 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"{time.time() - started:7.1f}s {msg}", flush=True)
 
+    if args.report:
+        report(args.report)
+        return
+    if args.only == "gptq":
+        res = {"command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
+        for key in args.models.split(","):
+            args.work.mkdir(parents=True, exist_ok=True)
+            res["models"][key] = {"extra_rows": [gptq_row(key, args.gptq_python, args.work, log, args.gptq_samples)]}
+            args.json.write_text(json.dumps(res, indent=1, default=float))
+        return
+
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
     for key in args.models.split(","):
         bench = Bench(key, args.work, log)
-        result["models"][key] = bench.run()
+        result["models"][key] = bench.run(sensitivity=not args.skip_sensitivity)
         plot(result["models"][key], key, OUT / f"compare_{key}.png")
         print(table(result["models"][key], key), flush=True)
-        (OUT / "compare.json").write_text(json.dumps(result, indent=1, default=float))
+        args.json.write_text(json.dumps(result, indent=1, default=float))
     result["wall_seconds"] = round(time.time() - started, 1)
-    (OUT / "compare.json").write_text(json.dumps(result, indent=1, default=float))
+    args.json.write_text(json.dumps(result, indent=1, default=float))
     shutil.rmtree(args.work, ignore_errors=True)
     log("done")
 
