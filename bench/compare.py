@@ -325,7 +325,7 @@ def tucker_macs(manifest: dict, H: int, I: int, K: int) -> int:
 
 # ----------------------------------------------------------------------------- the bench
 class Bench:
-    def __init__(self, key: str, work: Path, log):
+    def __init__(self, key: str, work: Path, log, rows_file: Path | None = None):
         self.key, self.folder, self.work, self.log = key, MODELS[key], work / key, log
         self.work.mkdir(parents=True, exist_ok=True)
         self.d = Dense(self.folder)
@@ -338,12 +338,16 @@ class Bench:
         self.tucker_stats: Path | None = None
         self.rows: list[dict] = []
         self.n = 0
+        self.rows_file = rows_file  # every row appended as it is made (JSON lines)
 
     def row(self, budget: float | None, method: str, setting: str, folder: Path, nbytes: int, macs: int,
             extra: dict | None = None) -> dict:
         r = {"model": self.key, "removed": budget, "method": method, "setting": setting, "bytes": nbytes,
              "bytes_ratio": nbytes / self.d.dense_bytes, "macs": macs, **self.score(folder), **(extra or {})}
         self.rows.append(r)
+        if self.rows_file is not None:
+            with open(self.rows_file, "a") as fh:
+                fh.write(json.dumps(r, default=float) + "\n")
         self.log(f"[{self.key}] {budget} {method} {setting}: bytes {r['bytes_ratio']:.3f} ppl {r['ppl']:.2f} "
                  f"kl {r['kl']:.4f} top1 {r['top1']:.3f}")
         return r
@@ -419,7 +423,8 @@ class Bench:
         shutil.rmtree(out)
         return res
 
-    def run(self, sensitivity: bool = True) -> dict:
+    def run(self, sensitivity: bool = True, removed_list=REMOVED, ridge: float | None = None,
+            rtn_rows: bool = True) -> dict:
         d = self.d
         base = self.score.baseline("report")
         self.rows.append({"model": self.key, "removed": 0.0, "method": "original", "setting": "bf16 dense experts",
@@ -427,21 +432,21 @@ class Bench:
         sens = self.sensitivity() if sensitivity else None
         # selection-split choices
         sel_svd = []
-        for ridge in SVD_RIDGES:
+        for ridge in (SVD_RIDGES if ridge is None else ()):
             self.n += 1
             tensors, _ = svd(d, round(0.5 * d.H * d.I / (d.H + d.I)), self.stats, ridge)
             folder = d.write(self.work / f"dense{self.n}", tensors)
             sel_svd.append({"ridge": ridge, **self.score(folder, "select")})
             shutil.rmtree(folder)
-        ridge = min(sel_svd, key=lambda r: r["ppl"])["ridge"]
+        ridge = min(sel_svd, key=lambda r: r["ppl"])["ridge"] if sel_svd else ridge
         self.log(f"[{self.key}] whitened SVD ridge chosen on the selection split: {ridge}")
         rtn_rows = {}
-        for bits in (4, 3):
+        for bits in ((4, 3) if rtn_rows else ()):
             tensors, nbytes = rtn(d, bits)
             rtn_rows[bits] = self.dense_row(None, f"RTN int{bits}", "asymmetric, group min(128, in)", tensors,
                                             nbytes, d.dense_macs)
         choices = {}
-        for removed in REMOVED:
+        for removed in removed_list:
             budget = int(d.dense_bytes * (1 - removed))
             self.tucker_row(removed, budget, "bf16", "Tucker (bf16 factors)")
             fd, trials = self.choose_tucker_dtype(budget)
@@ -541,18 +546,21 @@ def gptq_row(key: str, python: str, work: Path, log, samples: int = 16) -> dict:
 def report(files: list[Path]) -> None:
     """Merge result files (the main runs and ``--only gptq``): tables and Pareto plots."""
     models: dict = {}
+    extras: dict = {}
     for f in files:
         data = json.loads(f.read_text())
         for key, res in data["models"].items():
             cur = models.setdefault(key, {"rows": []})
-            cur["rows"] += res.get("rows", [])
-            for extra in res.get("extra_rows", []):
-                budgets = sorted({r["removed"] for r in cur["rows"] if r["removed"]})
-                for removed in budgets:
-                    if extra["bytes"] <= cur["rows"][0]["bytes"] * (1 - removed):
-                        cur["rows"].append({**extra, "removed": removed})
-                if not any(extra["bytes"] <= cur["rows"][0]["bytes"] * (1 - b) for b in budgets):
-                    cur.setdefault("over_budget", []).append(extra)
+            have_original = any(r["method"] == "original" for r in cur["rows"])
+            cur["rows"] += [r for r in res.get("rows", []) if not (have_original and r["method"] == "original")]
+            extras.setdefault(key, []).extend(res.get("extra_rows", []))
+    for key, cur in models.items():
+        dense = Dense(MODELS[key]).dense_bytes
+        budgets = sorted({r["removed"] for r in cur["rows"] if r["removed"]})
+        for extra in extras.get(key, []):
+            for removed in budgets:
+                if extra["bytes"] <= dense * (1 - removed):
+                    cur["rows"].append({**extra, "removed": removed})
     for key, res in models.items():
         order = {m: i for i, m in enumerate(["original", "Tucker (bf16 factors)", "Tucker (quantised factors)",
                                              "RTN int4", "RTN int3", "GPTQ int4 (llmcompressor)"])}
@@ -567,6 +575,9 @@ def main() -> None:
     ap.add_argument("--models", default="qwen3,mixtral")
     ap.add_argument("--work", type=Path, default=OUT / "compare_work")
     ap.add_argument("--json", type=Path, default=OUT / "compare.json", help="where the results go")
+    ap.add_argument("--budgets", default=",".join(map(str, REMOVED)), help="fractions of expert bytes removed")
+    ap.add_argument("--svd-ridge", type=float, help="whitened-SVD ridge (default: chosen on the selection split)")
+    ap.add_argument("--skip-rtn", action="store_true", help="no RTN rows (when another run has them)")
     ap.add_argument("--skip-sensitivity", action="store_true", help="no per-factor int4 sensitivity runs")
     ap.add_argument("--only", choices=["gptq"], help="only the GPTQ rows (needs --gptq-python)")
     ap.add_argument("--gptq-python", help="python of an environment with llmcompressor (it pins its own versions)")
@@ -595,8 +606,10 @@ def main() -> None:
                           "threads": torch.get_num_threads()},
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
     for key in args.models.split(","):
-        bench = Bench(key, args.work, log)
-        result["models"][key] = bench.run(sensitivity=not args.skip_sensitivity)
+        bench = Bench(key, args.work, log, args.json.with_suffix(".rows.jsonl"))
+        result["models"][key] = bench.run(sensitivity=not args.skip_sensitivity,
+                                          removed_list=[float(b) for b in args.budgets.split(",")],
+                                          ridge=args.svd_ridge, rtn_rows=not args.skip_rtn)
         plot(result["models"][key], key, OUT / f"compare_{key}.png")
         print(table(result["models"][key], key), flush=True)
         args.json.write_text(json.dumps(result, indent=1, default=float))
