@@ -506,13 +506,16 @@ def plot(result: dict, model: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     seen: dict = {}
     for r in result["rows"]:
-        seen.setdefault(r["method"], {})[(r["bytes"], r["ppl"])] = True
+        if r["method"] == "original":
+            ax.axhline(r["ppl"], color="k", ls="--", lw=0.8, label="original (bf16 dense experts)")
+        else:
+            seen.setdefault(r["method"], {})[(r["bytes"], r["ppl"])] = True
     for method, pts in seen.items():
         xs, ys = zip(*sorted(pts))
-        ax.plot([x / 1e6 for x in xs], ys, "o-" if len(xs) > 1 else "o", label=method)
+        ax.plot([x / 1e6 for x in xs], ys, "o-" if len(xs) > 1 else "o", label=method,
+                 mfc="none" if method.startswith("GPTQ") else None)
     ax.set_xlabel("routed-expert bytes (MB)")
     ax.set_ylabel("held-out perplexity (report split)")
-    ax.set_yscale("log")
     ax.set_title(f"{model} demo: perplexity vs expert bytes")
     ax.legend(fontsize=7)
     fig.tight_layout()
