@@ -34,8 +34,11 @@ chosen on it: Tucker factor dtypes, the whitened-SVD ridge), windows 50-198 the 
 
     python bench/compare.py                  # both models, writes bench/out/compare.json, compare_*.png
     python bench/compare.py --models qwen3   # one model
+    python bench/compare.py --only gptq --gptq-python VENV/bin/python   # GPTQ rows (llmcompressor)
+    python bench/compare.py --report FILE.json ...                      # merge runs: tables, plots
 
-About 15 minutes on 2 shared cores.
+A few minutes of CPU per model alone; about an hour of wall time per model on the 2 cores
+shared with six other jobs (use ``--budgets`` to split a run into processes).
 """
 
 from __future__ import annotations
