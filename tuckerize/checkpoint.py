@@ -278,9 +278,13 @@ class Checkpoint:
         return self._entry(name).dtype
 
     def get(self, name: str) -> "Any":
-        """One tensor, read now, in its stored dtype."""
+        """One tensor, read now, in its stored dtype (a factor stored quantised: float32, dequantised)."""
         import torch
 
+        if name not in self.weight_map and f"{name}.qweight" in self.weight_map:
+            from tuckerize.quant import read_dequantised
+
+            return read_dequantised(self, name)
         e = self._entry(name)
         if e.dtype not in _DTYPES:
             raise InputError(f"tensor {name} has dtype {e.dtype}, which tuckerize cannot read")

@@ -54,6 +54,7 @@ def decompose(
     refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
     sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
     expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
+    factor_dtype: Annotated[str, typer.Option(help="Storage of factors and cores: float32 (default), bf16, fp8, int8 or int4 (group-wise float16 scales), or per factor, e.g. 'int8,core=int4'.")] = "float32",
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <model>-tucker-<ranks>.")] = None,
     save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Start over in an output folder written earlier by tuckerize (deletes only the files it recorded).")] = False,
@@ -74,7 +75,7 @@ def decompose(
             model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
             seqlen=seqlen, stats=stats, sequential=sequential, expert_rank=expert_rank, method=method,
-            per_expert_stats=method.expert_hidden, save_config=plan_path, refit=refit,
+            per_expert_stats=method.expert_hidden, save_config=plan_path, refit=refit, factor_dtype=factor_dtype,
         )
 
     with DecomposeProgress(enabled=not json_out) as progress:
@@ -103,4 +104,7 @@ def decompose(
         f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
         f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s"
     )
+    b = manifest["bytes"]
+    console.print(f"expert bytes: {b['experts_stored']:,} stored ({b['ratio_to_bf16_dense']:.1%} of the bf16 dense experts' "
+                  f"{b['experts_dense_bf16']:,}); factors {', '.join(f'{k} {v}' for k, v in b['dtypes'].items())}")
     console.print(f"written to {manifest['out']}")

@@ -22,8 +22,10 @@ def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
     return {str(layer): {p: list(plan.ranks_for(layer, p)) for p in PROJECTIONS} for layer in spec.moe_layers}
 
 
-def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any]) -> dict[str, Any]:
-    """The output ``config.json``: the source's, plus the ``tucker`` section."""
+def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any],
+                  factor_storage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The output ``config.json``: the source's, plus the ``tucker`` section (with
+    ``factor_storage`` and format version 2 where factors are stored quantised)."""
     E, H, I = spec.shape
     out = dict(src_config)
     out[CONFIG_KEY] = {
@@ -36,6 +38,8 @@ def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[s
             for layer in spec.moe_layers
         },
     }
+    if factor_storage is not None:
+        out[CONFIG_KEY].update(format_version=2, factor_storage=dict(factor_storage))
     return out
 
 
@@ -54,9 +58,13 @@ def build_manifest(
     side_files: Mapping[str, Any],
     calibration: Mapping[str, Any] | None = None,
     allocation: Mapping[str, Any] | None = None,
+    factor_storage: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``files``: the journal's entries in unit order; ``model_params``: parameters of the
-    source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written."""
+    source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written;
+    ``factor_storage``: how factors are stored (:func:`tuckerize.quant.storage`; None: float32)."""
+    from tuckerize.quant import DEFAULT_GROUP, checkpoint_bytes
+
     E, H, I = spec.shape
     dense_expert = len(PROJECTIONS) * dense_params(spec.shape) * len(spec.moe_layers)
     tucker_expert = 0
@@ -96,6 +104,11 @@ def build_manifest(
         "files": dict(files),
         "wall_seconds": wall_seconds,
     }
+    layers: dict[int, dict[str, Any]] = {}
+    for t in per_tensor:
+        layers.setdefault(t["layer"], {})[t["projection"]] = {"ranks": t["ranks"]}
+    fs = factor_storage or {}
+    manifest["bytes"] = checkpoint_bytes(spec, layers, fs.get("dtypes"), fs.get("group_size", DEFAULT_GROUP))
     if calibration is not None:
         manifest["calibration"] = dict(calibration)
     if allocation is not None:

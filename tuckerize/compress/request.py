@@ -44,6 +44,8 @@ class DecomposeRequest:
     method: Method = field(default_factory=Method)
     whiten_options: Any = None  # tuckerize.calibration.weights.WhitenOptions
     per_expert_stats: bool = False
+    # storage of factors and cores (tuckerize.quant): e.g. "int8,core=int4"; None: float32
+    factor_dtype: str | None = None
     # where
     revision: str | None = None
     device: str = "cpu"
@@ -51,6 +53,7 @@ class DecomposeRequest:
     # filled by validate()
     plan: RankPlan | None = None
     calibration_text: tuple[str, str] | None = field(default=None, repr=False)
+    factor_storage: dict[str, Any] | None = None
 
     @property
     def calibrated(self) -> bool:
@@ -101,6 +104,10 @@ class DecomposeRequest:
             raise CalibrationError(f"--samples {self.samples} --seqlen {self.seqlen}: need at least 1 sample of at "
                                    "least 2 tokens")
         check_budget(self.ratio, self.params)
+        if self.factor_dtype is not None:
+            from tuckerize.quant import parse_factor_dtype, storage
+
+            self.factor_storage = storage(parse_factor_dtype(self.factor_dtype))
         check_expert_rank(self.expert_rank)
         if self.whiten_options is None:
             self.whiten_options = self.method.whiten_options()
@@ -122,7 +129,7 @@ class DecomposeRequest:
             "hooi_tol": self.method.tol,
             "compute_dtype": "float32",
             "eigensolver": "float64 symmetric (Gram matrices)",
-            "factor_dtype": "float32",
+            "factor_dtype": self.factor_storage or "float32",
         }
         if self.whitening_on:
             settings["algorithm"] = ("whitened-" + settings["algorithm"]

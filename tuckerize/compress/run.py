@@ -50,6 +50,7 @@ def decompose_checkpoint(
     alloc_damp: float | None = None,
     refit_damp: float = 1e-2,
     method: Method | None = None,
+    factor_dtype: str | None = None,
 ) -> dict[str, Any]:
     """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
 
@@ -79,6 +80,10 @@ def decompose_checkpoint(
         ``whiten_options`` (:class:`tuckerize.calibration.weights.WhitenOptions`), ``iters``/``tol``
         (HOOI sweeps after ST-HOSVD), ``alloc_damp`` and ``refit_damp``;
         ``per_expert_stats`` also collects each expert's hidden covariance.
+    factor_dtype : storage of factors and cores (:func:`tuckerize.quant.parse_factor_dtype`:
+        ``float32`` (default), ``bf16``, ``fp8``, ``int8``, ``int4`` or per factor, e.g.
+        ``"int8,core=int4"``); quantised factors are written group-wise with their scales and
+        the core refitted to the quantised orthonormal factors (:mod:`tuckerize.quant`).
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``). Progress:
     tasks ``hash``, ``calibrate``, ``allocate``, ``decompose`` and, when an earlier run is
@@ -95,7 +100,7 @@ def decompose_checkpoint(
         calibration=calibration, samples=samples, seqlen=seqlen, stats=Path(stats) if stats is not None else None,
         sequential=sequential, refit=refit, calibration_batch=calibration_batch, method=method,
         whiten_options=whiten_options, per_expert_stats=per_expert_stats, revision=revision, device=device,
-        overwrite=overwrite,
+        overwrite=overwrite, factor_dtype=factor_dtype,
     )
     return run(request, progress)
 
@@ -204,14 +209,14 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
                                  request.method.tol),
         cal_stats=cal.stats if cal is not None else None, whitening_on=request.whitening_on,
         sequential=request.sequential, refit=request.refit, refit_damp=request.method.refit_damp,
-        per_expert_stats=request.per_expert_stats,
+        per_expert_stats=request.per_expert_stats, factor_storage=request.factor_storage,
     )
     pipeline.run(done)
     files = folder.journal["files"]
 
     for name in side:
         copy_file(source.source.path / name, out / name)
-    write_json(out / "config.json", tucker_config(source.config, spec, ranks))
+    write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage))
     weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
     total_size = sum((out / e["file"]).stat().st_size for e in files.values())
     write_json(out / INDEX_NAME,
@@ -223,7 +228,7 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
         settings=settings, fingerprint=fingerprint, files=files, model_params=source.total_params(),
         wall_seconds=round(time.time() - started, 3), side_files=side_files,
         calibration=cal.info if cal is not None else None,
-        allocation=allocation.info if allocation is not None else None,
+        allocation=allocation.info if allocation is not None else None, factor_storage=request.factor_storage,
     )
     folder.finish(manifest)
     return manifest

@@ -28,7 +28,7 @@ from tuckerize.checkpoint import save_safetensors, sha256_file
 from tuckerize.experts import stack_projection
 from tuckerize.format import factor_name
 
-STAGES = ("load", "statistics", "decompose", "refit", "write", "journal")
+STAGES = ("load", "statistics", "decompose", "refit", "quantise", "write", "journal")
 
 
 # ------------------------------------------------------------------ strategies
@@ -153,6 +153,7 @@ class LayerPipeline:
     refit: bool = False
     refit_damp: float = 1e-2
     per_expert_stats: bool = False
+    factor_storage: dict[str, Any] | None = None  # tuckerize.quant.storage; None: float32 factors
 
     def run(self, done: dict[str, Any]) -> None:
         """Every unit in order; ``done``: journal entries of an earlier run to verify and keep."""
@@ -175,6 +176,8 @@ class LayerPipeline:
                 if self.refit:
                     self.refit_cores(job)
             self.advance_runner(job)
+            if job.is_moe and self.factor_storage is not None:
+                self.quantise(job)
             self.write(job)
             self.journal(job)
             if not job.is_moe:
@@ -281,6 +284,17 @@ class LayerPipeline:
             experts = self._tucker_experts(job.layer, job.tensors) if (job.is_moe and self.sequential) else None
             self.runner.run(job.layer, experts=experts)
 
+    def quantise(self, job: LayerJob) -> None:
+        """Store the layer's factors as :attr:`factor_storage` says (after the runner has
+        used them: sequential calibration continues from the unquantised layer)."""
+        from tuckerize.quant import encode_projection
+
+        prefix = self.source.spec.arch.experts_prefix(job.layer)
+        for p in PROJECTIONS:
+            names = {f: factor_name(prefix, p, f) for f in FACTORS}
+            factors = {f: job.tensors.pop(n) for f, n in names.items()}
+            job.tensors.update(encode_projection(names, factors, self.factor_storage))
+
     def write(self, job: LayerJob) -> None:
         save_safetensors(job.tensors, self.folder.path / job.filename, metadata={"format": "pt"})
 
@@ -308,5 +322,7 @@ class LayerPipeline:
         prefix = spec.arch.experts_prefix(layer)
         experts = TuckerExperts(E, H, I, {p: self.plan.ranks_for(layer, p) for p in PROJECTIONS},
                                 act=self.source.hidden_act, dtype=torch.float32, device=self.runner.device)
-        experts.load_factors({f"{p}.{f}": tensors[factor_name(prefix, p, f)] for p in PROJECTIONS for f in FACTORS})
+        from tuckerize.quant import decode  # factors as written: plain, or quantised on a resumed run
+
+        experts.load_factors({f"{p}.{f}": decode(tensors, factor_name(prefix, p, f)) for p in PROJECTIONS for f in FACTORS})
         return experts

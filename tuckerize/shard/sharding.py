@@ -106,8 +106,10 @@ def shard_checkpoint(
     splits: dict[str, Any] = {}
     for r in range(tp):
         (tmp_out / rank_dir(r, tp)).mkdir()
+    from tuckerize.quant import logical_names
+
     for filename in files:
-        names = [n for n, f in src.tensors.weight_map.items() if f == filename]
+        names = logical_names(n for n, f in src.tensors.weight_map.items() if f == filename)  # quantised: dequantised
         full = {n: src.tensors.get(n) for n in names}
         for r in range(tp):
             local = {}

@@ -1,0 +1,278 @@
+"""Quantised storage of Tucker factors and cores: the maths, the on-disk layout, bytes.
+
+Owns: group-wise round-to-nearest quantisation (``int8``, ``int4``, ``fp8`` e4m3) and its
+inverse, the safetensors layout of a quantised tensor, reading one back (the loaders call
+:func:`read_dequantised` when a factor is stored quantised), rewriting a finished Tucker
+projection's factors as ``tuckerize decompose --factor-dtype`` writes them
+(:func:`encode_projection`, a stage of the decompose pipeline) with the core refitted to the
+quantised orthonormal factors, and byte counts (:func:`factor_bytes`).
+
+Layout (format version 2). A tensor ``X`` of shape ``S`` (``U_E [E, r_E]``, ``U_H [H, r_H]``,
+``U_I [I, r_I]``, ``core [r_E, r_H, r_I]``) is viewed as a matrix ``[rows, cols]`` with
+``cols = S[-1]`` and ``rows = prod(S[:-1])``, cut along ``cols`` into groups of ``g``
+consecutive values (``g = min(group, cols)``, the last group possibly shorter), and stored as
+three tensors instead of ``X``::
+
+    X.qweight   int8    [rows, cols]           int8 codes in [-127, 127]
+                uint8   [rows, ceil(cols/2)]   int4 codes in [-7, 7] + 8, two per byte,
+                                               element 2j in the low nibble, 2j+1 in the high
+                F8_E4M3 [rows, cols]           fp8 e4m3 values
+    X.qscale    float16 [rows, ceil(cols/g)]   one scale per group (symmetric: no zero point)
+    X.qshape    int64   [len(S) + 1]           S, then g
+
+and ``X = codes * scale`` (per group), returned as float32. The code type is read from
+``qweight``'s dtype, so a reader needs nothing else. ``bf16`` stores ``X`` itself as
+bfloat16; ``float32`` (the default, format version 1) as float32. Checkpoints without any
+``.qweight`` tensor are read exactly as before.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+
+from tuckerize.errors import InputError
+
+FACTOR_KINDS = ("U_E", "U_H", "U_I", "core")
+DTYPES = ("float32", "bf16", "fp8", "int8", "int4")
+QUANTISED = ("fp8", "int8", "int4")
+DEFAULT_GROUP = 128
+SUFFIXES = (".qweight", ".qscale", ".qshape")
+_QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
+_BITS = {"float32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+SCALE_BYTES = 2  # float16
+
+
+# -- the maths --------------------------------------------------------------------------------
+def _as_matrix(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
+
+
+def group_view(m: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """``m [rows, cols]`` padded with zeros to ``[rows, n, g]``; returns it and ``g``."""
+    rows, cols = m.shape
+    g = min(group, cols)
+    n = math.ceil(cols / g)
+    pad = n * g - cols
+    if pad:
+        m = torch.cat([m, m.new_zeros(rows, pad)], 1)
+    return m.view(rows, n, g), g
+
+
+def quantize(x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest, one float16 scale per group of ``group`` values along the
+    last axis. Returns ``(codes [rows, cols] (int8 or float8_e4m3fn), scales [rows, n_groups])``;
+    int4 codes are int8 in [-7, 7] here (packed by :func:`pack_int4` for storage)."""
+    if dtype not in QUANTISED:
+        raise InputError(f"factor dtype {dtype} is not one of {', '.join(QUANTISED)}")
+    m = _as_matrix(x.float())
+    rows, cols = m.shape
+    grouped, g = group_view(m, group)
+    amax = grouped.abs().amax(-1)
+    scale = (amax / _QMAX[dtype]).to(torch.float16)
+    # a zero group keeps scale 0 (codes 0); scales below float16's range are kept at its minimum
+    scale = torch.where((amax > 0) & (scale == 0), torch.tensor(torch.finfo(torch.float16).tiny, dtype=torch.float16),
+                        scale)
+    s = scale.float().clamp_min(1e-30)[..., None]
+    q = grouped / s
+    if dtype == "fp8":
+        codes = q.clamp(-448, 448).to(torch.float8_e4m3fn)
+    else:
+        codes = torch.round(q).clamp(-_QMAX[dtype], _QMAX[dtype]).to(torch.int8)
+    return codes.view(rows, -1)[:, :cols].contiguous(), scale
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...] | list[int],
+               group: int | None = None) -> torch.Tensor:
+    """Inverse of :func:`quantize`: float32 tensor of ``shape``; ``group`` as quantised
+    (default: ``ceil(cols / n_groups)``, right when ``cols`` is a multiple of the group)."""
+    rows, cols = codes.shape
+    n = scale.shape[-1]
+    g = group or math.ceil(cols / n)
+    grouped, _ = group_view(codes.float(), g)
+    out = (grouped * scale.float()[..., None]).view(rows, -1)[:, :cols]
+    return out.reshape(tuple(shape)).contiguous()
+
+
+def fake_quantize(x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> torch.Tensor:
+    """``dequantize(quantize(x))``: what a reader of the stored tensor gets back (float32)."""
+    if dtype == "float32":
+        return x.float()
+    if dtype == "bf16":
+        return x.to(torch.bfloat16).float()
+    codes, scale = quantize(x, dtype, group)
+    return dequantize(codes, scale, tuple(x.shape), min(group, x.shape[-1]))
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-7, 7] ``[rows, cols]`` -> uint8 ``[rows, ceil(cols/2)]`` (low nibble first)."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.cat([u, torch.full((u.shape[0], 1), 8, dtype=torch.uint8)], 1)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    lo = (packed & 0x0F).to(torch.int8) - 8
+    hi = (packed >> 4).to(torch.int8) - 8
+    return torch.stack([lo, hi], -1).view(packed.shape[0], -1)[:, :cols]
+
+
+# -- the layout -------------------------------------------------------------------------------
+def encode(name: str, x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> dict[str, torch.Tensor]:
+    """The stored tensors of ``x`` under ``name`` for ``dtype`` (see the module docstring)."""
+    if dtype == "float32":
+        return {name: x.float().contiguous()}
+    if dtype == "bf16":
+        return {name: x.to(torch.bfloat16).contiguous()}
+    codes, scale = quantize(x, dtype, group)
+    if dtype == "int4":
+        codes = pack_int4(codes)
+    return {f"{name}.qweight": codes, f"{name}.qscale": scale.contiguous(),
+            f"{name}.qshape": torch.tensor([*x.shape, min(group, x.shape[-1])], dtype=torch.int64)}
+
+
+def decode(stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``name`` as float32 from the tensors :func:`encode` wrote (quantised or not)."""
+    if name in stored:
+        return stored[name].float()
+    codes, scale = stored[f"{name}.qweight"], stored[f"{name}.qscale"]
+    *shape, group = [int(v) for v in stored[f"{name}.qshape"].tolist()]
+    cols = shape[-1]
+    if codes.dtype == torch.uint8:
+        codes = unpack_int4(codes, cols)
+    elif codes.dtype not in (torch.int8, torch.float8_e4m3fn):
+        raise InputError(f"{name}.qweight has dtype {codes.dtype}, not int8, uint8 (int4) or float8_e4m3fn; "
+                         "the checkpoint is damaged: decompose again")
+    return dequantize(codes, scale, shape, group)
+
+
+def is_quantised(keys, name: str) -> bool:
+    return f"{name}.qweight" in keys
+
+
+def read_dequantised(ckpt: Any, name: str) -> torch.Tensor:
+    """``name`` from a :class:`~tuckerize.checkpoint.Checkpoint` where it is stored quantised."""
+    return decode({f"{name}{s}": ckpt.get(f"{name}{s}") for s in SUFFIXES}, name)
+
+
+# -- per-factor choice --------------------------------------------------------------------------
+def parse_factor_dtype(spec: str) -> dict[str, str]:
+    """``"int8"`` (every factor) or ``"int8,core=int4"`` / ``"U_E=bf16,U_H=int8,U_I=int8,core=int4"``
+    (a default first, then per-factor overrides) -> ``{factor: dtype}`` for U_E, U_H, U_I, core."""
+    out: dict[str, str] = {}
+    default = None
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        key, _, value = part.partition("=")
+        if not value:
+            key, value = "", key
+        if value not in DTYPES:
+            raise InputError(f"--factor-dtype {spec}: '{value}' is not one of {', '.join(DTYPES)}")
+        if not key:
+            default = value
+        elif key in FACTOR_KINDS:
+            out[key] = value
+        else:
+            raise InputError(f"--factor-dtype {spec}: '{key}' is not one of {', '.join(FACTOR_KINDS)}")
+    if default is None and len(out) < len(FACTOR_KINDS):
+        default = "float32"
+    return {f: out.get(f, default) for f in FACTOR_KINDS}  # type: ignore[misc]
+
+
+# -- bytes --------------------------------------------------------------------------------------
+def tensor_bytes(shape: tuple[int, ...] | list[int], dtype: str, group: int = DEFAULT_GROUP) -> int:
+    """Stored bytes of a tensor of ``shape`` in ``dtype`` (codes + float16 scales; the
+    ``qshape`` (8 bytes per axis, plus 8) is counted too)."""
+    cols = shape[-1]
+    rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    if dtype in ("float32", "bf16"):
+        return rows * cols * _BITS[dtype] // 8
+    g = min(group, cols)
+    codes = rows * (math.ceil(cols / 2) if dtype == "int4" else cols)
+    return codes + rows * math.ceil(cols / g) * SCALE_BYTES + 8 * (len(shape) + 1)
+
+
+def factor_shapes(shape: tuple[int, int, int], ranks: tuple[int, int, int]) -> dict[str, tuple[int, ...]]:
+    (E, H, I), (rE, rH, rI) = shape, ranks
+    return {"U_E": (E, rE), "U_H": (H, rH), "U_I": (I, rI), "core": (rE, rH, rI)}
+
+
+def factor_bytes(shape: tuple[int, int, int], ranks: tuple[int, int, int], dtypes: Mapping[str, str],
+                 group: int = DEFAULT_GROUP) -> int:
+    """Stored bytes of one projection's factors and core."""
+    return sum(tensor_bytes(s, dtypes[f], group) for f, s in factor_shapes(shape, ranks).items())
+
+
+def refit_core(core: torch.Tensor, exact: Mapping[str, torch.Tensor], quantised: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The core that makes ``core' x Q_E x Q_H x Q_I`` closest (Frobenius) to the unquantised
+    ``core x U_E x U_H x U_I``, for quantised factors ``Q``: ``core' = core x_n (Q_n^+ U_n)``
+    (float64; ``r x r`` products only, never the expert tensor)."""
+    c = core.double()
+    mats = []
+    for f in ("U_E", "U_H", "U_I"):
+        q, u = quantised[f].double(), exact[f].double()
+        mats.append(torch.linalg.lstsq(q, u).solution)  # Q^+ U  [r, r]
+    c = torch.einsum("abc,xa,yb,zc->xyz", c, *mats)
+    return c.float()
+
+
+def quantize_factors(factors: Mapping[str, torch.Tensor], dtypes: Mapping[str, str], group: int = DEFAULT_GROUP,
+                     refit: bool = True) -> dict[str, torch.Tensor]:
+    """One projection's factors ``{U_E, U_H, U_I, core}`` as a reader of the stored checkpoint
+    gets them back; with ``refit`` the core is refitted (:func:`refit_core`) to the quantised
+    orthonormal factors before it is quantised itself."""
+    q = {f: fake_quantize(factors[f], dtypes[f], group) for f in ("U_E", "U_H", "U_I")}
+    core = factors["core"].float()
+    if refit and any(dtypes[f] in QUANTISED for f in ("U_E", "U_H", "U_I")):
+        core = refit_core(core, factors, q)
+    q["core"] = core
+    return q
+
+
+# -- a projection as the decompose pipeline writes it ---------------------------------------------
+def storage(dtypes: Mapping[str, str] | None, group: int = DEFAULT_GROUP, refit: bool = True) -> dict[str, Any] | None:
+    """The config's and manifest's ``factor_storage`` entry, or None for plain float32 factors."""
+    if dtypes is None or set(dtypes.values()) == {"float32"}:
+        return None
+    return {"dtypes": dict(dtypes), "group_size": group, "core_refit": refit}
+
+
+def encode_projection(names: Mapping[str, str], factors: Mapping[str, torch.Tensor],
+                      factor_storage: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The stored tensors of one projection's factors ``{U_E, U_H, U_I, core}`` (``names``:
+    factor -> tensor name) under ``factor_storage`` (:func:`storage`): each orthonormal factor
+    quantised, the core refitted to them (``core_refit``) and then quantised itself."""
+    dtypes, group = factor_storage["dtypes"], int(factor_storage["group_size"])
+    exact = {f: factors[f].float() for f in FACTOR_KINDS}
+    q = quantize_factors(exact, dtypes, group, bool(factor_storage["core_refit"]))
+    out: dict[str, torch.Tensor] = {}
+    for f, n in names.items():  # U's are encoded from the exact values (q holds their round trip)
+        out.update(encode(n, exact[f] if f != "core" else q["core"], dtypes[f], group))
+    return out
+
+
+def checkpoint_bytes(spec, layers: Mapping[int, Mapping[str, Any]], dtypes: Mapping[str, str] | None = None,
+                     group: int = DEFAULT_GROUP) -> dict[str, Any]:
+    """Expert bytes of a Tucker checkpoint against bf16 dense experts (the manifest's ``bytes``)."""
+    dtypes = dtypes or {f: "float32" for f in FACTOR_KINDS}
+    E, H, I = spec.shape
+    dense = 3 * E * H * I * 2 * len(layers)
+    stored = sum(factor_bytes(spec.shape, tuple(entry[p]["ranks"]), dtypes, group)
+                 for entry in layers.values() for p in ("gate", "up", "down"))
+    as_bf16 = sum(factor_bytes(spec.shape, tuple(entry[p]["ranks"]), {f: "bf16" for f in FACTOR_KINDS})
+                  for entry in layers.values() for p in ("gate", "up", "down"))
+    return {"experts_dense_bf16": dense, "experts_stored": stored, "experts_factors_as_bf16": as_bf16,
+            "ratio_to_bf16_dense": stored / dense, "dtypes": dict(dtypes), "group_size": group}
+
+
+def logical_names(names) -> list[str]:
+    """Tensor names with each quantised triple (``X.qweight/.qscale/.qshape``) replaced by ``X``."""
+    out = []
+    for n in names:
+        if n.endswith(".qweight"):
+            out.append(n[: -len(".qweight")])
+        elif not n.endswith((".qscale", ".qshape")):
+            out.append(n)
+    return out
