@@ -175,6 +175,8 @@ class Checkpoint:
 
     folder: Path
     weight_map: dict[str, str]
+    #: FP8 layout from the folder's config.json (:class:`tuckerize.fp8.Fp8Format`), or None.
+    fp8: Any = None
     _headers: dict[str, dict[str, _Entry]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -193,13 +195,13 @@ class Checkpoint:
                                  "convert the checkpoint to safetensors first")
             if len(files) > 1:
                 raise InputError(f"{folder} has {len(files)} safetensors files but no {INDEX_NAME}; restore the index")
-            ckpt = cls(folder=folder, weight_map={})
+            ckpt = cls(folder=folder, weight_map={}, fp8=_fp8_format(folder))
             ckpt.weight_map = {name: files[0].name for name in ckpt._header(files[0].name)}
             return ckpt
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise InputError(f"safetensors file {folder / missing[0]} listed in the index is missing; download it again")
-        return cls(folder=folder, weight_map=weight_map)
+        return cls(folder=folder, weight_map=weight_map, fp8=_fp8_format(folder))
 
     @property
     def files(self) -> list[str]:
@@ -232,8 +234,10 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._entry(name).dtype
 
-    def get(self, name: str) -> "Any":
-        """One tensor, read now, in its stored dtype."""
+    def get(self, name: str, dequantize: bool = False, device: "Any" = None) -> "Any":
+        """One tensor, read now, in its stored dtype; with ``dequantize``, an FP8 weight
+        comes back in float32 multiplied out by its scale tensor, on ``device``
+        (:mod:`tuckerize.fp8`); other tensors are unchanged."""
         import torch
 
         e = self._entry(name)
@@ -249,10 +253,21 @@ class Checkpoint:
             raise InputError(f"cannot read {name} from {path}: the file is truncated; download it again")
         if nbytes == 0:
             return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        t = torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        if dequantize and e.dtype.startswith("F8_"):
+            from tuckerize.fp8 import dequantize_from
+
+            return dequantize_from(self, name, t, device)
+        return t
 
     def close(self) -> None:
         self._headers.clear()
+
+
+def _fp8_format(folder: Path) -> Any:
+    from tuckerize.fp8 import read_format
+
+    return read_format(folder)
 
 
 def layer_of(name: str) -> int | None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 import time
@@ -37,6 +36,7 @@ from tuckerize.checkpoint import (
 )
 from tuckerize.errors import CalibrationError, OutputConflictError, RankError
 from tuckerize.experts import expert_tensor_names, stack_projection
+from tuckerize.fp8 import element_count, is_scale_name, source_dtypes
 from tuckerize.format import (
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -665,6 +665,9 @@ def decompose_checkpoint(
         "factors": list(FACTORS),
         "layers": tucker_layers,
     }
+    if ckpt.fp8 is not None:  # quantization_config stays: it describes the non-expert FP8 tensors kept
+        out_config[CONFIG_KEY]["fp8"] = {**ckpt.fp8.to_dict(), "experts": "dequantised to float32 factors",
+                                         "non_experts": "kept FP8 with their scale tensors, byte-identical"}
     write_json(out / "config.json", out_config)
     total_size = sum((out / e["file"]).stat().st_size for e in journal["files"].values())
     write_json(out / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
@@ -679,7 +682,7 @@ def decompose_checkpoint(
             tucker_expert += count
             per_tensor.append({"layer": entry["layer"], "projection": proj, **info, "params": count})
     per_tensor.sort(key=lambda d: (d["layer"], PROJECTIONS.index(d["projection"])))
-    total_before = sum(math.prod(ckpt.shape(n)) for n in ckpt.keys())
+    total_before = element_count(ckpt, ckpt.keys())  # FP8 scale tensors are not parameters
     total_after = total_before - dense_expert + tucker_expert
     manifest = {
         "tool": "tuckerize",
@@ -691,6 +694,9 @@ def decompose_checkpoint(
             "hub_id": source.hub_id,
             "revision": source.revision,
             "files_sha256": source_files,
+            "dtypes": source_dtypes(ckpt, ckpt.keys()),
+            "expert_dtypes": source_dtypes(ckpt, [n for ns in replaced.values() for n in ns if not is_scale_name(n)]),
+            "quantization": ckpt.fp8.to_dict() if ckpt.fp8 is not None else None,
         },
         "out": str(out.resolve()),
         "architecture": spec.arch.name,

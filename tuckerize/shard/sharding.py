@@ -26,6 +26,7 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
+from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
 from tuckerize.runtime.tucker_experts import LAYOUTS
 from tuckerize.shard.plan import check_tp, take, tensor_split
@@ -74,7 +75,8 @@ def shard_checkpoint(
         (tmp_out / rank_dir(r, tp)).mkdir()
     for filename in files:
         names = [n for n, f in src.tensors.weight_map.items() if f == filename]
-        full = {n: src.tensors.get(n) for n in names}
+        # FP8 tensors are written dequantised: block scales do not follow arbitrary row splits
+        full = {n: src.tensors.get(n, dequantize=True) for n in names if not is_scale_name(n)}
         for r in range(tp):
             local = {}
             for n, t in full.items():
@@ -97,6 +99,7 @@ def shard_checkpoint(
         if (src.folder / name).is_file():
             shutil.copyfile(src.folder / name, tmp_out / name)
     config = dict(src.config)
+    config.pop("quantization_config", None)  # written dequantised above
     config["shard"] = {"tp": tp, "layout": layout}
     write_json(tmp_out / "config.json", config)
     manifest = {
