@@ -314,3 +314,33 @@ def test_shard_set_of_fp8_tucker_is_dequantised(fp8_models, tmp_path):
     got = torch.cat([c.get(name) for c in parts], dim=1)
     assert got.dtype == torch.float32
     assert R.rel_err(Checkpoint.open(deq).get(name), got) < 1e-7
+
+
+def test_transformers_path_reads_fp8(fp8_models):
+    """DeepSeek-V3 (no native runtime): the FP8 original and its Tucker checkpoint through
+    transformers equal transformers' model of the reference-dequantised weights."""
+    from tuckerize.runtime.hf import load_hf_model
+
+    fp8, deq, tucker = fp8_models("deepseek_v3", "block")
+    ids = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    for folder, ref in ((fp8, M.hf_logits(deq, ids)), (tucker, M.hf_logits(deq, ids, tucker=tucker))):
+        with torch.no_grad():
+            got = load_hf_model(folder, dtype=torch.float32)(ids).logits
+        assert float(ref.std()) > 0.3
+        assert R.rel_err(ref, got) < 1e-4, folder.name
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
+def test_calibrated_decompose_of_fp8_equals_dequantised(arch, fp8_models, tmp_path):
+    """Calibration (native layers for Qwen3-MoE, transformers' layers for DeepSeek-V3) runs on
+    the FP8 checkpoint exactly as on the float32 checkpoint of its dequantised weights."""
+    from tuckerize.compress import decompose_checkpoint
+
+    fp8, deq, _ = fp8_models(arch, "block")
+    outs = [tmp_path / "fp8", tmp_path / "deq"]
+    for src, out in zip((fp8, deq), outs):
+        decompose_checkpoint(str(src), out, ranks=(4, 16, 8), calibration="demo", samples=2, seqlen=16)
+    for layer in M.moe_layers(fp8):
+        got, want = R.tucker_dense(outs[0], layer), R.tucker_dense(outs[1], layer)
+        for p in want:
+            assert R.rel_err(want[p], got[p]) < 1e-5, (layer, p)

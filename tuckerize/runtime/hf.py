@@ -32,6 +32,27 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
+@torch.no_grad()
+def _load_fp8(model, source) -> None:
+    """Overwrite what transformers read from FP8 tensors without their scales: every FP8
+    weight with its dequantisation and, in an original checkpoint, the fused routed experts
+    (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) from the stacked projections."""
+    from tuckerize.experts import stack_projection
+
+    params = dict(model.named_parameters())
+    for name in source.tensors.keys():
+        if name in params and source.tensors.dtype(name).startswith("F8_"):
+            params[name].copy_(source.get(name))
+    if source.is_tucker:
+        return
+    spec = source.spec
+    for layer in spec.moe_layers:
+        experts = model.model.layers[layer].mlp.experts
+        w = {p: stack_projection(source.tensors, spec, layer, p) for p in ("gate", "up", "down")}
+        experts.gate_up_proj.copy_(torch.cat([w["gate"].transpose(1, 2), w["up"].transpose(1, 2)], dim=1))
+        experts.down_proj.copy_(w["down"])
+
+
 def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     """A transformers model for ``folder``: the original model, or a Tucker checkpoint
     with its experts replaced by Tucker experts."""
@@ -40,9 +61,17 @@ def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     from tuckerize.runtime.loader import TensorSource, build_experts
 
     folder = Path(folder)
-    with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     source = TensorSource.open(folder)
+    kwargs = {}
+    if source.tensors.fp8 is not None:  # dequantised here: transformers' FP8 loader needs accelerate and a GPU
+        from transformers import AutoConfig
+
+        kwargs["config"] = AutoConfig.from_pretrained(str(folder))
+        del kwargs["config"].quantization_config
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, **kwargs)
+    if source.tensors.fp8 is not None:
+        _load_fp8(model, source)
     if source.is_tucker:
         tk = TuckerCheckpoint.open(folder)
         for layer in tk.spec.moe_layers:
