@@ -51,7 +51,8 @@ class Fp8Format:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> "Fp8Format | None":
-        """The FP8 format of a ``config.json`` dict; None when it has no FP8 quantization_config."""
+        """The FP8 format of a ``config.json`` dict; None when its quantization_config (if any)
+        is not ``fp8`` or ``compressed-tensors``; an error for compressed-tensors that is not FP8."""
         q = (config or {}).get("quantization_config")
         if not q and "text_config" in (config or {}):
             q = config["text_config"].get("quantization_config")  # type: ignore[index]
@@ -75,10 +76,7 @@ class Fp8Format:
                 elif w.get("strategy") == "group" and w.get("group_size"):
                     block = (1, int(w["group_size"]))
             return cls("compressed-tensors", block)  # type: ignore[arg-type]
-        raise InputError(
-            f"config.json has quantization_config with quant_method {method!r}; tuckerize reads FP8 checkpoints "
-            "(quant_method fp8 or compressed-tensors) and unquantised ones: use the BF16 release of the model"
-        )
+        return None  # another method: its tensors are not FP8 weights with scales (e.g. quantised factors)
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "block": list(self.block) if self.block else None}
