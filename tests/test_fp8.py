@@ -343,3 +343,36 @@ def test_calibrated_decompose_of_fp8_equals_dequantised(arch, fp8_models, tmp_pa
         got, want = R.tucker_dense(outs[0], layer), R.tucker_dense(outs[1], layer)
         for p in want:
             assert R.rel_err(want[p], got[p]) < 1e-5, (layer, p)
+
+
+def test_fused_fp8_experts_equal_reference(tmp_path):
+    """The fused layout (``experts.gate_up_proj [E, 2I, H]`` with ``gate_up_proj_scale_inv
+    [E, ceil(2I/b0), ceil(H/b1)]``, as transformers' FP8 experts name them), and E8M0 scales."""
+    from tuckerize.arch import PROJECTIONS, moe_spec
+    from tuckerize.checkpoint import Checkpoint, load_config
+    from tuckerize.experts import stack_projection
+
+    fused = tiny_models.build_fused(tmp_path / "fused", arch="qwen3_moe")
+    state = load_file(str(fused / "model.safetensors"))
+    ref = dict(state)
+    for name in [n for n in state if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        pairs = [quantise_block(m, BLOCK) for m in state[name]]
+        q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        if name.endswith("down_proj"):  # powers of two as UE8M0 scales (DeepSeek-V3.1's scale format)
+            s = torch.exp2(torch.ceil(torch.log2(s)))
+            q = torch.stack([(m.double() / sm.repeat_interleave(BLOCK[0], 0)[: m.shape[0]]
+                              .repeat_interleave(BLOCK[1], 1)[:, : m.shape[1]].double()).to(torch.float8_e4m3fn)
+                             for m, sm in zip(state[name], s)])
+            s = s.to(torch.float8_e8m0fnu)
+        state[name], state[name + "_scale_inv"] = q, s
+        ref[name] = torch.from_numpy(np.stack([dequantise_ref(a, b, BLOCK) for a, b in zip(q, s)])).float()
+    fp8, deq = tmp_path / "fp8", tmp_path / "deq"
+    for folder, tensors, extra in ((fp8, state, {"quantization_config": BLOCK_CONFIG}), (deq, ref, {})):
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**tiny_models.read_config(fused), **extra}))
+    spec = moe_spec(load_config(fp8))
+    for layer in spec.moe_layers:
+        for p in PROJECTIONS:
+            want = stack_projection(Checkpoint.open(deq), spec, layer, p)
+            assert R.rel_err(want, stack_projection(Checkpoint.open(fp8), spec, layer, p)) < 1e-7, (layer, p)

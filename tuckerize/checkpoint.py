@@ -126,7 +126,7 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
 
 
@@ -254,7 +254,7 @@ class Checkpoint:
         if nbytes == 0:
             return torch.empty(e.shape, dtype=dtype)
         t = torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
-        if dequantize and e.dtype.startswith("F8_"):
+        if dequantize and e.dtype in ("F8_E4M3", "F8_E5M2"):  # weights; E8M0 is a scale format
             from tuckerize.fp8 import dequantize_from
 
             return dequantize_from(self, name, t, device)

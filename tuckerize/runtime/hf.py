@@ -38,10 +38,11 @@ def _load_fp8(model, source) -> None:
     weight with its dequantisation and, in an original checkpoint, the fused routed experts
     (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) from the stacked projections."""
     from tuckerize.experts import stack_projection
+    from tuckerize.fp8 import is_fp8
 
     params = dict(model.named_parameters())
     for name in source.tensors.keys():
-        if name in params and source.tensors.dtype(name).startswith("F8_"):
+        if name in params and is_fp8(source.tensors.dtype(name)):
             params[name].copy_(source.get(name))
     if source.is_tucker:
         return
