@@ -132,10 +132,12 @@ def main():
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
     print("\n| source | size (GiB) | wall, 1 process (s) | peak RSS (GiB) | per MoE layer (s) | of which read (s) | "
-          "decompose (s) | 48 layers, est. (min) | of which read (min) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "decompose (s) | 48 layers, est. (min) | of which read (min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in rows.items():
-        print(f"| {kind} | {r['source_gib']:.2f} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | {r['layer_s']:.1f} | "
-              f"{r['read_s']:.1f} | {r['decompose_s']:.1f} | {r['est_48_s'] / 60:.0f} | {48 * r['read_s'] / 60:.1f} |")
+        print(f"| {kind} | {r['source_gib']:.2f} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+              f"{r['layer_s']:.1f} | {r['read_s']:.1f} | {r['decompose_s']:.1f} | {r['est_48_s'] / 60:.0f} | "
+              f"{48 * r['read_s'] / 60:.1f} |")
     b, f = rows["bf16"], rows["fp8"]
     print(f"\nfp8 / bf16: wall {f['wall_s'] / b['wall_s']:.2f}x, read {f['read_s'] / b['read_s']:.2f}x, "
           f"peak RSS {f['peak_rss_gib'] / b['peak_rss_gib']:.2f}x; "

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import model_refs as M
@@ -84,7 +83,8 @@ def dequantise_ref(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     b0, b1 = block
     for a in range(s.shape[0]):
         for b in range(s.shape[1]):
-            out[a * b0 : (a + 1) * b0, b * b1 : (b + 1) * b1] = v[a * b0 : (a + 1) * b0, b * b1 : (b + 1) * b1] * s[a, b]
+            rows, cols = slice(a * b0, (a + 1) * b0), slice(b * b1, (b + 1) * b1)
+            out[rows, cols] = v[rows, cols] * s[a, b]
     return out
 
 
