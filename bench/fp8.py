@@ -129,8 +129,8 @@ def main():
         print(json.dumps({kind: r}), flush=True)
 
     load = os.getloadavg()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
+    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch {torch.__version__}, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
     print("\n| source | size (GiB) | wall, 1 process (s) | peak RSS (GiB) | per MoE layer (s) | of which read (s) | "
           "decompose (s) | 48 layers, est. (min) | of which read (min) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
