@@ -2,7 +2,7 @@
 
 Generates locally (bench/memory.py's generator: hidden 2048, 128 experts of intermediate
 768, 32/4 heads of 128, here a small vocabulary) a bf16 checkpoint of ``--layers`` MoE
-layers, and the same weights quantised to block FP8 as DeepSeek-V3 and Qwen's ``-FP8``
+layers, and from it the same weights quantised to block FP8 as DeepSeek-V3 and Qwen's ``-FP8``
 releases store them (every projection weight e4m3 with a float32 ``weight_scale_inv`` per
 128x128 block; norms, router and embeddings left in bf16). Then, for each, in fresh
 processes:
@@ -56,6 +56,24 @@ def quantize(name: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
     return {name: q, name + "_scale_inv": scale}
 
 
+def write_fp8(src: Path, folder: Path) -> None:
+    """Block FP8 of the bf16 checkpoint ``src``, one file at a time."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    weight_map = {}
+    for f in sorted(set(index["weight_map"].values())):
+        t = {k2: v2 for k, v in load_file(str(src / f)).items() for k2, v2 in quantize(k, v).items()}
+        save_file(t, str(folder / f), metadata={"format": "pt"})
+        weight_map.update({k: f for k in t})
+        del t
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = QUANT_CONFIG
+    (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+
+
 READ = """
 import json, sys, time
 from tuckerize.arch import PROJECTIONS, moe_spec
@@ -92,17 +110,14 @@ def main():
     args = ap.parse_args()
     root = Path(args.dir)
     sources = {"bf16": root / "bf16", "fp8": root / "fp8"}
-    for kind, folder in sources.items():
-        if (folder / "config.json").is_file():
-            continue
+    if not (sources["bf16"] / "config.json").is_file():
         t = time.time()
-        memory.write_checkpoint(folder, args.layers, torch.Generator().manual_seed(0), vocab=args.vocab,
-                                quantize=quantize if kind == "fp8" else None)
-        if kind == "fp8":
-            cfg = json.loads((folder / "config.json").read_text())
-            cfg["quantization_config"] = QUANT_CONFIG
-            (folder / "config.json").write_text(json.dumps(cfg, indent=1))
-        print(f"generated {folder} in {time.time() - t:.0f} s", flush=True)
+        memory.write_checkpoint(sources["bf16"], args.layers, torch.Generator().manual_seed(0), vocab=args.vocab)
+        print(f"generated {sources['bf16']} in {time.time() - t:.0f} s", flush=True)
+    if not (sources["fp8"] / "config.json").is_file():
+        t = time.time()
+        write_fp8(sources["bf16"], sources["fp8"])
+        print(f"quantised to {sources['fp8']} in {time.time() - t:.0f} s", flush=True)
 
     tucker = Path(sys.executable).with_name("tuckerize")
     rows = {}

@@ -42,9 +42,7 @@ def config(layers: int, vocab: int = V) -> dict:
     return d
 
 
-def write_checkpoint(folder: Path, layers: int, gen: torch.Generator, vocab: int = V, quantize=None) -> None:
-    """Write the checkpoint; ``quantize(name, tensor) -> {name: tensor, ...}`` may replace
-    each 2-D projection weight by a quantised one and its scale (bench/fp8.py)."""
+def write_checkpoint(folder: Path, layers: int, gen: torch.Generator, vocab: int = V) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,8 +76,6 @@ def write_checkpoint(folder: Path, layers: int, gen: torch.Generator, vocab: int
             base = rnd(*shape)
             for e in range(E):
                 t[f"{p}mlp.experts.{e}.{proj}.weight"] = (base.float() + 0.5 * rnd(*shape).float()).to(bf)
-        if quantize is not None:
-            t = {k2: v2 for k, v in t.items() for k2, v2 in quantize(k, v).items()}
         name = f"model-{layer + 2:05d}-of-{files:05d}.safetensors"
         save_file(t, str(folder / name), metadata={"format": "pt"})
         weight_map.update({k: name for k in t})
