@@ -8,15 +8,18 @@ releases store them (every projection weight e4m3 with a float32 ``weight_scale_
 processes:
 
 * read: every MoE layer's three stacked projections (``stack_projection``: read, and for
-  FP8 dequantise, to float32 ``[E, H, I]``), nothing else, timed per layer;
-* decompose: ``tuckerize decompose --ranks 64,512,256`` in one process: wall time, peak
-  RSS, per-layer seconds from the manifest.
+  FP8 dequantise, to float32 ``[E, H, I]``), nothing else, per layer wall and CPU time;
+* decompose: ``tuckerize decompose --ranks 64,512,256``, one process per checkpoint: wall
+  time, CPU time (user + system), peak RSS, per-layer wall time from the manifest.
 
-The time per layer is extrapolated to Qwen3-30B-A3B's 48 layers; reading is shown on its
-own. Files are read from the page cache right after they were written (warm), so "read"
-is parsing, conversion and dequantisation, not disk.
+Everything in these checkpoints (hashing, reading, decomposing) scales with the number of
+layers, so the 48-layer estimate is the measured time times 48 / layers; the reading time is
+shown on its own. On a shared machine the CPU time is the number to compare (wall time
+depends on the load; ``--together`` runs both decompositions at once so that both see the
+same load). Files are read from the page cache right after they were written (warm), so
+"read" is parsing, conversion and dequantisation, not disk.
 
-    python bench/fp8.py                       # 4 layers, about 20 minutes on 2 cores
+    python bench/fp8.py                       # 4 layers, about 20 minutes on 2 idle cores
     python bench/fp8.py --layers 2 --dir /tmp/tk-fp8 --keep
 """
 
@@ -76,28 +79,46 @@ def write_fp8(src: Path, folder: Path) -> None:
 
 READ = """
 import json, sys, time
+from pathlib import Path
 from tuckerize.arch import PROJECTIONS, moe_spec
 from tuckerize.checkpoint import Checkpoint, load_config
 from tuckerize.experts import stack_projection
-src = sys.argv[1]
-spec = moe_spec(load_config(__import__('pathlib').Path(src)))
-ckpt = Checkpoint.open(src)
-per_layer = []
+spec = moe_spec(load_config(Path(sys.argv[1])))
+ckpt = Checkpoint.open(sys.argv[1])
+wall, cpu = [], []
 for layer in spec.moe_layers:
-    t = time.time()
+    t, c = time.time(), time.process_time()
     for p in PROJECTIONS:
         w = stack_projection(ckpt, spec, layer, p)
         del w
-    per_layer.append(time.time() - t)
-print(json.dumps(per_layer))
+    wall.append(time.time() - t)
+    cpu.append(time.process_time() - c)
+print(json.dumps({"wall": wall, "cpu": cpu}))
 """
 
+#: Runs a command as its child; prints the child's peak RSS, wall and CPU (user + system) time.
+WRAP = (
+    "import resource, subprocess, sys, time, json; t=time.time(); r=subprocess.run(sys.argv[1:]); "
+    "u=resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print(json.dumps({'rc': r.returncode, 'maxrss_kib': u.ru_maxrss, 'cpu': u.ru_utime + u.ru_stime, "
+    "'wall': time.time()-t}))"
+)
 
-def read_times(src: Path) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", READ, str(src)], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise SystemExit(f"reading {src} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+
+def run_all(cmds: dict[str, list[str]]) -> dict[str, dict]:
+    """Start every command at once (each in its own wrapper); wait; their measurements."""
+    procs = {k: subprocess.Popen([sys.executable, "-c", WRAP, *c], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True) for k, c in cmds.items()}
+    out = {}
+    for k, p in procs.items():
+        stdout, stderr = p.communicate()
+        lines = stdout.strip().splitlines()
+        info = json.loads(lines[-1])
+        if info["rc"] != 0:
+            raise SystemExit(f"{k} failed: {stderr[-2000:]}")
+        info["stdout"] = lines[:-1]
+        out[k] = info
+    return out
 
 
 def main():
@@ -107,6 +128,8 @@ def main():
     ap.add_argument("--dir", default="/tmp/tuckerize-bench-fp8")
     ap.add_argument("--ranks", default="64,512,256")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--together", action="store_true",
+                    help="decompose the two checkpoints at the same time (a loaded machine: same conditions)")
     args = ap.parse_args()
     root = Path(args.dir)
     sources = {"bf16": root / "bf16", "fp8": root / "fp8"}
@@ -119,43 +142,46 @@ def main():
         write_fp8(sources["bf16"], sources["fp8"])
         print(f"quantised to {sources['fp8']} in {time.time() - t:.0f} s", flush=True)
 
+    reads = {k: json.loads(run_all({k: [sys.executable, "-c", READ, str(src)]})[k]["stdout"][-1])
+             for k, src in sources.items()}
+    print(json.dumps({"read": reads}), flush=True)
     tucker = Path(sys.executable).with_name("tuckerize")
+    cmds = {k: [str(tucker), "decompose", "--model", str(src), "--ranks", args.ranks, "--out", str(root / f"out-{k}"),
+                "--overwrite", "--json"] for k, src in sources.items()}
+    runs = run_all(cmds) if args.together else {k: run_all({k: c})[k] for k, c in cmds.items()}
     rows = {}
     for kind, src in sources.items():
-        reads = read_times(src)
-        out = root / f"out-{kind}"
-        gib, secs = memory.peak_rss_of([str(tucker), "decompose", "--model", str(src), "--ranks", args.ranks,
-                                        "--out", str(out), "--overwrite", "--json"])
-        manifest = json.loads((out / "tuckerize_manifest.json").read_text())
-        moe_files = [e for e in manifest["files"].values() if e["layer"] is not None and e["errors"]]
-        layer_s = [e["seconds"] for e in moe_files]
-        other_s = secs - sum(layer_s)
-        rows[kind] = {
+        run = runs[kind]
+        manifest = json.loads((root / f"out-{kind}" / "tuckerize_manifest.json").read_text())
+        layer_s = [e["seconds"] for e in manifest["files"].values() if e["layer"] is not None and e["errors"]]
+        n = len(layer_s)
+        r = rows[kind] = {
             "source_gib": sum(f.stat().st_size for f in src.iterdir()) / 2**30,
             "expert_dtypes": manifest["source"]["expert_dtypes"],
-            "wall_s": secs, "peak_rss_gib": gib,
-            "layer_s": sum(layer_s) / len(layer_s), "read_s": sum(reads) / len(reads),
-            "other_s": other_s,
+            "wall_s": run["wall"], "cpu_s": run["cpu"], "peak_rss_gib": run["maxrss_kib"] / 2**20,
+            "layer_wall_s": sum(layer_s) / n,
+            "read_wall_s": sum(reads[kind]["wall"]) / n, "read_cpu_s": sum(reads[kind]["cpu"]) / n,
             "mean_rel_error": sum(t["relative_error"] for t in manifest["tensors"]) / len(manifest["tensors"]),
         }
-        r = rows[kind]
-        r["decompose_s"] = r["layer_s"] - r["read_s"]
-        r["est_48_s"] = 48 * r["layer_s"] + other_s
+        # every part of this checkpoint (hashing, reading, decomposing) scales with its layers
+        r["cpu_48_min"] = run["cpu"] * 48 / n / 60
+        r["wall_48_min"] = run["wall"] * 48 / n / 60
+        r["read_cpu_48_min"] = r["read_cpu_s"] * 48 / 60
         print(json.dumps({kind: r}), flush=True)
 
     load = os.getloadavg()
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__}, load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)")
-    print("\n| source | size (GiB) | wall, 1 process (s) | peak RSS (GiB) | per MoE layer (s) | of which read (s) | "
-          "decompose (s) | 48 layers, est. (min) | of which read (min) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| source | size (GiB) | wall (s) | CPU (s) | peak RSS (GiB) | wall per MoE layer (s) | "
+          "read per layer, wall / CPU (s) | 48 layers: CPU (min) | of which read (min) | wall at this load (min) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for kind, r in rows.items():
-        print(f"| {kind} | {r['source_gib']:.2f} | {r['wall_s']:.0f} | {r['peak_rss_gib']:.2f} | "
-              f"{r['layer_s']:.1f} | {r['read_s']:.1f} | {r['decompose_s']:.1f} | {r['est_48_s'] / 60:.0f} | "
-              f"{48 * r['read_s'] / 60:.1f} |")
+        print(f"| {kind} | {r['source_gib']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_gib']:.2f} | "
+              f"{r['layer_wall_s']:.0f} | {r['read_wall_s']:.1f} / {r['read_cpu_s']:.1f} | {r['cpu_48_min']:.0f} | "
+              f"{r['read_cpu_48_min']:.1f} | {r['wall_48_min']:.0f} |")
     b, f = rows["bf16"], rows["fp8"]
-    print(f"\nfp8 / bf16: wall {f['wall_s'] / b['wall_s']:.2f}x, read {f['read_s'] / b['read_s']:.2f}x, "
-          f"peak RSS {f['peak_rss_gib'] / b['peak_rss_gib']:.2f}x; "
+    print(f"\nfp8 / bf16: CPU {f['cpu_s'] / b['cpu_s']:.2f}x, wall {f['wall_s'] / b['wall_s']:.2f}x, "
+          f"read CPU {f['read_cpu_s'] / b['read_cpu_s']:.2f}x, peak RSS {f['peak_rss_gib'] / b['peak_rss_gib']:.2f}x; "
           f"mean relative error {b['mean_rel_error']:.4f} (bf16) vs {f['mean_rel_error']:.4f} (fp8)")
     if not args.keep:
         shutil.rmtree(root)
