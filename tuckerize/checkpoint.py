@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tuckerize.errors import InputError
+from tuckerize.fp8 import FP8_DTYPES, dequantize_from, read_format
 
 #: Files a decomposition needs from a hub repository.
 HUB_PATTERNS = (
@@ -195,13 +196,13 @@ class Checkpoint:
                                  "convert the checkpoint to safetensors first")
             if len(files) > 1:
                 raise InputError(f"{folder} has {len(files)} safetensors files but no {INDEX_NAME}; restore the index")
-            ckpt = cls(folder=folder, weight_map={}, fp8=_fp8_format(folder))
+            ckpt = cls(folder=folder, weight_map={}, fp8=read_format(folder))
             ckpt.weight_map = {name: files[0].name for name in ckpt._header(files[0].name)}
             return ckpt
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise InputError(f"safetensors file {folder / missing[0]} listed in the index is missing; download it again")
-        return cls(folder=folder, weight_map=weight_map, fp8=_fp8_format(folder))
+        return cls(folder=folder, weight_map=weight_map, fp8=read_format(folder))
 
     @property
     def files(self) -> list[str]:
@@ -254,20 +255,12 @@ class Checkpoint:
         if nbytes == 0:
             return torch.empty(e.shape, dtype=dtype)
         t = torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
-        if dequantize and e.dtype in ("F8_E4M3", "F8_E5M2"):  # weights; E8M0 is a scale format
-            from tuckerize.fp8 import dequantize_from
-
+        if dequantize and e.dtype in FP8_DTYPES:
             return dequantize_from(self, name, t, device)
         return t
 
     def close(self) -> None:
         self._headers.clear()
-
-
-def _fp8_format(folder: Path) -> Any:
-    from tuckerize.fp8 import read_format
-
-    return read_format(folder)
 
 
 def layer_of(name: str) -> int | None:
