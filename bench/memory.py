@@ -28,11 +28,11 @@ H, I, E, V = 2048, 768, 128, 151936
 HEADS, KV, HD = 32, 4, 128
 
 
-def config(layers: int) -> dict:
+def config(layers: int, vocab: int = V) -> dict:
     from transformers import Qwen3MoeConfig
 
     cfg = Qwen3MoeConfig(
-        vocab_size=V, hidden_size=H, intermediate_size=6144, moe_intermediate_size=I, num_hidden_layers=layers,
+        vocab_size=vocab, hidden_size=H, intermediate_size=6144, moe_intermediate_size=I, num_hidden_layers=layers,
         num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HD, num_experts=E, num_experts_per_tok=8,
         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rope_theta=1e6, tie_word_embeddings=False,
     )
@@ -42,7 +42,7 @@ def config(layers: int) -> dict:
     return d
 
 
-def write_checkpoint(folder: Path, layers: int, gen: torch.Generator) -> None:
+def write_checkpoint(folder: Path, layers: int, gen: torch.Generator, vocab: int = V) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -54,7 +54,7 @@ def write_checkpoint(folder: Path, layers: int, gen: torch.Generator) -> None:
         return (torch.randn(*shape, generator=gen) * scale).to(bf)
 
     name = f"model-00001-of-{files:05d}.safetensors"
-    rest = {"model.embed_tokens.weight": rnd(V, H), "lm_head.weight": rnd(V, H), "model.norm.weight": torch.ones(H, dtype=bf)}
+    rest = {"model.embed_tokens.weight": rnd(vocab, H), "lm_head.weight": rnd(vocab, H), "model.norm.weight": torch.ones(H, dtype=bf)}
     save_file(rest, str(folder / name), metadata={"format": "pt"})
     weight_map.update({k: name for k in rest})
     del rest
@@ -81,7 +81,7 @@ def write_checkpoint(folder: Path, layers: int, gen: torch.Generator) -> None:
         weight_map.update({k: name for k in t})
         del t
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (folder / "config.json").write_text(json.dumps(config(layers), indent=1))
+    (folder / "config.json").write_text(json.dumps(config(layers, vocab), indent=1))
 
 
 def subset(full: Path, folder: Path, layers: int) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tuckerize.errors import InputError, OutputError
+from tuckerize.fp8 import FP8_DTYPES, dequantize_from, read_format
 
 #: Files a decomposition needs from a hub repository.
 HUB_PATTERNS = (
@@ -138,7 +139,7 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 _DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
 }
 
 
@@ -218,6 +219,8 @@ class Checkpoint:
 
     folder: Path
     weight_map: dict[str, str]
+    #: FP8 layout from the folder's config.json (:class:`tuckerize.fp8.Fp8Format`), or None.
+    fp8: Any = None
     _headers: dict[str, dict[str, _Entry]] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -238,13 +241,13 @@ class Checkpoint:
                                  "convert the checkpoint to safetensors first")
             if len(files) > 1:
                 raise InputError(f"{folder} has {len(files)} safetensors files but no {INDEX_NAME}; restore the index")
-            ckpt = cls(folder=folder, weight_map={})
+            ckpt = cls(folder=folder, weight_map={}, fp8=read_format(folder))
             ckpt.weight_map = {name: files[0].name for name in ckpt._header(files[0].name)}
             return ckpt
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
             raise InputError(f"safetensors file {folder / missing[0]} listed in the index is missing; download it again")
-        return cls(folder=folder, weight_map=weight_map)
+        return cls(folder=folder, weight_map=weight_map, fp8=read_format(folder))
 
     @property
     def files(self) -> list[str]:
@@ -277,8 +280,11 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._entry(name).dtype
 
-    def get(self, name: str) -> "Any":
-        """One tensor, read now, in its stored dtype (a factor stored quantised: float32, dequantised)."""
+    def get(self, name: str, dequantize: bool = False, device: "Any" = None) -> "Any":
+        """One tensor, read now, in its stored dtype; with ``dequantize``, an FP8 weight
+        comes back in float32 multiplied out by its scale tensor, on ``device``
+        (:mod:`tuckerize.fp8`); other tensors are unchanged. A factor stored quantised
+        (:mod:`tuckerize.quant`) comes back dequantised, in float32."""
         import torch
 
         if name not in self.weight_map and f"{name}.qweight" in self.weight_map:
@@ -298,7 +304,10 @@ class Checkpoint:
             raise InputError(f"cannot read {name} from {path}: the file is truncated; download it again")
         if nbytes == 0:
             return torch.empty(e.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        t = torch.frombuffer(buf, dtype=dtype).reshape(e.shape)
+        if dequantize and e.dtype in FP8_DTYPES:
+            return dequantize_from(self, name, t, device)
+        return t
 
     def close(self) -> None:
         self._headers.clear()

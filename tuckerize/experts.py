@@ -6,6 +6,9 @@ Two on-disk layouts are understood:
   one tensor per expert, names from :mod:`tuckerize.arch`;
 * fused (transformers v5 in-memory layout, written by some converters):
   ``experts.gate_up_proj [E, 2I, H]`` (gate rows first) and ``experts.down_proj [E, H, I]``.
+
+FP8 expert weights (:mod:`tuckerize.fp8`) are dequantised as they are read; their scale
+tensors belong to the experts and are replaced by the factors with them.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from __future__ import annotations
 from tuckerize.arch import PROJECTIONS, MoESpec
 from tuckerize.checkpoint import Checkpoint
 from tuckerize.errors import InputError
-
-_FP8 = ("F8_E4M3", "F8_E5M2", "float8")
+from tuckerize.fp8 import companion_names
 
 
 def layout(ckpt: Checkpoint, spec: MoESpec, layer: int) -> str:
@@ -30,23 +32,15 @@ def layout(ckpt: Checkpoint, spec: MoESpec, layer: int) -> str:
 
 
 def expert_tensor_names(ckpt: Checkpoint, spec: MoESpec, layer: int) -> list[str]:
-    """Every source tensor that the factors of ``layer`` replace."""
+    """Every source tensor that the factors of ``layer`` replace (FP8 scales included)."""
     if layout(ckpt, spec, layer) == "fused":
-        return list(spec.arch.fused_names(layer))
-    names = [spec.arch.expert_name(layer, p, e) for p in PROJECTIONS for e in range(spec.num_experts)]
-    missing = [n for n in names if n not in ckpt]
-    if missing:
-        raise InputError(f"expert tensor {missing[0]} is missing from the checkpoint; download it again")
-    return names
-
-
-def _check_dtype(ckpt: Checkpoint, name: str) -> None:
-    dtype = ckpt.dtype(name)
-    if any(tag in dtype for tag in _FP8):
-        raise InputError(
-            f"{name} is stored in {dtype} with block scales; FP8 checkpoints are not supported yet: "
-            "use the BF16 release of the model"
-        )
+        names = list(spec.arch.fused_names(layer))
+    else:
+        names = [spec.arch.expert_name(layer, p, e) for p in PROJECTIONS for e in range(spec.num_experts)]
+        missing = [n for n in names if n not in ckpt]
+        if missing:
+            raise InputError(f"expert tensor {missing[0]} is missing from the checkpoint; download it again")
+    return names + [s for n in names for s in companion_names(n) if s in ckpt]
 
 
 def _check_finite(tensor, name: str) -> None:
@@ -56,8 +50,9 @@ def _check_finite(tensor, name: str) -> None:
         raise InputError(f"tensor {name} contains NaN or Inf; the checkpoint is damaged, download it again")
 
 
-def stack_projection(ckpt: Checkpoint, spec: MoESpec, layer: int, projection: str, dtype=None):
-    """The routed experts of one projection as a float32 tensor ``[E, H, I]``."""
+def stack_projection(ckpt: Checkpoint, spec: MoESpec, layer: int, projection: str, dtype=None, device=None):
+    """The routed experts of one projection as a float32 (or ``dtype``) tensor ``[E, H, I]``
+    on ``device`` (default CPU); FP8 experts are dequantised there."""
     import torch
 
     dtype = dtype or torch.float32
@@ -65,8 +60,9 @@ def stack_projection(ckpt: Checkpoint, spec: MoESpec, layer: int, projection: st
     if layout(ckpt, spec, layer) == "fused":
         gate_up, down = spec.arch.fused_names(layer)
         name = down if projection == "down" else gate_up
-        _check_dtype(ckpt, name)
-        t = ckpt.get(name)
+        t = ckpt.get(name, dequantize=True, device=device)
+        if device is not None:
+            t = t.to(device)
         _check_finite(t, name)
         want = (E, H, I) if projection == "down" else (E, 2 * I, H)
         if tuple(t.shape) != want:
@@ -76,13 +72,11 @@ def stack_projection(ckpt: Checkpoint, spec: MoESpec, layer: int, projection: st
         half = t[:, :I, :] if projection == "gate" else t[:, I:, :]
         return half.transpose(1, 2).to(dtype).contiguous()
 
-    out = torch.empty((E, H, I), dtype=dtype)
+    out = torch.empty((E, H, I), dtype=dtype, device=device)
     want = (H, I) if projection == "down" else (I, H)
     for e in range(E):
         name = spec.arch.expert_name(layer, projection, e)
-        if e == 0:
-            _check_dtype(ckpt, name)
-        t = ckpt.get(name)
+        t = ckpt.get(name, dequantize=True, device=device)
         if tuple(t.shape) != want:
             raise InputError(f"{name} has shape {list(t.shape)}, expected {list(want)} from config.json")
         _check_finite(t, name)

@@ -23,7 +23,8 @@ def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
 
 
 def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any],
-                  factor_storage: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  factor_storage: Mapping[str, Any] | None = None,
+                  fp8: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The output ``config.json``: the source's, plus the ``tucker`` section (with
     ``factor_storage`` and format version 2 where factors are stored quantised)."""
     E, H, I = spec.shape
@@ -40,6 +41,8 @@ def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[s
     }
     if factor_storage is not None:
         out[CONFIG_KEY].update(format_version=2, factor_storage=dict(factor_storage))
+    if fp8 is not None:  # quantization_config stays: it describes the non-expert FP8 tensors kept
+        out[CONFIG_KEY]["fp8"] = dict(fp8)
     return out
 
 
@@ -59,6 +62,7 @@ def build_manifest(
     calibration: Mapping[str, Any] | None = None,
     allocation: Mapping[str, Any] | None = None,
     factor_storage: Mapping[str, Any] | None = None,
+    source_info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``files``: the journal's entries in unit order; ``model_params``: parameters of the
     source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written;
@@ -86,6 +90,7 @@ def build_manifest(
             "hub_id": source.hub_id,
             "revision": source.revision,
             "files_sha256": dict(source_files),
+            **dict(source_info or {}),
         },
         "out": out,
         "architecture": spec.arch.name,

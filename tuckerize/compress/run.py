@@ -216,7 +216,7 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
 
     for name in side:
         copy_file(source.source.path / name, out / name)
-    write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage))
+    write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage, source.tucker_fp8()))
     weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
     total_size = sum((out / e["file"]).stat().st_size for e in files.values())
     write_json(out / INDEX_NAME,
@@ -229,6 +229,7 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
         wall_seconds=round(time.time() - started, 3), side_files=side_files,
         calibration=cal.info if cal is not None else None,
         allocation=allocation.info if allocation is not None else None, factor_storage=request.factor_storage,
+        source_info=source.describe(),
     )
     folder.finish(manifest)
     return manifest

@@ -8,7 +8,6 @@ factors that replace its routed experts).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +26,7 @@ class SourceModel:
     ckpt: Checkpoint
     units_of: dict[int, list[str]]  # unit -> names of the source tensors it keeps
     n_units: int
+    replaced: frozenset[str] = frozenset()  # routed-expert tensors (and their FP8 scales) replaced by factors
 
     @classmethod
     def open(cls, model: str, revision: str | None = None) -> "SourceModel":
@@ -44,7 +44,7 @@ class SourceModel:
         n_units = max([spec.num_layers] + list(units_of)) + 1
         for layer in spec.moe_layers:
             units_of.setdefault(layer + 1, [])
-        return cls(source, config, spec, ckpt, units_of, n_units)
+        return cls(source, config, spec, ckpt, units_of, n_units, frozenset(replaced))
 
     @property
     def hidden_act(self) -> str:
@@ -75,4 +75,23 @@ class SourceModel:
         return out
 
     def total_params(self) -> int:
-        return sum(math.prod(self.ckpt.shape(n)) for n in self.ckpt.keys())
+        """Parameters of the source (FP8 scale tensors are not parameters)."""
+        from tuckerize.fp8 import element_count
+
+        return element_count(self.ckpt, self.ckpt.keys())
+
+    def describe(self) -> dict[str, Any]:
+        """The manifest's source dtypes: of all tensors, of the routed experts, and the
+        checkpoint's FP8 quantisation (None when it has none)."""
+        from tuckerize.fp8 import is_scale_name, source_dtypes
+
+        return {"dtypes": source_dtypes(self.ckpt, self.ckpt.keys()),
+                "expert_dtypes": source_dtypes(self.ckpt, [n for n in sorted(self.replaced) if not is_scale_name(n)]),
+                "quantization": self.ckpt.fp8.to_dict() if self.ckpt.fp8 is not None else None}
+
+    def tucker_fp8(self) -> dict[str, Any] | None:
+        """The Tucker config's ``fp8`` entry: what happened to an FP8 source's tensors."""
+        if self.ckpt.fp8 is None:
+            return None
+        return {**self.ckpt.fp8.to_dict(), "experts": "dequantised to float32 factors",
+                "non_experts": "kept FP8 with their scale tensors, byte-identical"}

@@ -215,7 +215,7 @@ class LayerPipeline:
             job.layer_stats = self.cal_stats.layers[job.layer]
 
     def _stack(self, layer: int, proj: str):
-        return stack_projection(self.source.ckpt, self.source.spec, layer, proj).to(self.device)
+        return stack_projection(self.source.ckpt, self.source.spec, layer, proj, device=self.device).to(self.device)
 
     def decompose(self, job: LayerJob) -> None:
         import torch

@@ -36,6 +36,26 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
+@torch.no_grad()
+def _load_fp8(model, source) -> None:
+    """Overwrite what transformers read (an original FP8 checkpoint) from FP8 tensors without
+    their scales: every FP8 weight with its dequantisation, and the fused routed experts
+    (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) from the stacked projections."""
+    from tuckerize.experts import stack_projection
+    from tuckerize.fp8 import is_fp8
+
+    params = dict(model.named_parameters())
+    for name in source.tensors.keys():
+        if name in params and is_fp8(source.tensors.dtype(name)):
+            params[name].copy_(source.get(name))
+    spec = source.spec
+    for layer in spec.moe_layers:
+        experts = model.get_submodule(spec.arch.experts_prefix(layer))
+        w = {p: stack_projection(source.tensors, spec, layer, p) for p in ("gate", "up", "down")}
+        experts.gate_up_proj.copy_(torch.cat([w["gate"].transpose(1, 2), w["up"].transpose(1, 2)], dim=1))
+        experts.down_proj.copy_(w["down"])
+
+
 def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     """A transformers model for ``folder``: the original model, or a Tucker checkpoint
     with its experts replaced by Tucker experts."""
@@ -45,14 +65,20 @@ def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
 
     folder = Path(folder)
     source = TensorSource.open(folder)
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(str(folder))
+    fp8 = source.tensors.fp8 is not None
+    if fp8:  # dequantised by tuckerize: transformers' FP8 loader needs accelerate and a GPU
+        del config.quantization_config
     if not source.is_tucker:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, config=config)
+        if fp8:
+            _load_fp8(model, source)
         return model.to(device).eval()
 
     spec = source.spec
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(str(folder))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for layer in spec.moe_layers:

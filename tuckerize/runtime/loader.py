@@ -88,7 +88,8 @@ class TensorSource:
         experts.load_stacked({p: stack_projection(self.tensors, self.spec, layer, p) for p in PROJECTIONS})
 
     def get(self, name: str) -> torch.Tensor:
-        return self.tensors.get(name)
+        """``name`` as stored; FP8 weights dequantised with their scales (float32)."""
+        return self.tensors.get(name, dequantize=True)
 
     def local(self, name: str) -> torch.Tensor:
         """This rank's part of ``name`` (sliced here if the file holds the whole tensor),

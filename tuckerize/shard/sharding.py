@@ -28,6 +28,7 @@ from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safet
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
 from tuckerize.parallel import LAYOUTS, balanced_assignment, check_tp, contiguous_assignment, imbalance, take
+from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
 
 SHARD_MANIFEST = "shard_manifest.json"
@@ -82,6 +83,7 @@ def shard_checkpoint(
         load = expert_load if expert_load is not None else _calibration_load(src.folder)
         assignment = _assign_experts(load or {}, tp, balance_above)
     config = dict(src.config)
+    config.pop("quantization_config", None)  # FP8 tensors are written dequantised (below)
     config["shard"] = {"tp": tp, "layout": layout}
     if assignment and any(a["assigned"] for a in assignment.values()):
         config["shard"]["experts"] = {str(L): a["ranks"] for L, a in assignment.items() if a["assigned"]}
@@ -110,7 +112,8 @@ def shard_checkpoint(
 
     for filename in files:
         names = logical_names(n for n, f in src.tensors.weight_map.items() if f == filename)  # quantised: dequantised
-        full = {n: src.tensors.get(n) for n in names}
+        # FP8 tensors are written dequantised: block scales do not follow arbitrary row splits
+        full = {n: src.tensors.get(n, dequantize=True) for n in names if not is_scale_name(n)}
         for r in range(tp):
             local = {}
             for n, t in full.items():
