@@ -18,7 +18,6 @@ the same semantic axes for gate, up and down.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from tuckerize.calibration.stats import stored_dtype
-from tuckerize.checkpoint import sha256_file, write_json
+from tuckerize.checkpoint import sha256_file, tmp_name, write_json
 from tuckerize.errors import CalibrationError
 
 STATS_NAME = "calibration_stats.safetensors"
@@ -91,7 +91,6 @@ class StreamingSafetensors:
 
     def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
         import math as _math
-        import os
 
         header: dict[str, Any] = {"__metadata__": metadata}
         self.offsets: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}
@@ -110,7 +109,7 @@ class StreamingSafetensors:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * ((8 - len(raw) % 8) % 8)
         self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.tmp = tmp_name(path)  # the package's one temporary-name rule (cleaned up after a killed run)
         self.f = open(self.tmp, "wb")
         self.f.write(len(raw).to_bytes(8, "little"))
         self.f.write(raw)

@@ -25,6 +25,13 @@ DEFAULT_EXPERT_DAMP = 0.1
 DEFAULT_EXPERT_ITERS = 3
 
 
+def check_ridge(name: str, value: Any) -> None:
+    """The one rule for every ridge (``damp``, ``alloc_damp``, ``refit_damp``): a positive,
+    finite number, relative to a covariance's mean eigenvalue."""
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise CalibrationError(f"{name} {value} must be a positive number (a ridge relative to the mean eigenvalue, e.g. 1)")
+
+
 @dataclass(frozen=True)
 class WhitenOptions:
     """How statistics become the weights of the decomposition.
@@ -58,8 +65,7 @@ class WhitenOptions:
             raise CalibrationError(f"--whitening {self.method!r} is not 'expert' or 'pooled'")
         if self.damp is None:
             object.__setattr__(self, "damp", DEFAULT_EXPERT_DAMP if self.method == "expert" else DEFAULT_DAMP)
-        if not (self.damp >= 0 and math.isfinite(self.damp)):
-            raise CalibrationError(f"--damp {self.damp} must be a finite number >= 0")
+        check_ridge("damp", self.damp)
         if self.iters < 0:
             raise CalibrationError(f"--als-iters {self.iters} is negative; use 0 or more sweeps")
         if self.expert_hidden and self.method != "expert":

@@ -24,7 +24,6 @@ Every value shown is the default. :class:`Method` is validated once, here.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,11 +52,11 @@ class Method:
 
     def check(self, where: str = "method") -> None:
         """One rule per setting: ridges > 0 and finite, sweeps >= 0, known names."""
+        from tuckerize.calibration.weights import check_ridge
+
         for name in ("damp", "alloc_damp", "refit_damp"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-                raise CalibrationError(f"{where}.{name} {value} must be a positive number "
-                                       "(a ridge relative to the mean eigenvalue, e.g. 1)")
+            if getattr(self, name) is not None:
+                check_ridge(f"{where}.{name}", getattr(self, name))
         if self.whitening not in ("expert", "pooled"):
             raise CalibrationError(f"{where}.whitening {self.whitening!r} is not 'expert' or 'pooled'")
         if not isinstance(self.als_iters, int) or self.als_iters < 0:

@@ -107,12 +107,13 @@ class LayerwiseRunner:
         self.hf = None if native_supported(spec.arch.name) else _HFLayers(source)
         config = source.config
         window = config.get("sliding_window")
-        if window and config.get("use_sliding_window", True) and spec.arch.name == "mixtral" and tokens.shape[1] > window:
+        sliding = spec.arch.attention is not None and spec.arch.attention.sliding_window
+        if window and config.get("use_sliding_window", True) and sliding and tokens.shape[1] > window:
             raise CalibrationError(f"--seqlen {tokens.shape[1]} exceeds the sliding window {window}; use --seqlen {window}")
         self.spec = spec
         self.batch_size = max(1, int(batch_size))
         self.position = 0
-        emb = source.get("model.embed_tokens.weight")
+        emb = source.get(spec.arch.embed_name)
         vocab = emb.shape[0]
         if int(tokens.max()) >= vocab:
             raise CalibrationError(f"calibration token id {int(tokens.max())} is outside the vocabulary ({vocab}); "
@@ -227,7 +228,7 @@ class _HFLayers:
         for name, t in [*block.named_parameters(), *block.named_buffers()]:
             if experts is not None and name.startswith("mlp.experts."):
                 continue
-            key = f"model.layers.{i}.{name}"
+            key = self.source.spec.arch.layer_name(i, name)
             if key not in self.source.tensors.keys():
                 raise CalibrationError(f"{key} is not in the checkpoint; transformers names this model's tensors "
                                        "differently from its files, calibration cannot load the layer")
