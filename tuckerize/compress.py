@@ -38,11 +38,11 @@ from tuckerize.checkpoint import (
 from tuckerize.errors import CalibrationError, OutputConflictError, RankError
 from tuckerize.experts import expert_tensor_names, stack_projection
 from tuckerize.format import (
-    CONFIG_KEY,
     FORMAT_VERSION,
     JOURNAL_NAME,
     MANIFEST_NAME,
     factor_name,
+    tucker_config,
     unit_file,
 )
 from tuckerize.progress import Progress, ensure
@@ -657,14 +657,13 @@ def decompose_checkpoint(
         }
         for layer in spec.moe_layers
     }
-    out_config = dict(src_config)
-    out_config[CONFIG_KEY] = {
+    out_config = tucker_config(src_config, {
         "format_version": FORMAT_VERSION,
         "architecture": spec.arch.name,
         "axes": "W[e, h, i] = sum core[a, b, c] U_E[e, a] U_H[h, b] U_I[i, c]; gate/up/down share (E, H, I)",
         "factors": list(FACTORS),
         "layers": tucker_layers,
-    }
+    })
     write_json(out / "config.json", out_config)
     total_size = sum((out / e["file"]).stat().st_size for e in journal["files"].values())
     write_json(out / INDEX_NAME, {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})

@@ -35,13 +35,19 @@ def quiet_transformers():
 def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     """A transformers model for ``folder``: the original model, or a Tucker checkpoint
     with its experts replaced by Tucker experts."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tuckerize.arch import original_config
+    from tuckerize.checkpoint import load_config
     from tuckerize.runtime.loader import TensorSource, build_experts
 
     folder = Path(folder)
+    # A Tucker checkpoint's config.json names Tucker classes that transformers refuses
+    # (tuckerize.format.tucker_config); the original architecture is built here.
+    cfg = original_config(load_config(folder))
     with quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=dtype)
     source = TensorSource.open(folder)
     if source.is_tucker:
         tk = TuckerCheckpoint.open(folder)
