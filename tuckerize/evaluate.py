@@ -109,7 +109,12 @@ class EvalModel:
     moe_blocks: dict[int, torch.nn.Module]
 
 
-def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto") -> EvalModel:
+def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto", seqlen: int = 2048,
+               kl_topk: int = 256) -> EvalModel:
+    if runtime == "vllm":  # the vLLM plugin's scorer (tuckerize/integrations/vllm/evaluate.py)
+        from tuckerize.integrations.vllm.evaluate import load_vllm_eval_model
+
+        return load_vllm_eval_model(path, dtype, seqlen=seqlen, kl_topk=kl_topk)
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM, native_supported
 
@@ -351,7 +356,7 @@ def evaluate(
         base = torch.load(cache_file)
         base_cached = True
     if base is None:
-        base_model = load_model(baseline, parallel, device, torch_dtype, runtime)
+        base_model = load_model(baseline, parallel, device, torch_dtype, "auto" if runtime == "vllm" else runtime)
         base = score_baseline(base_model, windows, kl_topk, device, progress)
         del base_model
         base_cached = False
@@ -361,7 +366,7 @@ def evaluate(
             torch.save(base, tmp)
             os.replace(tmp, cache_file)
 
-    tucker_model = load_model(model, parallel, device, torch_dtype, runtime)
+    tucker_model = load_model(model, parallel, device, torch_dtype, runtime, seqlen, kl_topk)
     tk = score_tucker(tucker_model, windows, base, device, layer_tokens, progress)
     per_layer = layer_errors(tucker_model, baseline, tk.pop("inputs"), parallel, device, torch_dtype, progress)
 
