@@ -10,11 +10,6 @@ import os
 import sys
 
 
-def tensor_shapes(model):
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return [[name, list(t.shape)] for name, t in named]
-
-
 def main():
     args = json.loads(sys.argv[1])
     tp = int(args.get("tp", 1))
@@ -23,9 +18,12 @@ def main():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
+    from tuckerize.integrations.vllm.models import tensor_shapes  # importable by every worker
+
     extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
     llm = LLM(model=args["model"], dtype="float32", tensor_parallel_size=tp, max_model_len=256, max_num_seqs=8,
-              enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1, **extra)
+              enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1,
+              skip_tokenizer_init=bool(args.get("no_tokenizer", False)), **extra)
     prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True, detokenize=False)
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]

@@ -118,6 +118,13 @@ def register_configs() -> None:
             AutoConfig.register(tucker_type, cls)
 
 
+def tensor_shapes(model: Any) -> list[list[Any]]:
+    """``[[name, shape], ...]`` of every parameter and buffer of a loaded vLLM model, e.g.
+    ``LLM(...).apply_model(tensor_shapes)``: one list per rank, to check what each rank holds."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [[name, list(t.shape)] for name, t in named]
+
+
 def register_all() -> None:
     from vllm import ModelRegistry
 
