@@ -72,15 +72,17 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
     folders = {}
 
     def write(folder: Path, tensors: dict, cfg_out: dict):
+        if (folder / "config.json").is_file():  # written by an earlier run with the same settings
+            return folder
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))
+        (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))  # last: marks the folder complete
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (folder / name).write_bytes((tok / name).read_bytes())
         return folder
 
     dense = dict(base)
-    for n in range(layers):
+    for n in range(layers if not (root / "dense" / "config.json").is_file() else 0):
         for e in range(E):
             p = f"model.layers.{n}.mlp.experts.{e}"
             dense[f"{p}.gate_proj.weight"] = rnd(I, H)
@@ -97,7 +99,7 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
                 section["layers"][str(n)][proj] = {"ranks": [rE, rH, rI], "shape": [E, H, I]}
                 prefix = f"model.layers.{n}.mlp.experts"
                 for f, (rows, r) in {"U_E": (E, rE), "U_H": (H, rH), "U_I": (I, rI)}.items():
-                    tensors[factor_name(prefix, proj, f)] = torch.linalg.qr(torch.randn(rows, r, generator=g))[0]
+                    tensors[factor_name(prefix, proj, f)] = torch.linalg.qr(torch.randn(rows, r, generator=g))[0].contiguous()
                 # core scaled so that W = core x U has entries of std ~ 0.02 like the dense weights
                 tensors[factor_name(prefix, proj, "core")] = rnd(rE, rH, rI) * (E * H * I / (rE * rH * rI)) ** 0.5
         folders[f"tucker {rE},{rH},{rI}"] = write(root / f"tucker-{rE}-{rH}-{rI}", tensors, tucker_config(cfg, section))

@@ -62,8 +62,9 @@ def prompts():
 
 def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False):
     out = tmp_path / f"vllm-tp{tp}.json"
+    max_len = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 256)
     args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": NEW_TOKENS, "out": str(out),
-            "no_tokenizer": no_tokenizer}
+            "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len)}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(args)], env=_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
