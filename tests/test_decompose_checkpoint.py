@@ -245,8 +245,13 @@ def test_output_index_config_and_side_files(decomposed):
     src_cfg, out_cfg = read_cfg(src_folder), read_cfg(out_folder)
     assert set(out_cfg) == set(src_cfg) | {"tucker"}
     for key, value in src_cfg.items():
-        assert out_cfg[key] == value, key
+        if key not in ("architectures", "model_type"):
+            assert out_cfg[key] == value, key
+    # Renamed so that stock vLLM / transformers refuse the checkpoint; originals recorded.
+    assert out_cfg["architectures"] == ["Tuckerize" + a for a in src_cfg["architectures"]]
+    assert out_cfg["model_type"] == "tuckerize_" + src_cfg["model_type"]
     tucker_cfg = out_cfg["tucker"]
+    assert tucker_cfg["original"] == {"architectures": src_cfg["architectures"], "model_type": src_cfg["model_type"]}
     E, H, I = shape_of(src_cfg)
     assert sorted(int(k) for k in tucker_cfg["layers"]) == moe_layers(src_cfg)
     for layer_info in tucker_cfg["layers"].values():

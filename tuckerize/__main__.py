@@ -1,3 +1,4 @@
 from tuckerize.cli import app
 
-app()
+if __name__ == "__main__":  # vLLM (--runtime vllm) starts processes by spawn, which re-imports __main__
+    app()

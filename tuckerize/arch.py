@@ -212,9 +212,31 @@ class MoESpec:
         return (self.num_experts, self.hidden_size, self.intermediate_size)
 
 
+#: A Tucker checkpoint's config.json names classes and a model type that only tuckerize
+#: (and its vLLM plugin, :mod:`tuckerize.integrations.vllm`) know, so that stock vLLM and
+#: transformers refuse it instead of loading the dense architecture with missing experts.
+#: The original names are kept in ``config["tucker"]["original"]``.
+TUCKER_CLASS_PREFIX = "Tuckerize"
+TUCKER_TYPE_PREFIX = "tuckerize_"
+
+
+def original_names(config: Mapping[str, Any]) -> tuple[list[str], str | None]:
+    """``(architectures, model_type)`` of the source model: from the ``tucker`` section of a
+    Tucker checkpoint's config, else the config's own (an original model, or a Tucker
+    checkpoint written before the names were changed)."""
+    original = (config.get("tucker") or {}).get("original") or {}
+    names = list(original.get("architectures") or config.get("architectures") or [])
+    return names, original.get("model_type", config.get("model_type"))
+
+
+def original_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``config`` with the source model's architectures and model_type restored."""
+    names, model_type = original_names(config)
+    return {**config, "architectures": names, "model_type": model_type}
+
+
 def resolve_architecture(config: Mapping[str, Any]) -> Architecture:
-    names = list(config.get("architectures") or [])
-    model_type = config.get("model_type")
+    names, model_type = original_names(config)
     for arch in ARCHITECTURES:
         if any(n in arch.classes for n in names) or model_type in arch.model_types:
             return arch

@@ -92,7 +92,11 @@ class EvalModel:
 
 
 def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto",
-               verify: bool = True) -> EvalModel:
+               verify: bool = True, seqlen: int = 2048, kl_topk: int = 256) -> EvalModel:
+    if runtime == "vllm":  # the vLLM plugin's scorer (tuckerize/integrations/vllm/evaluate.py)
+        from tuckerize.integrations.vllm.evaluate import load_vllm_eval_model
+
+        return load_vllm_eval_model(path, dtype, seqlen=seqlen, kl_topk=kl_topk)
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM, native_supported
 
@@ -427,7 +431,8 @@ def evaluate(
     base = load_cached_baseline(cache_file, len(windows), seqlen, kl_topk) if use_cache else None
     base_cached = base is not None
     if base is None:
-        base_model = agreed(parallel, lambda: load_model(baseline, parallel, device, torch_dtype, runtime))
+        base_model = agreed(parallel, lambda: load_model(baseline, parallel, device, torch_dtype,
+                                                         "auto" if runtime == "vllm" else runtime))
         base = score_baseline(base_model, windows, kl_topk, device, progress)
         del base_model
         if use_cache and parallel.rank == 0:
@@ -437,7 +442,8 @@ def evaluate(
                 note(f"note: the baseline could not be cached in {cache_file.parent} "
                      f"({getattr(exc, 'strerror', None) or exc}); it will be recomputed next time")
 
-    tucker_model = agreed(parallel, lambda: load_model(model, parallel, device, torch_dtype, runtime, verify=False))
+    tucker_model = agreed(parallel, lambda: load_model(model, parallel, device, torch_dtype, runtime, verify=False,
+                                                       seqlen=seqlen, kl_topk=kl_topk))
     tk = score_tucker(tucker_model, windows, base, device, layer_tokens, progress)
     per_layer = layer_errors(tucker_model, baseline, tk.pop("inputs"), parallel, device, torch_dtype, progress)
 

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuckerize.arch import FACTORS, PROJECTIONS, Architecture, MoESpec, moe_spec
+from tuckerize.arch import (
+    FACTORS,
+    PROJECTIONS,
+    TUCKER_CLASS_PREFIX,
+    TUCKER_TYPE_PREFIX,
+    Architecture,
+    MoESpec,
+    moe_spec,
+    original_names,
+)
 from tuckerize.checkpoint import Checkpoint, load_config
 from tuckerize.errors import InputError
 
@@ -36,6 +45,21 @@ CONFIG_KEY = "tucker"
 def factor_name(experts_prefix: str, projection: str, factor: str) -> str:
     assert projection in PROJECTIONS and factor in FACTORS
     return f"{experts_prefix}.{projection}.{factor}"
+
+
+def tucker_config(src_config: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:
+    """config.json of a Tucker checkpoint: the source config with ``section`` under ``tucker``,
+    and architectures / model_type renamed (``TuckerizeQwen3MoeForCausalLM``,
+    ``tuckerize_qwen3_moe``) so that stock vLLM and transformers refuse the checkpoint
+    (they would load the dense architecture with uninitialised experts); the originals are
+    recorded in ``tucker.original`` and read back by :func:`tuckerize.arch.original_names`."""
+    names, model_type = original_names(src_config)
+    out = dict(src_config)
+    out["architectures"] = [TUCKER_CLASS_PREFIX + n for n in names]
+    if model_type:
+        out["model_type"] = TUCKER_TYPE_PREFIX + model_type
+    out[CONFIG_KEY] = {**section, "original": {"architectures": names, "model_type": model_type}}
+    return out
 
 
 def unit_file(unit: int, units: int) -> str:

@@ -20,7 +20,7 @@ def eval_(
     seqlen: Annotated[int, typer.Option(help="Window length in tokens (non-overlapping).")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Score at most this many windows.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    runtime: Annotated[str, typer.Option(help="auto, native (tensor-parallel) or hf (transformers, one process).")] = "auto",
+    runtime: Annotated[str, typer.Option(help="auto, native (tensor-parallel), hf (transformers, one process) or vllm (the vLLM plugin).")] = "auto",
     kl_topk: Annotated[int, typer.Option(help="Top-k of the original's distribution kept for KL (and cached).")] = 256,
     layer_tokens: Annotated[int, typer.Option(help="Tokens used for the per-layer MoE output error.")] = 512,
     tasks_jsonl: Annotated[Optional[list[str]], typer.Option("--tasks-jsonl", help="Local multiple-choice JSONL task (repeatable).")] = None,

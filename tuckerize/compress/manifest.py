@@ -14,7 +14,8 @@ from typing import Any, Mapping
 from tuckerize import __version__
 from tuckerize.allocate import dense_params, tucker_params
 from tuckerize.arch import FACTORS, PROJECTIONS, MoESpec
-from tuckerize.format import CONFIG_KEY, FORMAT_VERSION
+from tuckerize.format import FORMAT_VERSION
+from tuckerize.format import tucker_config as format_tucker_config
 
 
 def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
@@ -25,11 +26,12 @@ def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
 def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any],
                   factor_storage: Mapping[str, Any] | None = None,
                   fp8: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The output ``config.json``: the source's, plus the ``tucker`` section (with
-    ``factor_storage`` and format version 2 where factors are stored quantised)."""
+    """The output ``config.json``: the source's under Tucker class names
+    (:func:`tuckerize.format.tucker_config`), plus the ``tucker`` section (with
+    ``factor_storage`` and format version 2 where factors are stored quantised, and ``fp8``
+    where the source is FP8)."""
     E, H, I = spec.shape
-    out = dict(src_config)
-    out[CONFIG_KEY] = {
+    section: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "architecture": spec.arch.name,
         "axes": "W[e, h, i] = sum core[a, b, c] U_E[e, a] U_H[h, b] U_I[i, c]; gate/up/down share (E, H, I)",
@@ -40,10 +42,10 @@ def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[s
         },
     }
     if factor_storage is not None:
-        out[CONFIG_KEY].update(format_version=2, factor_storage=dict(factor_storage))
+        section.update(format_version=2, factor_storage=dict(factor_storage))
     if fp8 is not None:  # quantization_config stays: it describes the non-expert FP8 tensors kept
-        out[CONFIG_KEY]["fp8"] = dict(fp8)
-    return out
+        section["fp8"] = dict(fp8)
+    return format_tucker_config(dict(src_config), section)
 
 
 def build_manifest(

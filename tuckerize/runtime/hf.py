@@ -61,12 +61,17 @@ def load_hf_model(folder: str | Path, dtype=torch.float32, device="cpu"):
     with its experts replaced by Tucker experts."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from tuckerize.arch import original_config
+    from tuckerize.checkpoint import load_config
     from tuckerize.runtime.loader import TensorSource, build_experts
 
     folder = Path(folder)
+    # A Tucker checkpoint's config.json names Tucker classes that transformers refuses
+    # (tuckerize.format.tucker_config); the original architecture is built here.
+    cfg = original_config(load_config(folder))
     source = TensorSource.open(folder)
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     fp8 = source.tensors.fp8 is not None
     if fp8:  # dequantised by tuckerize: transformers' FP8 loader needs accelerate and a GPU
         del config.quantization_config

@@ -1,0 +1,193 @@
+"""Serving speed and weight memory under vLLM (CPU build): dense experts vs the Tucker plugin.
+
+A synthetic Qwen3-MoE with Qwen3-30B-A3B expert shapes (E=128, H=2048, I=768, top-8;
+attention 32 heads / 4 KV heads of 128) but ``--layers`` decoder layers and a small
+vocabulary, written three times with the same non-expert tensors: dense experts, and Tucker
+factors at each ``--ranks`` (random orthonormal factors: speed and memory depend on the
+shapes only). Each model is served by vLLM in its own process (float32, eager, one rank) and
+measured in one run:
+
+* prefill tokens/s: ``--prefill-prompts`` prompts of ``--prefill-len`` tokens, one new token;
+* decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
+  each (ignore EOS), tokens / wall time;
+* weight memory: bytes of every parameter and buffer of the loaded model (the Tucker
+  model's include the per-expert cores formed at load), and the checkpoint size on disk.
+
+    python bench/serve.py                       # writes bench/results/serve.json, prints a table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+E, H, I, K = 128, 2048, 768, 8
+HEADS, KV_HEADS, HEAD_DIM = 32, 4, 128
+
+
+def config(layers: int, vocab: int) -> dict:
+    return {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": H,
+            "num_hidden_layers": layers, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+            "head_dim": HEAD_DIM, "num_experts": E, "num_experts_per_tok": K, "moe_intermediate_size": I,
+            "intermediate_size": 4 * I, "decoder_sparse_step": 1, "mlp_only_layers": [], "norm_topk_prob": True,
+            "hidden_act": "silu", "rms_norm_eps": 1e-6, "vocab_size": vocab, "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "tie_word_embeddings": False,
+            "attention_bias": False, "dtype": "float32", "bos_token_id": 0, "eos_token_id": 1}
+
+
+def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]) -> dict[str, Path]:
+    """The dense model and one Tucker checkpoint per rank triple, under ``root``."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tuckerize.format import factor_name, tucker_config
+
+    g = torch.Generator().manual_seed(0)
+    std = 0.02
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g) * std
+
+    base: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rnd(vocab, H), "lm_head.weight": rnd(vocab, H),
+                                     "model.norm.weight": torch.ones(H)}
+    for n in range(layers):
+        p = f"model.layers.{n}"
+        base.update({f"{p}.self_attn.q_proj.weight": rnd(HEADS * HEAD_DIM, H),
+                     f"{p}.self_attn.k_proj.weight": rnd(KV_HEADS * HEAD_DIM, H),
+                     f"{p}.self_attn.v_proj.weight": rnd(KV_HEADS * HEAD_DIM, H),
+                     f"{p}.self_attn.o_proj.weight": rnd(H, HEADS * HEAD_DIM),
+                     f"{p}.self_attn.q_norm.weight": torch.ones(HEAD_DIM),
+                     f"{p}.self_attn.k_norm.weight": torch.ones(HEAD_DIM),
+                     f"{p}.input_layernorm.weight": torch.ones(H),
+                     f"{p}.post_attention_layernorm.weight": torch.ones(H),
+                     f"{p}.mlp.gate.weight": rnd(E, H)})
+    cfg = config(layers, vocab)
+    tok = Path(__file__).resolve().parents[1] / "tuckerize" / "demo" / "model"
+    folders = {}
+
+    def write(folder: Path, tensors: dict, cfg_out: dict):
+        if (folder / "config.json").is_file():  # written by an earlier run with the same settings
+            return folder
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))  # last: marks the folder complete
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_bytes((tok / name).read_bytes())
+        return folder
+
+    dense = dict(base)
+    for n in range(layers if not (root / "dense" / "config.json").is_file() else 0):
+        for e in range(E):
+            p = f"model.layers.{n}.mlp.experts.{e}"
+            dense[f"{p}.gate_proj.weight"] = rnd(I, H)
+            dense[f"{p}.up_proj.weight"] = rnd(I, H)
+            dense[f"{p}.down_proj.weight"] = rnd(H, I)
+    folders["dense"] = write(root / "dense", dense, cfg)
+    del dense
+    for rE, rH, rI in ranks:
+        tensors = dict(base)
+        section = {"format_version": 1, "architecture": "qwen3_moe", "layers": {}}
+        for n in range(layers):
+            section["layers"][str(n)] = {}
+            for proj in ("gate", "up", "down"):
+                section["layers"][str(n)][proj] = {"ranks": [rE, rH, rI], "shape": [E, H, I]}
+                prefix = f"model.layers.{n}.mlp.experts"
+                for f, (rows, r) in {"U_E": (E, rE), "U_H": (H, rH), "U_I": (I, rI)}.items():
+                    tensors[factor_name(prefix, proj, f)] = torch.linalg.qr(torch.randn(rows, r, generator=g))[0].contiguous()
+                # core scaled so that W = core x U has entries of std ~ 0.02 like the dense weights
+                tensors[factor_name(prefix, proj, "core")] = rnd(rE, rH, rI) * (E * H * I / (rE * rH * rI)) ** 0.5
+        folders[f"tucker {rE},{rH},{rI}"] = write(root / f"tucker-{rE}-{rH}-{rI}", tensors, tucker_config(cfg, section))
+    return folders
+
+
+def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int) -> dict:
+    """Runs in a child process: one vLLM engine, in-process (one rank)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import random
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=32,
+              distributed_executor_backend="uni", seed=0, max_num_batched_tokens=max(2048, prefill_len * 4))
+    rng = random.Random(0)
+
+    def prompts(n, length):
+        return [{"prompt_token_ids": [rng.randrange(2, 4000) for _ in range(length)]} for _ in range(n)]
+
+    def timed(reqs, params):
+        t = time.perf_counter()
+        out = llm.generate(reqs, params, use_tqdm=False)
+        return time.perf_counter() - t, out
+
+    timed(prompts(2, 16), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    res = {}
+    sec, _ = timed(prompts(prefill_prompts, prefill_len), SamplingParams(max_tokens=1, ignore_eos=True))
+    res["prefill_tokens_per_s"] = prefill_prompts * prefill_len / sec
+    for b in (1, 8, 32):
+        sec, out = timed(prompts(b, 16), SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0.0))
+        n = sum(len(o.outputs[0].token_ids) for o in out)
+        res[f"decode_b{b}_tokens_per_s"] = n / sec
+
+    def weight_bytes(model):
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        moe = sum(t.numel() * t.element_size() for n, t in named if ".mlp." in n)  # router + experts
+        return {"all": sum(t.numel() * t.element_size() for _, t in named), "moe": moe}
+
+    res["weight_bytes"] = llm.apply_model(weight_bytes)[0]
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--ranks", default="64,512,256;128,1024,512")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--prefill-prompts", type=int, default=4)
+    ap.add_argument("--prefill-len", type=int, default=256)
+    ap.add_argument("--root", default="runs/bench-serve")
+    ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(measure(args.child, args.decode_tokens, args.prefill_prompts, args.prefill_len)))
+        return
+    ranks = [tuple(int(x) for x in r.split(",")) for r in args.ranks.split(";")]
+    folders = build(Path(args.root), args.layers, args.vocab, ranks)
+    results = {}
+    for name, folder in folders.items():
+        proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
+                               "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len)],
+                              capture_output=True, text=True)
+        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+        if proc.returncode != 0 or not line:
+            raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
+        results[name] = json.loads(line[0][7:])
+        results[name]["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    import torch
+    import vllm
+
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "vllm": vllm.__version__, "torch": torch.__version__, "dtype": "float32",
+              "shapes": {"E": E, "H": H, "I": I, "top_k": K, "layers": args.layers, "vocab": args.vocab},
+              "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    dense = results["dense"]
+    keys = ["decode_b1_tokens_per_s", "decode_b8_tokens_per_s", "decode_b32_tokens_per_s", "prefill_tokens_per_s"]
+    print("| model | decode b=1 | decode b=8 | decode b=32 | prefill | weights in memory (MoE) | checkpoint |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        cells = [f"{r[k]:.1f} ({r[k] / dense[k]:.2f}x)" for k in keys]
+        mem = f"{r['weight_bytes']['all'] / 2**30:.2f} GiB ({r['weight_bytes']['moe'] / 2**30:.2f})"
+        print(f"| {name} | " + " | ".join(cells) + f" | {mem} | {r['checkpoint_bytes'] / 2**30:.2f} GiB |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Run in a subprocess by the vLLM tests: serve a checkpoint with vLLM and write JSON with
+greedy tokens, prompt log-probabilities along prompt + generated tokens, and the name and
+shape of every tensor of the loaded model on every rank.
+
+    python tests/vllm/vllm_worker.py '{"model": ..., "tp": 1, "prompts": [[ids]], "max_tokens": 32, "out": ...}'
+"""
+
+import json
+import os
+import sys
+
+
+def main():
+    args = json.loads(sys.argv[1])
+    tp = int(args.get("tp", 1))
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model across worker processes
+    if tp == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from tuckerize.integrations.vllm.models import tensor_shapes  # importable by every worker
+
+    extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
+    llm = LLM(model=args["model"], dtype="float32", tensor_parallel_size=tp, max_model_len=args.get("max_model_len", 256),
+              max_num_seqs=8,
+              enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1,
+              skip_tokenizer_init=bool(args.get("no_tokenizer", False)), **extra)
+    prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
+    greedy = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True, detokenize=False)
+    tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    full = [{"prompt_token_ids": p + t} for p, t in zip(args["prompts"], tokens)]
+    score = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
+    logprobs = []
+    for req, out in zip(full, llm.generate(full, score, use_tqdm=False)):
+        ids = req["prompt_token_ids"]
+        logprobs.append([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
+    shapes = llm.apply_model(tensor_shapes)
+    with open(args["out"], "w") as f:
+        json.dump({"tokens": tokens, "logprobs": logprobs, "shapes": shapes}, f)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Integrations with other engines (vLLM). The core package never imports these."""
