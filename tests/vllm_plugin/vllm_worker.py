@@ -2,7 +2,7 @@
 greedy tokens, prompt log-probabilities along prompt + generated tokens, and the name and
 shape of every tensor of the loaded model on every rank.
 
-    python tests/vllm/vllm_worker.py '{"model": ..., "tp": 1, "prompts": [[ids]], "max_tokens": 32, "out": ...}'
+    python tests/vllm_plugin/vllm_worker.py '{"model": ..., "tp": 1, "prompts": [[ids]], "max_tokens": 32, "out": ...}'
 """
 
 import json

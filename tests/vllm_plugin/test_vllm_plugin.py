@@ -1,6 +1,6 @@
 """The vLLM plugin (tuckerize/integrations/vllm) against our native runtime.
 
-Each vLLM run is a subprocess (tests/vllm/vllm_worker.py): vLLM starts its own processes
+Each vLLM run is a subprocess (tests/vllm_plugin/vllm_worker.py): vLLM starts its own processes
 and one LLM per process keeps them apart. Skipped, with the reason, when vLLM is not
 importable (install it with `make install-vllm`).
 """
