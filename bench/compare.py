@@ -443,10 +443,10 @@ class Bench:
             shutil.rmtree(folder)
         ridge = min(sel_svd, key=lambda r: r["ppl"])["ridge"] if sel_svd else ridge
         self.log(f"[{self.key}] whitened SVD ridge chosen on the selection split: {ridge}")
-        rtn_rows = {}
+        rtn_done: dict[int, dict] = {}
         for bits in ((4, 3) if rtn_rows else ()):
             tensors, nbytes = rtn(d, bits)
-            rtn_rows[bits] = self.dense_row(None, f"RTN int{bits}", "asymmetric, group min(128, in)", tensors,
+            rtn_done[bits] = self.dense_row(None, f"RTN int{bits}", "asymmetric, group min(128, in)", tensors,
                                             nbytes, d.dense_macs)
         choices = {}
         for removed in removed_list:
@@ -455,7 +455,7 @@ class Bench:
             fd, trials = self.choose_tucker_dtype(budget)
             choices[str(removed)] = {"chosen": fd, "trials": trials}
             self.tucker_row(removed, budget, fd, "Tucker (quantised factors)")
-            for bits, r in rtn_rows.items():
+            for bits, r in rtn_done.items():
                 if r["bytes"] <= budget:
                     self.rows.append({**r, "removed": removed})
             keep = int(d.E * (1 - removed))
@@ -473,8 +473,8 @@ class Bench:
             self.dense_row(removed, "SVD per expert", f"rank {rank}", t, nb, macs)
             t, nb = svd(d, rank, self.stats, ridge)
             self.dense_row(removed, "SVD-LLM (whitened)", f"rank {rank}, ridge {ridge}", t, nb, macs)
-        rtn_unplaced = [r for r in rtn_rows.values() if r["bytes"] > d.dense_bytes * (1 - REMOVED[0])]
-        for r in rtn_rows.values():
+        rtn_unplaced = [r for r in rtn_done.values() if r["bytes"] > d.dense_bytes * (1 - REMOVED[0])]
+        for r in rtn_done.values():
             if r in self.rows:
                 self.rows.remove(r)
         return {"rows": self.rows, "rtn_over_every_budget": rtn_unplaced, "sensitivity": sens,
