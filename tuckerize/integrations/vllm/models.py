@@ -53,12 +53,11 @@ def _rebound(module: Any, name: str, value: Any):
 
 
 def _verify(vllm_config: Any) -> None:
-    """Integrity check of the checkpoint folder when tuckerize.integrity exists (issue 9)."""
-    try:
-        from tuckerize.integrity import verify_checkpoint  # type: ignore[import-not-found]
-    except ImportError:
-        return
+    """The checkpoint folder checked against its manifest's sizes and sha256s (cached per
+    file: :func:`tuckerize.integrity.verify_checkpoint`) before vLLM reads a tensor."""
     from pathlib import Path
+
+    from tuckerize.integrity import verify_checkpoint
 
     folder = Path(vllm_config.model_config.model)
     if folder.is_dir():
