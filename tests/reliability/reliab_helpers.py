@@ -20,7 +20,8 @@ import pytest
 import model_refs as M
 import tucker_refs as R
 
-__all__ = ["tiny", "work_copy", "run_cli", "one_line", "snapshot", "flip_byte", "in_process"]
+__all__ = ["tiny", "work_copy", "run_cli", "one_line", "snapshot", "flip_byte", "in_process", "cache", "cli",
+           "strip_timings", "TIMINGS"]
 
 
 @pytest.fixture(scope="session")
@@ -89,3 +90,37 @@ def flip_byte(path: Path, from_end: int = 60) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) - from_end] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty baseline cache for this test (``TUCKERIZE_CACHE`` and eval's CACHE_DIR)."""
+    import tuckerize.evaluate as ev
+
+    root = tmp_path / "tuckerize-cache"
+    monkeypatch.setenv("TUCKERIZE_CACHE", str(root))
+    monkeypatch.setattr(ev, "CACHE_DIR", root / "baselines")
+    return root / "baselines"
+
+
+@pytest.fixture
+def cli(cache):
+    """``cli(*args)``: the CLI in-process (typer's runner), with the test's own baseline cache."""
+    from typer.testing import CliRunner
+
+    from tuckerize.cli import app
+
+    return lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+#: Manifest and journal fields that differ between identical runs.
+TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
+
+
+def strip_timings(data):
+    """``data`` (parsed JSON) without the :data:`TIMINGS` fields, at any depth."""
+    if isinstance(data, dict):
+        return {k: strip_timings(v) for k, v in data.items() if k not in TIMINGS}
+    if isinstance(data, list):
+        return [strip_timings(v) for v in data]
+    return data

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+from reliab_helpers import strip_timings
 
 RANKS = "3,12,6"
-TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
 
 #: Runs the CLI; with KILL_AT=k the process SIGKILLs itself at its k-th file write
 #: (KILL_MODE: before the write, during it with half the bytes in the temporary file,
@@ -56,12 +56,6 @@ def command(src: Path, out: Path) -> list[str]:
             "--json"]
 
 
-def _strip(data):
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in data.items() if k not in TIMINGS}
-    if isinstance(data, list):
-        return [_strip(v) for v in data]
-    return data
 
 
 def contents(folder: Path) -> dict[str, str]:
@@ -71,7 +65,7 @@ def contents(folder: Path) -> dict[str, str]:
         if p.name == "tuckerize_manifest.json":
             m = json.loads(p.read_text())
             m.pop("out")
-            out[p.name] = json.dumps(_strip(m), sort_keys=True)
+            out[p.name] = json.dumps(strip_timings(m), sort_keys=True)
         else:
             out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out

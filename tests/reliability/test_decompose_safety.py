@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from reliab_helpers import strip_timings
 from cli_helpers import assert_cli_error
 from typer.testing import CliRunner
 
@@ -26,7 +27,6 @@ RANKS = "3,12,6"
 LOCK = ".tuckerize.lock"
 JOURNAL = ".tuckerize-journal.json"
 MANIFEST = "tuckerize_manifest.json"
-TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
 
 
 def cli(*args: str):
@@ -48,12 +48,6 @@ def tree(folder: Path) -> dict[str, str]:
     return out
 
 
-def _strip(data):
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in data.items() if k not in TIMINGS}
-    if isinstance(data, list):
-        return [_strip(v) for v in data]
-    return data
 
 
 def contents(folder: Path) -> dict[str, str]:
@@ -61,7 +55,7 @@ def contents(folder: Path) -> dict[str, str]:
     out = tree(folder)
     for name in out:
         if name.endswith(".json"):
-            out[name] = json.dumps(_strip(json.loads((folder / name).read_text())), sort_keys=True)
+            out[name] = json.dumps(strip_timings(json.loads((folder / name).read_text())), sort_keys=True)
     return out
 
 
@@ -192,7 +186,7 @@ def test_corrupt_journal_is_reported_and_redone(qwen3_ckpt, tmp_path, reference)
     assert contents(out) == {**contents(reference), MANIFEST: contents(out)[MANIFEST]}
     ref_m, got_m = (json.loads((f / MANIFEST).read_text()) for f in (reference, out))
     ref_m.pop("out"), got_m.pop("out")
-    assert _strip(got_m) == _strip(ref_m)
+    assert strip_timings(got_m) == strip_timings(ref_m)
 
 
 def test_resume_says_from_where(qwen3_ckpt, tmp_path):

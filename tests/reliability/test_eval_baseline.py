@@ -14,23 +14,6 @@ from reliab_helpers import in_process, snapshot
 FAST = ["--seqlen", "32", "--max-windows", "2", "--layer-tokens", "8"]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    import tuckerize.evaluate as ev
-
-    root = tmp_path / "tuckerize-cache"
-    monkeypatch.setenv("TUCKERIZE_CACHE", str(root))
-    monkeypatch.setattr(ev, "CACHE_DIR", root / "baselines")
-    return root / "baselines"
-
-
-@pytest.fixture
-def cli(cache):
-    from typer.testing import CliRunner
-
-    from tuckerize.cli import app
-
-    return lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_another_model_as_baseline_is_refused(tiny, cli, cache, work_copy, tmp_path):

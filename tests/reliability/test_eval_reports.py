@@ -16,23 +16,6 @@ from reliab_helpers import in_process
 FAST = ["--max-windows", "1", "--layer-tokens", "8"]
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    import tuckerize.evaluate as ev
-
-    root = tmp_path / "tuckerize-cache"
-    monkeypatch.setenv("TUCKERIZE_CACHE", str(root))
-    monkeypatch.setattr(ev, "CACHE_DIR", root / "baselines")
-    return root / "baselines"
-
-
-@pytest.fixture
-def cli(cache):
-    from typer.testing import CliRunner
-
-    from tuckerize.cli import app
-
-    return lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
 def _args(tiny, *extra):
