@@ -198,3 +198,28 @@ def _factors_stats(folder: Path) -> dict:
     from safetensors.torch import load_file
 
     return {k: v.double() for k, v in load_file(str(folder / "calibration_stats.safetensors")).items()}
+
+
+def test_rank_journals_merged_and_dropped(tmp_path):
+    """previous(): the main journal plus every rank journal of the same fingerprint (a rank's
+    newer entry wins); another fingerprint's rank journal is ignored; start() folds them into
+    ``earlier`` and removes them; --overwrite's record names them."""
+    from tuckerize.compress.output import RANK_JOURNAL, OutputFolder
+    from tuckerize.format import JOURNAL_NAME
+    from tuckerize.progress import ensure
+
+    fp = {"ranks": 1}
+    entry = {"file": "a", "bytes": 1, "sha256": "x"}
+    (tmp_path / JOURNAL_NAME).write_text(json.dumps({"fingerprint": fp, "files": {"a": entry}, "earlier": {}}))
+    (tmp_path / RANK_JOURNAL.format(0)).write_text(json.dumps(
+        {"fingerprint": fp, "files": {"a": {**entry, "sha256": "y"}}, "earlier": {"b": entry}}))
+    (tmp_path / RANK_JOURNAL.format(1)).write_text(json.dumps({"fingerprint": {"ranks": 2}, "files": {"c": entry}}))
+    folder = OutputFolder(tmp_path, ensure(None))
+    previous = folder.previous()
+    assert previous["fingerprint"] == fp
+    assert {**previous.get("earlier", {}), **previous["files"]} == {"a": {**entry, "sha256": "y"}, "b": entry}
+    assert {RANK_JOURNAL.format(0), RANK_JOURNAL.format(1), "a", "b", "c"} <= folder.recorded()
+    done = folder.start(fp, [])
+    assert sorted(done) == ["a", "b"]
+    assert not list(tmp_path.glob(".tuckerize-journal-rank-*"))
+    assert json.loads((tmp_path / JOURNAL_NAME).read_text())["earlier"]["a"]["sha256"] == "y"

@@ -201,6 +201,7 @@ class OutputFolder:
             names.add(path.name)
             if data is not None:
                 names.update(data.get("files", {}))
+                names.update(data.get("earlier", {}))
         return names
 
     def _delete_recorded(self) -> None:
