@@ -5,14 +5,15 @@ rank computes the same assignment and a rerun with another number of processes s
 assigns again (the journal, not the assignment, says what is done). The work of a unit
 is the number of routed-expert tensors it replaces (a MoE layer's E x 3 tensors): that is
 what dominates both reading and decomposing; units without experts weigh 0 and only
-even out the count of files.
+even out the count of files. The source files to hash are dealt out the same way, by size.
 """
 
 from __future__ import annotations
 
 
 def assign_units(work: dict[int, int], world: int) -> dict[int, int]:
-    """unit -> rank for ``work`` (unit -> routed-expert tensors it replaces).
+    """unit -> rank for ``work`` (unit -> routed-expert tensors it replaces; or any item ->
+    its cost, e.g. source files -> bytes to hash).
 
     Longest-processing-time first: units by decreasing work (then by number), each to the
     rank with the least work so far (ties: fewer units, then the lower rank). With equal

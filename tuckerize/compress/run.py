@@ -153,7 +153,7 @@ def run(request: DecomposeRequest, progress: Progress | None = None,
 
         budget = expert_budget(spec.shape, source.n_tensors, ratio=request.ratio, params=request.params,
                                expert_rank=request.expert_rank)
-    source_files = on_rank0(parallel, lambda: source.hash_files(progress))
+    source_files = _hash_source(source, progress, parallel)
     settings = request.settings()
     out = request.out if request.out is not None else default_out(request.model, plan, request.budget_tag)
     folder = OutputFolder(out, progress)
@@ -166,6 +166,26 @@ def run(request: DecomposeRequest, progress: Progress | None = None,
                               budget, started, parallel)
     finally:
         source.ckpt.close()
+
+
+def _hash_source(source, progress, parallel: ParallelContext) -> dict[str, str]:
+    """sha256 of the source files, the files dealt out among the ranks (largest first, to the
+    least loaded rank) and the results shared; in the checkpoint's file order."""
+    files = list(source.ckpt.files)
+    if parallel.world == 1:
+        return source.hash_files(progress)
+    import torch.distributed as dist
+
+    from tuckerize.compress.distribute import assign_units
+
+    sizes = {i: (source.source.path / f).stat().st_size for i, f in enumerate(files)}
+    owner = assign_units(sizes, parallel.world)
+    mine = agreed(parallel, lambda: source.hash_files(progress, [f for i, f in enumerate(files)
+                                                                 if owner[i] == parallel.rank]))
+    parts: list[Any] = [None] * parallel.world
+    dist.all_gather_object(parts, mine, group=parallel.group)
+    merged = {f: h for part in parts for f, h in part.items()}
+    return {f: merged[f] for f in files}
 
 
 def _decompose(request, source, source_files, settings, folder: OutputFolder, progress, dev, cal_device,
