@@ -223,3 +223,17 @@ def test_rank_journals_merged_and_dropped(tmp_path):
     assert sorted(done) == ["a", "b"]
     assert not list(tmp_path.glob(".tuckerize-journal-rank-*"))
     assert json.loads((tmp_path / JOURNAL_NAME).read_text())["earlier"]["a"]["sha256"] == "y"
+
+
+def test_allocated_three_processes_equal_one(tmp_path):
+    """--ratio: the mode spectra are divided among the ranks and gathered; the plan and every
+    byte equal one process's."""
+    args = ["--model", str(DEMOS["mixtral"]), "--ratio", "0.5", "--save-config", str(tmp_path / "plan.yaml")]
+    got = {}
+    for nproc in (1, 3):
+        out = tmp_path / f"out{nproc}"
+        r = decompose(nproc, [*args, "--out", str(out)], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[nproc] = contents(out)
+    assert "rank_plan.yaml" in got[1]
+    assert got[1] == got[3]

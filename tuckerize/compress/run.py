@@ -220,15 +220,12 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
     if plan is None:
         from tuckerize.compress.allocation import allocate_plan
 
-        def allocate():
-            allocation = allocate_plan(request, source, budget, cal.stats if cal else None,
-                                       cal.settings if cal else None, progress, dev)
-            if request.save_config is not None:
-                save_plan(allocation.plan, request.save_config, allocation.header)
-            return allocation
-
-        allocation = on_rank0(parallel, allocate)  # one plan for every rank
+        # the spectra divided among the ranks; every rank allocates from all of them
+        allocation = agreed(parallel, lambda: allocate_plan(request, source, budget, cal.stats if cal else None,
+                                                            cal.settings if cal else None, progress, dev, parallel))
         plan = allocation.plan
+        if request.save_config is not None:
+            on_rank0(parallel, lambda: save_plan(plan, request.save_config, allocation.header))
 
     ranks = layer_ranks(plan, spec)
     fingerprint: dict[str, Any] = {
