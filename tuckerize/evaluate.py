@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable
 
 import torch
 
@@ -35,6 +35,7 @@ from tuckerize import __version__
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import BackendError, InputError, OutputError
 from tuckerize.progress import Progress, ensure
+from tuckerize.parallel import agreed
 from tuckerize.runtime.parallel import ParallelContext
 
 CACHE_DIR = Path(os.environ.get("TUCKERIZE_CACHE", Path.home() / ".cache" / "tuckerize")) / "baselines"
@@ -66,19 +67,9 @@ def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> to
 # -- distributed set-up -----------------------------------------------------------------------
 def setup(backend: str) -> tuple[ParallelContext, torch.device]:
     """Device and process group from ``--backend`` and torchrun's environment."""
-    from tuckerize.devices import collective_backend, resolve_device
+    from tuckerize.parallel import init_from_env
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(backend, local_rank if world > 1 else None)
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group(collective_backend(device))
-    return ParallelContext.current(), device
+    return init_from_env(backend, flag="--backend")
 
 
 # -- models -----------------------------------------------------------------------------------
@@ -499,39 +490,6 @@ def evaluate(
 def _exp(x: float) -> float:
     """exp(x), inf where it overflows (a perplexity of a badly broken model)."""
     return math.exp(x) if x < 709.0 else math.inf
-
-
-T = TypeVar("T")
-
-
-def agreed(parallel: ParallelContext, fn: Callable[[], T]) -> T:
-    """``fn()`` on every rank, then one collective so that all ranks agree on the outcome: if
-    any rank raised a :class:`~tuckerize.errors.TuckerizeError`, every rank raises it (the
-    first failing rank's message, prefixed with its rank), instead of the others running into
-    a collective that the failed rank left and dying with gloo/NCCL tracebacks."""
-    from tuckerize.errors import TuckerizeError
-
-    result: Any = None
-    failure: tuple[str, str] | None = None
-    try:
-        result = fn()
-    except TuckerizeError as exc:
-        if parallel.world <= 1:
-            raise
-        failure = (type(exc).__name__, str(exc))
-    if parallel.world > 1:
-        import torch.distributed as dist
-
-        outcomes: list[Any] = [None] * parallel.world
-        dist.all_gather_object(outcomes, failure)
-        for rank, outcome in enumerate(outcomes):
-            if outcome is not None:
-                import tuckerize.errors as errors
-
-                kind = getattr(errors, outcome[0], errors.TuckerizeError)
-                prefix = "" if rank == parallel.rank or outcome[1].startswith("rank ") else f"rank {rank}: "
-                raise kind(prefix + outcome[1])
-    return result
 
 
 def _check_comparable(model: str, tucker_config: dict[str, Any], baseline: str, base_config: dict[str, Any]) -> None:

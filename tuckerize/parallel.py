@@ -9,7 +9,10 @@ This module owns
   replication rule; :func:`check_tp`, :func:`valid_tp`: the one heads rule);
 * a slice of a full tensor (:class:`Split`, :func:`take`);
 * the parallel context (:class:`ParallelContext`): rank, world size, process group and
-  the collectives. ``ParallelContext()`` is rank 0 of 1; only runtime entry points
+  the collectives; :func:`agreed` and :func:`on_rank0` (a
+  :class:`~tuckerize.errors.TuckerizeError` on any rank becomes the same error on every
+  rank); :func:`init_from_env` (torchrun's environment -> process group and device, for
+  the CLI entry points). ``ParallelContext()`` is rank 0 of 1; only runtime entry points
   (evaluation, model building under torchrun) call :meth:`ParallelContext.current`,
   everything else receives the context explicitly, so offline code never picks up a
   process group by accident.
@@ -21,7 +24,7 @@ lazily, inside the collectives).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from tuckerize.errors import ShardError
 
@@ -205,3 +208,86 @@ class ParallelContext:
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+
+T = TypeVar("T")
+
+
+def _raise_agreed(parallel: ParallelContext, outcomes: list[Any]) -> None:
+    """Raise the first failure of ``outcomes`` (rank -> None or (exception type name, message))."""
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            import tuckerize.errors as errors
+
+            kind = getattr(errors, outcome[0], errors.TuckerizeError)
+            prefix = "" if rank == parallel.rank or outcome[1].startswith("rank ") else f"rank {rank}: "
+            raise kind(prefix + outcome[1])
+
+
+def agreed(parallel: ParallelContext, fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank, then one collective so that all ranks agree on the outcome: if
+    any rank raised a :class:`~tuckerize.errors.TuckerizeError`, every rank raises it (the
+    first failing rank's message, prefixed with its rank), instead of the others running into
+    a collective that the failed rank left and dying with gloo/NCCL tracebacks."""
+    from tuckerize.errors import TuckerizeError
+
+    result: Any = None
+    failure: tuple[str, str] | None = None
+    try:
+        result = fn()
+    except TuckerizeError as exc:
+        if parallel.world <= 1:
+            raise
+        failure = (type(exc).__name__, str(exc))
+    if parallel.world > 1:
+        import torch.distributed as dist
+
+        outcomes: list[Any] = [None] * parallel.world
+        dist.all_gather_object(outcomes, failure, group=parallel.group)
+        _raise_agreed(parallel, outcomes)
+    return result
+
+
+def on_rank0(parallel: ParallelContext, fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 only; its result (picklable) is sent to every rank, and its
+    :class:`~tuckerize.errors.TuckerizeError` raised on every rank. A collective: every
+    rank calls it at the same point."""
+    if parallel.world <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    from tuckerize.errors import TuckerizeError
+
+    box: list[Any] = [None]
+    if parallel.rank == 0:
+        try:
+            box[0] = (None, fn())
+        except TuckerizeError as exc:
+            box[0] = ((type(exc).__name__, str(exc)), None)
+    dist.broadcast_object_list(box, src=0, group=parallel.group)
+    failure, result = box[0]
+    _raise_agreed(parallel, [failure])
+    return result
+
+
+def init_from_env(device: str, flag: str = "--device") -> tuple[ParallelContext, Any]:
+    """torchrun's environment -> (context, device): with ``WORLD_SIZE`` > 1 the default
+    process group is initialised (gloo for the CPU, nccl/hccl for cuda/npu) and ``cuda``/``npu``
+    without an index means the local rank's device. Only CLI entry points call this."""
+    import os
+
+    from tuckerize.devices import collective_backend, resolve_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank if world > 1 else None, flag=flag)
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                import torch
+
+                torch.cuda.set_device(dev)
+            dist.init_process_group(collective_backend(dev))
+    return ParallelContext.current(), dev

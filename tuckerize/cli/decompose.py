@@ -62,11 +62,24 @@ def decompose(
     device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
 ) -> None:
-    """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core."""
+    """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core.
+
+    Under torchrun (``torchrun --nproc_per_node N -m tuckerize decompose ...``) the layers,
+    and the calibration windows, are divided among the processes; the result is the same."""
+    import os
+
+    from tuckerize.cli.eval import _leave_process_group
     from tuckerize.compress import decompose_checkpoint, default_plan_path, load_method
     from tuckerize.demo import resolve_demo
 
     model_path = resolve_demo(model)
+    parallel = None
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from tuckerize.parallel import init_from_env
+
+        parallel, dev = run_or_exit(lambda: init_from_env(device))
+        device = str(dev)
 
     def call():
         method = load_method(config)
@@ -76,10 +89,19 @@ def decompose(
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
             seqlen=seqlen, stats=stats, sequential=sequential, expert_rank=expert_rank, method=method,
             per_expert_stats=method.expert_hidden, save_config=plan_path, refit=refit, factor_dtype=factor_dtype,
+            parallel=parallel,
         )
 
-    with DecomposeProgress(enabled=not json_out) as progress:
-        manifest = run_or_exit(call)
+    finished = False
+    try:
+        with DecomposeProgress(enabled=not json_out and rank0) as progress:
+            manifest = run_or_exit(call)
+        finished = True
+    finally:
+        if parallel is not None:
+            _leave_process_group(finished)
+    if not rank0:
+        return
     if json_out:
         print_json(manifest)
         return

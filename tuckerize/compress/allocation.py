@@ -25,7 +25,12 @@ class Allocation:
     info: dict[str, Any]  # the manifest's "allocation"
 
 
-def allocate_plan(request, source, budget: int, cal_stats, cal_settings, progress, device) -> Allocation:
+def allocate_plan(request, source, budget: int, cal_stats, cal_settings, progress, device,
+                  parallel=None) -> Allocation:
+    """Ranks for ``budget`` from every MoE tensor's (whitened) mode spectra. ``parallel``
+    (:class:`tuckerize.parallel.ParallelContext`, torchrun): each rank computes the spectra
+    of the layers it decomposes (:func:`tuckerize.compress.distribute.assign_units`), they
+    are gathered, and every rank runs the same greedy allocation on them."""
     from tuckerize.allocate import allocate, dense_params, plan_from_ranks, plan_params
     from tuckerize.calibration.weights import mode_weights
     from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP, mode_spectra
@@ -33,12 +38,18 @@ def allocate_plan(request, source, budget: int, cal_stats, cal_settings, progres
     spec = source.spec
     whitening_on = request.whitening_on
     n_tensors = source.n_tensors
-    progress.start("allocate", n_tensors)
     alloc_damp = request.method.alloc_damp
     alloc_options = dataclasses.replace(request.whiten_options,
                                         damp=alloc_damp if alloc_damp is not None else DEFAULT_ALLOC_DAMP)
     spectra = {}
-    for layer in spec.moe_layers:
+    layers = list(spec.moe_layers)
+    if parallel is not None and parallel.world > 1:
+        from tuckerize.compress.distribute import assign_units, unit_work
+
+        owner = assign_units(unit_work(source), parallel.world)
+        layers = [layer for layer in layers if owner[layer + 1] == parallel.rank]
+    progress.start("allocate", len(layers) * len(PROJECTIONS))
+    for layer in layers:
         layer_stats = cal_stats.layers[layer] if whitening_on and cal_stats is not None else None
         for proj in PROJECTIONS:
             weights = mode_weights(layer_stats, proj, alloc_options) if layer_stats is not None else None
@@ -47,6 +58,13 @@ def allocate_plan(request, source, budget: int, cal_stats, cal_settings, progres
             del stacked
             progress.advance("allocate", 1, layer=layer, projection=proj)
     progress.finish("allocate")
+    if parallel is not None and parallel.world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * parallel.world
+        dist.all_gather_object(parts, spectra, group=parallel.group)
+        merged = {k: v for part in parts for k, v in part.items()}
+        spectra = {(layer, proj): merged[(layer, proj)] for layer in spec.moe_layers for proj in PROJECTIONS}
     chosen = allocate(spectra, spec.shape, budget, expert_rank=request.expert_rank, normalise=request.normalise)
     plan = plan_from_ranks(chosen, source="allocated")
     plan.check(spec.moe_layers, spec.shape)

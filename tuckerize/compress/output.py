@@ -14,6 +14,11 @@
   with its sha256, and the names of the other files the run writes, recorded before
   they are written; a journal or manifest that cannot be read is reported and the files
   it covered are redone;
+* under torchrun, one journal per rank (``.tuckerize-journal-rank-R.json``) for the files
+  that rank writes, next to rank 0's journal (fingerprint, ``written``, what earlier runs
+  left); rank 0 alone holds the lock, merges the rank journals into the manifest and, when
+  a run starts, into its own journal's ``earlier`` (so a rerun with another number of
+  processes keeps every verified file);
 * resuming: files whose checksum still matches are kept; :meth:`OutputFolder.resume`
   reports through the progress callback (task ``"resume"``) how many were kept and the
   first layer redone;
@@ -25,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any, Iterator
@@ -52,6 +58,17 @@ MARKERS = (JOURNAL_NAME, MANIFEST_NAME, PLAN_NAME, *CALIBRATION_FILES)
 #: Files a finished checkpoint holds besides its layer files (recorded in old manifests
 #: without a ``written`` list).
 OTHER_FILES = ("config.json", INDEX_NAME, PLAN_NAME, *SIDE_FILES)
+#: The journal of rank R under torchrun.
+RANK_JOURNAL = ".tuckerize-journal-rank-{}.json"
+_RANK_JOURNAL_RE = re.compile(r"^\.tuckerize-journal-rank-\d+\.json$")
+
+
+def rank_journals(folder: Path) -> list[Path]:
+    """The per-rank journals in ``folder``, by rank."""
+    if not folder.is_dir():
+        return []
+    found = [c for c in folder.iterdir() if _RANK_JOURNAL_RE.match(c.name)]
+    return sorted(found, key=lambda c: int(c.name.split("-")[-1].split(".")[0]))
 
 
 def _alive(pid: int) -> bool:
@@ -88,6 +105,7 @@ class OutputFolder:
         self.journal: dict[str, Any] = {}
         self.damaged: list[str] = []  # names of records that could not be read
         self._checked: dict[tuple[str, int, str], bool] = {}
+        self.journal_name = JOURNAL_NAME  # this process's journal (a rank's under torchrun)
 
     # ------------------------------------------------------------------ claiming
     @contextlib.contextmanager
@@ -99,7 +117,7 @@ class OutputFolder:
         with output_errors(out):
             if out.exists() and not out.is_dir():
                 raise OutputConflictError(f"--out {out} is a file; choose a folder path")
-            ours = out.is_dir() and any((out / n).is_file() for n in MARKERS)
+            ours = out.is_dir() and (any((out / n).is_file() for n in MARKERS) or bool(rank_journals(out)))
             if out.is_dir() and not ours and any(n.name != LOCK_NAME for n in out.iterdir()):
                 raise OutputConflictError(
                     f"output folder {out} exists and is not a tuckerize checkpoint; choose another --out or remove it"
@@ -176,6 +194,14 @@ class OutputFolder:
             names.update(data.get("files", {}))
             names.update(data.get("earlier", {}))
             names.update(data.get("written", OTHER_FILES if record == MANIFEST_NAME else ()))
+        for path in rank_journals(self.path):
+            data, damaged = _read_json(path)
+            if damaged:
+                return None
+            names.add(path.name)
+            if data is not None:
+                names.update(data.get("files", {}))
+                names.update(data.get("earlier", {}))
         return names
 
     def _delete_recorded(self) -> None:
@@ -184,7 +210,7 @@ class OutputFolder:
             from tuckerize.format import is_unit_file
 
             recorded = {c.name for c in self.path.iterdir() if is_unit_file(c.name)}
-            recorded |= {JOURNAL_NAME, MANIFEST_NAME, *OTHER_FILES}
+            recorded |= {JOURNAL_NAME, MANIFEST_NAME, *OTHER_FILES, *(p.name for p in rank_journals(self.path))}
         from tuckerize.integrity import VERIFY_CACHE_NAME
 
         recorded = recorded | {VERIFY_CACHE_NAME}  # eval's and shard's checksum cache of this folder
@@ -200,17 +226,32 @@ class OutputFolder:
 
     # ------------------------------------------------------------------ journal and resume
     def previous(self) -> dict[str, Any] | None:
-        """The journal, else the manifest, of an earlier run; a damaged one is noted in
-        :attr:`damaged` and treated as absent (its files are redone)."""
+        """The journal, else the manifest, of an earlier run, with the files of the rank
+        journals of an earlier torchrun run of the same fingerprint added; a damaged record is
+        noted in :attr:`damaged` and treated as absent (its files are redone)."""
         self.damaged = []
+        found = None
         for name in (JOURNAL_NAME, MANIFEST_NAME):
             data, damaged = _read_json(self.path / name)
             if damaged:
                 self.damaged.append(name)
                 continue
             if data is not None:
-                return data
-        return None
+                found = data
+                break
+        for path in rank_journals(self.path):
+            data, damaged = _read_json(path)
+            if damaged:
+                self.damaged.append(path.name)
+                continue
+            if data is None:
+                continue
+            if found is None:
+                found = {"fingerprint": data.get("fingerprint"), "files": {}}
+            if data.get("fingerprint") == found.get("fingerprint"):
+                found = {**found, "files": {**found.get("files", {}), **data.get("earlier", {}),
+                                            **data.get("files", {})}}
+        return found
 
     def conflict(self) -> OutputConflictError:
         return OutputConflictError(
@@ -232,7 +273,16 @@ class OutputFolder:
             done = {**previous.get("earlier", {}), **previous.get("files", {})}
         self.journal = {"fingerprint": fingerprint, "files": {}, "earlier": dict(done), "written": sorted(written)}
         write_json(self.path / JOURNAL_NAME, self.journal)
+        for path in rank_journals(self.path):  # their entries are in ``earlier`` now
+            path.unlink(missing_ok=True)
         return done
+
+    def start_rank(self, rank: int, fingerprint: dict[str, Any], done: dict[str, Any]) -> None:
+        """Begin the journal of ``rank`` under torchrun (after rank 0's :meth:`start`):
+        ``done``: the earlier entries of the files this rank writes."""
+        self.journal_name = RANK_JOURNAL.format(rank)
+        self.journal = {"fingerprint": fingerprint, "rank": rank, "files": {}, "earlier": dict(done)}
+        write_json(self.path / self.journal_name, self.journal)
 
     def resume(self, units: list[tuple[str, int | None]], done: dict[str, Any]) -> None:
         """Report what an earlier run left: ``units`` in order as (file, layer); ``done``:
@@ -266,9 +316,11 @@ class OutputFolder:
         self.journal["earlier"].pop(filename, None)
         self.journal["files"][filename] = entry
         if save:
-            write_json(self.path / JOURNAL_NAME, self.journal)
+            write_json(self.path / self.journal_name, self.journal)
 
     def finish(self, manifest: dict[str, Any]) -> None:
         """Write the manifest (marks the folder complete) and drop the journal."""
         write_json(self.path / MANIFEST_NAME, manifest)
         (self.path / JOURNAL_NAME).unlink(missing_ok=True)
+        for path in rank_journals(self.path):
+            path.unlink(missing_ok=True)

@@ -4,10 +4,23 @@ request validated -> source opened and hashed -> output folder claimed (lock, cl
 conflicts) -> calibration statistics -> ranks (given, or allocated to the budget) ->
 journal started (resume) -> per-layer pipeline (:mod:`tuckerize.compress.stages`) ->
 config, index and side files -> manifest (:mod:`tuckerize.compress.manifest`).
+
+Under torchrun (a :class:`~tuckerize.parallel.ParallelContext` of several ranks, passed in
+by the CLI, never picked up here): rank 0 hashes the source, holds the output folder's
+lock, checks an earlier run, allocates the ranks and starts the journal, and tells every
+rank the outcome; calibration windows are divided among the ranks
+(:func:`tuckerize.calibration.collect.collect_statistics` with the group); the units are
+divided by :func:`tuckerize.compress.distribute.assign_units`, each rank reading only its
+units' tensors and recording its files in its own journal; after all ranks finish, rank 0
+writes config, index, side files and the manifest. A
+:class:`~tuckerize.errors.TuckerizeError` on any rank is raised on every rank
+(:func:`tuckerize.parallel.agreed`). ``--sequential`` and ``--refit`` (each layer's inputs
+come from the layer before) are refused under torchrun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +29,9 @@ from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, copy_file, sha256_file,
 from tuckerize.compress.method import DEFAULT_ITERS, Method
 from tuckerize.compress.output import PLAN_NAME, OutputFolder
 from tuckerize.compress.request import DecomposeRequest, default_out
+from tuckerize.errors import CalibrationError
 from tuckerize.format import FORMAT_VERSION
+from tuckerize.parallel import ParallelContext, agreed, on_rank0
 from tuckerize.progress import Progress, ensure
 
 
@@ -51,6 +66,7 @@ def decompose_checkpoint(
     refit_damp: float = 1e-2,
     method: Method | None = None,
     factor_dtype: str | None = None,
+    parallel: ParallelContext | None = None,
 ) -> dict[str, Any]:
     """Decompose every MoE layer of ``model`` and write a self-contained Tucker checkpoint.
 
@@ -84,6 +100,8 @@ def decompose_checkpoint(
         ``float32`` (default), ``bf16``, ``fp8``, ``int8``, ``int4`` or per factor, e.g.
         ``"int8,core=int4"``); quantised factors are written group-wise with their scales and
         the core refitted to the quantised orthonormal factors (:mod:`tuckerize.quant`).
+    parallel : the ranks sharing the run (torchrun; see the module docstring). Every rank
+        calls with the same arguments (``device`` its own); all return the manifest.
 
     Returns the manifest (also written to ``out/tuckerize_manifest.json``). Progress:
     tasks ``hash``, ``calibrate``, ``allocate``, ``decompose`` and, when an earlier run is
@@ -102,22 +120,29 @@ def decompose_checkpoint(
         whiten_options=whiten_options, per_expert_stats=per_expert_stats, revision=revision, device=device,
         overwrite=overwrite, factor_dtype=factor_dtype,
     )
-    return run(request, progress)
+    return run(request, progress, parallel)
 
 
-def run(request: DecomposeRequest, progress: Progress | None = None) -> dict[str, Any]:
-    """Carry out a :class:`DecomposeRequest` (validated here)."""
+def run(request: DecomposeRequest, progress: Progress | None = None,
+        parallel: ParallelContext | None = None) -> dict[str, Any]:
+    """Carry out a :class:`DecomposeRequest` (validated here); ``parallel``: the ranks
+    sharing it (None: this process alone)."""
     from tuckerize.compress.source import SourceModel
     from tuckerize.devices import resolve_device
 
     started = time.time()
     progress = ensure(progress)
-    request.validate()
+    parallel = parallel if parallel is not None else ParallelContext()
+    agreed(parallel, request.validate)
+    if parallel.world > 1 and (request.sequential or request.refit):
+        raise CalibrationError(
+            f"--{'sequential' if request.sequential else 'refit'} feeds each layer the outputs of the layer before "
+            "and runs in one process; run it without torchrun (calibration alone is shared across processes)")
     dev = resolve_device(request.device, flag="--device")
     # Calibration runs where float64 accumulation is available: CUDA, else the CPU.
     cal_device = dev if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
 
-    source = SourceModel.open(request.model, request.revision)
+    source = agreed(parallel, lambda: SourceModel.open(request.model, request.revision))
     spec = source.spec
     plan = request.plan
     if plan is not None:
@@ -128,49 +153,79 @@ def run(request: DecomposeRequest, progress: Progress | None = None) -> dict[str
 
         budget = expert_budget(spec.shape, source.n_tensors, ratio=request.ratio, params=request.params,
                                expert_rank=request.expert_rank)
-    source_files = source.hash_files(progress)
+    source_files = _hash_source(source, progress, parallel)
     settings = request.settings()
     out = request.out if request.out is not None else default_out(request.model, plan, request.budget_tag)
     folder = OutputFolder(out, progress)
     try:
-        with folder.claim(request.overwrite):
+        with contextlib.ExitStack() as stack:
+            # rank 0 alone claims and locks the folder; the others wait for the outcome
+            agreed(parallel, lambda: stack.enter_context(folder.claim(request.overwrite)) if parallel.rank == 0
+                   else None)
             return _decompose(request, source, source_files, settings, folder, progress, dev, cal_device,
-                              budget, started)
+                              budget, started, parallel)
     finally:
         source.ckpt.close()
 
 
+def _hash_source(source, progress, parallel: ParallelContext) -> dict[str, str]:
+    """sha256 of the source files, the files dealt out among the ranks (largest first, to the
+    least loaded rank) and the results shared; in the checkpoint's file order."""
+    files = list(source.ckpt.files)
+    if parallel.world == 1:
+        return source.hash_files(progress)
+    import torch.distributed as dist
+
+    from tuckerize.compress.distribute import assign_units
+
+    sizes = {i: (source.source.path / f).stat().st_size for i, f in enumerate(files)}
+    owner = assign_units(sizes, parallel.world)
+    mine = agreed(parallel, lambda: source.hash_files(progress, [f for i, f in enumerate(files)
+                                                                 if owner[i] == parallel.rank]))
+    parts: list[Any] = [None] * parallel.world
+    dist.all_gather_object(parts, mine, group=parallel.group)
+    merged = {f: h for part in parts for f, h in part.items()}
+    return {f: merged[f] for f in files}
+
+
 def _decompose(request, source, source_files, settings, folder: OutputFolder, progress, dev, cal_device,
-               budget, started) -> dict[str, Any]:
-    from tuckerize.compress.manifest import build_manifest, layer_ranks, tucker_config
+               budget, started, parallel: ParallelContext) -> dict[str, Any]:
+    from tuckerize.compress.distribute import assign_units, unit_work
+    from tuckerize.compress.manifest import layer_ranks
     from tuckerize.compress.stages import LayerPipeline, choose_strategy
     from tuckerize.ranks import plan_text, save_plan
 
     out, spec, plan = folder.path, source.spec, request.plan
-    previous = None if request.overwrite else folder.previous()
-    if previous is not None:  # before spending time on calibration
-        fp = previous.get("fingerprint") or {}
-        if (fp.get("source_files") != source_files or fp.get("settings") != settings
-                or bool(fp.get("calibration")) != request.calibrated
-                or (fp.get("calibration") or {}).get("sequential", False) != request.sequential):
-            raise folder.conflict()
+
+    def check_previous() -> None:
+        previous = None if request.overwrite else folder.previous()
+        if previous is not None:  # before spending time on calibration
+            fp = previous.get("fingerprint") or {}
+            if (fp.get("source_files") != source_files or fp.get("settings") != settings
+                    or bool(fp.get("calibration")) != request.calibrated
+                    or (fp.get("calibration") or {}).get("sequential", False) != request.sequential):
+                raise folder.conflict()
+
+    on_rank0(parallel, check_previous)
 
     cal = None
     if request.calibrated:
         from tuckerize.compress.statistics import prepare_statistics
 
-        cal = prepare_statistics(request, source, source_files, out, progress, cal_device,
-                                 need_dense=not request.sequential or plan is None)
+        cal = agreed(parallel, lambda: prepare_statistics(
+            request, source, source_files, out, progress, cal_device,
+            need_dense=not request.sequential or plan is None, parallel=parallel))
 
     allocation = None
     if plan is None:
         from tuckerize.compress.allocation import allocate_plan
 
-        allocation = allocate_plan(request, source, budget, cal.stats if cal else None,
-                                   cal.settings if cal else None, progress, dev)
+        # the spectra divided among the ranks; every rank allocates from all of them
+        allocation = agreed(parallel, lambda: allocate_plan(request, source, budget, cal.stats if cal else None,
+                                                            cal.settings if cal else None, progress, dev, parallel))
         plan = allocation.plan
         if request.save_config is not None:
-            save_plan(plan, request.save_config, allocation.header)
+            on_rank0(parallel, lambda: save_plan(plan, request.save_config, allocation.header))
 
     ranks = layer_ranks(plan, spec)
     fingerprint: dict[str, Any] = {
@@ -189,12 +244,23 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
             fingerprint["calibration"]["refit"] = request.method.refit_damp
     side = [n for n in SIDE_FILES if (source.source.path / n).is_file()]
     written = ["config.json", INDEX_NAME, *side] + ([PLAN_NAME] if allocation is not None else [])
-    done = folder.start(fingerprint, written)
-    folder.resume(source.units(), done)
-    if allocation is not None:
-        from tuckerize.checkpoint import write_text
 
-        write_text(out / PLAN_NAME, plan_text(plan, allocation.header))
+    def start() -> dict[str, Any]:
+        done = folder.start(fingerprint, written)
+        folder.resume(source.units(), done)
+        if allocation is not None:
+            from tuckerize.checkpoint import write_text
+
+            write_text(out / PLAN_NAME, plan_text(plan, allocation.header))
+        return done
+
+    done = on_rank0(parallel, start)
+    owner = assign_units(unit_work(source), parallel.world)
+    mine = [u for u in sorted(source.units_of) if owner[u] == parallel.rank]
+    if parallel.world > 1:
+        files_of = {source.unit_file(u) for u in mine}
+        agreed(parallel, lambda: folder.start_rank(parallel.rank, fingerprint,
+                                                   {f: e for f, e in done.items() if f in files_of}))
 
     runner = None
     if request.sequential or request.refit:
@@ -211,9 +277,27 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
         sequential=request.sequential, refit=request.refit, refit_damp=request.method.refit_damp,
         per_expert_stats=request.per_expert_stats, factor_storage=request.factor_storage,
     )
-    pipeline.run(done)
-    files = folder.journal["files"]
+    agreed(parallel, lambda: pipeline.run(done, units=mine))
+    entries = dict(folder.journal["files"])
+    if parallel.world > 1:
+        import torch.distributed as dist
 
+        gathered: list[Any] = [None] * parallel.world
+        dist.all_gather_object(gathered, entries, group=parallel.group)
+        entries = {f: e for part in gathered for f, e in part.items()}
+    files = {f: entries[f] for f, _ in source.units()}  # in unit order, however the work was divided
+
+    return on_rank0(parallel, lambda: _finish(request, source, source_files, settings, folder, plan, ranks,
+                                              fingerprint, files, side, written, cal, allocation, started))
+
+
+def _finish(request, source, source_files, settings, folder, plan, ranks, fingerprint, files, side, written, cal,
+            allocation, started) -> dict[str, Any]:
+    """Config, index, side files and the manifest (rank 0, after every unit is written)."""
+    from tuckerize.compress.manifest import build_manifest, tucker_config
+
+    out, spec = folder.path, source.spec
+    folder.journal["files"] = files
     for name in side:
         copy_file(source.source.path / name, out / name)
     write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage, source.tucker_fp8()))

@@ -64,11 +64,12 @@ class SourceModel:
         """(file, decoder layer or None) of every output unit, in order."""
         return [(self.unit_file(u), u - 1 if u else None) for u in sorted(self.units_of)]
 
-    def hash_files(self, progress: Progress) -> dict[str, str]:
-        """sha256 of each source safetensors file (the run's identity)."""
-        progress.start("hash", len(self.ckpt.files))
+    def hash_files(self, progress: Progress, files: list[str] | None = None) -> dict[str, str]:
+        """sha256 of each source safetensors file (the run's identity); ``files``: only these."""
+        files = list(self.ckpt.files) if files is None else files
+        progress.start("hash", len(files))
         out = {}
-        for f in self.ckpt.files:
+        for f in files:
             out[f] = sha256_file(self.source.path / f)
             progress.advance("hash", file=f)
         progress.finish("hash")

@@ -155,10 +155,11 @@ class LayerPipeline:
     per_expert_stats: bool = False
     factor_storage: dict[str, Any] | None = None  # tuckerize.quant.storage; None: float32 factors
 
-    def run(self, done: dict[str, Any]) -> None:
-        """Every unit in order; ``done``: journal entries of an earlier run to verify and keep."""
+    def run(self, done: dict[str, Any], units: Any = None) -> None:
+        """Every unit in order (``units``: only these, e.g. a rank's share under torchrun);
+        ``done``: journal entries of an earlier run to verify and keep."""
         src = self.source
-        units = sorted(src.units_of)
+        units = sorted(src.units_of if units is None else units)
         total = sum(len(PROJECTIONS) if (u - 1) in src.spec.moe_layers else 1 for u in units)
         self.progress.start("decompose", total)
         for unit in units:

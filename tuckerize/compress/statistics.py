@@ -27,8 +27,12 @@ class Statistics:
 
 
 def prepare_statistics(request, source, source_files: dict[str, str], out: Path, progress, cal_device,
-                       need_dense: bool) -> Statistics:
-    """The statistics of a calibrated ``request`` (:class:`~tuckerize.compress.request.DecomposeRequest`)."""
+                       need_dense: bool, parallel=None) -> Statistics:
+    """The statistics of a calibrated ``request`` (:class:`~tuckerize.compress.request.DecomposeRequest`).
+
+    ``parallel``: the ranks of a torchrun (:class:`tuckerize.parallel.ParallelContext`; every
+    rank calls): new statistics are collected with the windows divided among them and
+    summed (rank 0 writes them into ``out``)."""
     from tuckerize.calibration.collect import collect_statistics
     from tuckerize.calibration.store import STATS_NAME, STATS_VERSION, CalibrationSettings, CalibrationStats, model_fingerprint
     from tuckerize.calibration.tokens import calibration_tokens, text_sha256
@@ -69,13 +73,23 @@ def prepare_statistics(request, source, source_files: dict[str, str], out: Path,
                 continue
             result.stats = loaded
             break
+        group, rank = None, 0
+        if parallel is not None and parallel.world > 1:
+            import torch.distributed as dist
+
+            group, rank = parallel.group if parallel.group is not None else dist.group.WORLD, parallel.rank
         with output_errors(out):
             if result.stats is None:  # streamed to out/ layer by layer
                 result.stats = collect_statistics(source.source.path, result.settings, result.tokens, out=out,
                                                   batch_size=request.calibration_batch, progress=progress,
-                                                  device=cal_device)
+                                                  device=cal_device, group=group)
             result.stats.check_model(source.spec.moe_layers, source.spec.shape)
-            result.stats.save(out)  # a copy next to the output when they came from elsewhere
+            if rank == 0:
+                result.stats.save(out)  # a copy next to the output when they came from elsewhere
+            if group is not None:
+                import torch.distributed as dist
+
+                dist.barrier(group)  # the copy is complete before any rank reads it
         result.settings = result.stats.settings
     result.info = {
         "settings": result.settings.to_dict() if result.settings is not None else None,
