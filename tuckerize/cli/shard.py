@@ -43,8 +43,11 @@ def shard(
     sizes = [sum(f["bytes"] for f in r["files"].values()) for r in manifest["ranks"]]
     chosen = manifest.get("layout_choice")
     if chosen:
-        console.print(f"layout {manifest['layout']} (fewest multiply-adds per rank at tp={manifest['tp']}: "
-                      + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in chosen["macs_per_token"].items()) + ")")
+        sent = chosen["sent_per_token"]
+        console.print(f"layout {manifest['layout']}: the fewest multiply-adds per rank among layouts sending no more "
+                      f"than dense TP at tp={manifest['tp']} (per token: "
+                      + ", ".join(f"{k} {v / 1e6:.2f}M MACs, {sent[k]:,.0f} sent" for k, v in chosen["macs_per_token"].items())
+                      + ")")
     moved = {L: a for L, a in (manifest.get("expert_assignment") or {}).items() if a["assigned"]}
     if moved:
         console.print(f"experts assigned to ranks by measured load in {len(moved)} layers (busiest rank above "
