@@ -391,7 +391,9 @@ def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path
     ok = [l for l in LAYOUTS if costs[l]["sent"] <= costs["dense"]["sent"]]
     assert manifest["layout"] == min(ok, key=lambda l: costs[l]["macs"])
     assert manifest["layout_choice"]["macs_per_token"]["hybrid"] == pytest.approx(costs["hybrid"]["macs"])
-    assert f"layout {manifest['layout']} (fewest multiply-adds" in result.stderr  # the CLI's console is stderr
+    said = " ".join(result.stderr.split())  # the CLI's console is stderr (rich wraps lines)
+    assert f"layout {manifest['layout']}: the fewest multiply-adds per rank among layouts sending no more than dense TP" in said
+    assert f"hybrid {costs['hybrid']['macs'] / 1e6:.2f}M MACs, {costs['hybrid']['sent']:,.0f} sent" in said
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
