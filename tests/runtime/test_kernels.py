@@ -275,7 +275,10 @@ def test_native_runtime_uses_decode_path(tucker_factory, monkeypatch):
         model = CausalLM(TensorSource.open(tucker, parallel=ParallelContext()), dtype=torch.float32).eval()
         return model(ids), len(model.moe_blocks())
 
-    monkeypatch.delenv(K.ENV, raising=False)
+    monkeypatch.delenv(K.ENV, raising=False)  # auto: accelerators only (slower on the CPU)
+    logits()
+    assert calls == []
+    monkeypatch.setenv(K.ENV, "static")
     got, n_moe = logits()
     assert n_moe > 0 and calls == [10] * n_moe
     ref = M.hf_logits(src, ids, tucker=tucker)

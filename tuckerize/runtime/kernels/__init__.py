@@ -21,6 +21,8 @@ from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
 import os
 
 IMPLS = ("auto", "static", "triton", "off")
+#: Devices on which ``auto`` takes the static path (``static`` forces it everywhere).
+AUTO_DEVICES = ("cuda", "npu")
 
 #: environment variable choosing the native runtime's decode path (:func:`default_dispatch`)
 ENV = "TUCKERIZE_DECODE"
@@ -43,8 +45,8 @@ class DecodeDispatch:
     ``max_tokens`` tokens, None (the module's own path) above.
 
     impl: ``"auto"`` (the static torch path: the Triton kernels have not been timed on a
-    GPU yet, see BENCHMARKS.md), ``"static"``, ``"triton"`` (CUDA; the Triton
-    interpreter elsewhere), ``"off"`` (always None).
+    GPU yet, see BENCHMARKS.md; :func:`default_dispatch` limits it to accelerators),
+    ``"static"``, ``"triton"`` (CUDA; the Triton interpreter elsewhere), ``"off"`` (always None).
     devices: device types the path is used on.
     The choice depends only on static shapes and the device, never on routing values."""
 
@@ -78,6 +80,11 @@ def default_dispatch() -> DecodeDispatch:
         raise InputError(f"{ENV}={impl!r} is not one of {', '.join(IMPLS)}")
     if impl == "triton" and not triton_available():
         raise InputError(f"{ENV}=triton needs the triton package: pip install triton")
+    if impl == "auto":
+        # Accelerators only: the static path is what a CUDA graph can capture there; on the
+        # CPU the module's own path is as fast at 1 token and 2.6-10x faster at 4-16 tokens
+        # (per-pair core gathers are memory-bound; BENCHMARKS.md, quiet-machine run).
+        return DecodeDispatch("auto", devices=AUTO_DEVICES)
     return DecodeDispatch(impl)
 
 
