@@ -37,9 +37,17 @@ def open_llm(folder: str | Path, *, dtype: str = "float32", tensor_parallel_size
     from tuckerize.integrations.vllm import check_vllm_version
 
     check_vllm_version()
-    return LLM(model=str(folder), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
-               max_model_len=max_model_len, max_logprobs=max_logprobs, enforce_eager=enforce_eager, seed=seed,
-               **kwargs)
+    if tensor_parallel_size == 1:  # the model in the engine process itself (no worker processes)
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    llm = LLM(model=str(folder), dtype=dtype, tensor_parallel_size=tensor_parallel_size,
+              max_model_len=max_model_len, max_logprobs=max_logprobs, enforce_eager=enforce_eager, seed=seed,
+              **kwargs)
+    # Stop vLLM's engine before the interpreter tears down: left to finalisation, its
+    # background threads can abort the process after the report was written (seen on CPU).
+    import atexit
+
+    atexit.register(llm.llm_engine.engine_core.shutdown)
+    return llm
 
 
 def logprob_rows(llm, ids: list[int], k: int, vocab: int) -> torch.Tensor:
