@@ -59,6 +59,18 @@ def eval_(
         return
     _print_table(report)
     run_or_exit(lambda: _write_reports(report, json_out, plot))
+    if runtime == "vllm":
+        # vLLM 0.32 (CPU) can abort the interpreter's shutdown (a C++ thread still joinable:
+        # "terminate called without an active exception", exit -6) after everything is written:
+        # stop its engine (the atexit handlers, tuckerize.integrations.vllm.evaluate.open_llm),
+        # then leave without finalisation.
+        import atexit
+        import sys
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _check_output(path: Optional[Path], flag: str, needs: Optional[str] = None) -> None:
