@@ -10,7 +10,6 @@ layer-to-rank assignment and the one-line refusal of --refit under torchrun.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import output_contents
 
 import dist_helpers
 from tuckerize.compress import decompose_checkpoint
@@ -26,7 +26,6 @@ from tuckerize.demo import DEMO_DIR
 
 DEMOS = {"qwen3": DEMO_DIR, "mixtral": DEMO_DIR.parent / "mixtral"}
 RANKS = "4,16,8"
-TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
 
 #: The CLI; with KILL_RANK=r and KILL_AT=k, rank r SIGKILLs itself right after its k-th file write.
 WRAPPER = r"""
@@ -62,25 +61,8 @@ def decompose(nproc: int, args: list[str], cwd: Path, **env: str) -> subprocess.
     return subprocess.run(cmd, capture_output=True, text=True, env=full, timeout=300, cwd=cwd)
 
 
-def _strip(data):
-    if isinstance(data, dict):
-        return {k: _strip(v) for k, v in data.items() if k not in TIMINGS}
-    if isinstance(data, list):
-        return [_strip(v) for v in data]
-    return data
-
-
 def contents(folder: Path) -> dict[str, str]:
-    """name -> sha256 of every file; the manifest without timings and ``out``."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.name == "tuckerize_manifest.json":
-            m = json.loads(p.read_text())
-            m.pop("out")
-            out[p.name] = json.dumps(_strip(m), sort_keys=True)
-        else:
-            out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return output_contents(folder)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import model_refs as M
+from cli_helpers import TIMINGS, strip_timings  # noqa: F401  (re-exported)
 import tucker_refs as R
 
 __all__ = ["tiny", "work_copy", "run_cli", "one_line", "snapshot", "flip_byte", "in_process", "cache", "cli",
@@ -112,15 +113,3 @@ def cli(cache):
 
     return lambda *args: CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
 
-
-#: Manifest and journal fields that differ between identical runs.
-TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
-
-
-def strip_timings(data):
-    """``data`` (parsed JSON) without the :data:`TIMINGS` fields, at any depth."""
-    if isinstance(data, dict):
-        return {k: strip_timings(v) for k, v in data.items() if k not in TIMINGS}
-    if isinstance(data, list):
-        return [strip_timings(v) for v in data]
-    return data

@@ -10,8 +10,6 @@ delay-based kills are marked slow.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import random
 import signal
@@ -21,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from reliab_helpers import strip_timings
+from cli_helpers import output_contents
 
 RANKS = "3,12,6"
 
@@ -59,16 +57,7 @@ def command(src: Path, out: Path) -> list[str]:
 
 
 def contents(folder: Path) -> dict[str, str]:
-    """name -> sha256 of its bytes; the manifest without timings and without ``out``."""
-    out = {}
-    for p in sorted(folder.iterdir()):
-        if p.name == "tuckerize_manifest.json":
-            m = json.loads(p.read_text())
-            m.pop("out")
-            out[p.name] = json.dumps(strip_timings(m), sort_keys=True)
-        else:
-            out[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
+    return output_contents(folder)
 
 
 def run(src: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
