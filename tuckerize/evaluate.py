@@ -463,6 +463,14 @@ def evaluate(
     report["perplexity_ratio"] = t_ppl / b_ppl if math.isfinite(b_ppl) and math.isfinite(t_ppl) else math.inf
     if manifest:
         report["compression"] = manifest.get("params")
+        if manifest.get("bytes"):
+            report["compression_bytes"] = manifest["bytes"]
+    from tuckerize.runtime.tucker_experts import memory_per_layer
+
+    mem = memory_per_layer([getattr(b, "experts", None) for b in tucker_model.moe_blocks.values()])
+    if mem is not None:  # this rank's experts as loaded (quantised factors dequantised), per MoE layer
+        report["memory"] = {"experts_per_layer_bytes": mem, "rank": parallel.rank,
+                            "factor_storage": tucker_config.get("tucker", {}).get("factor_storage")}
     if tasks_jsonl:
         report["tasks_jsonl"] = {}
         for path in tasks_jsonl:

@@ -24,7 +24,7 @@ lazily, inside the collectives).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from tuckerize.errors import ShardError
 
@@ -113,6 +113,29 @@ def balanced_assignment(counts: list[float], world: int) -> list[list[int]]:
     return [sorted(x) for x in ranks]
 
 
+def assign_experts(load: Mapping[int, Sequence[float]], tp: int, above: float = 0.2) -> dict[int, dict[str, Any]]:
+    """Per layer with a measured load (``{layer: routed tokens per expert}``): the
+    contiguous split's imbalance and, where it is above ``above``, the assignment by load
+    (:func:`balanced_assignment`) if that is more even. ``{layer: {"ranks": experts per
+    rank, "assigned": bool, "imbalance_contiguous": x, "imbalance": y}}``; the shard
+    writer and the vLLM plugin both use it, so a shard set and a served model agree."""
+    out = {}
+    for layer, counts in sorted(load.items()):
+        counts = [float(c) for c in counts]
+        contiguous = contiguous_assignment(len(counts), tp)
+        before = imbalance([sum(counts[e] for e in ids) for ids in contiguous])
+        ranks, after, assigned = contiguous, before, False
+        if before > above:
+            ranks = balanced_assignment(counts, tp)
+            after = imbalance([sum(counts[e] for e in ids) for ids in ranks])
+            assigned = after < before
+            ranks = ranks if assigned else contiguous
+            after = after if assigned else before
+        out[int(layer)] = {"ranks": ranks, "assigned": assigned, "imbalance_contiguous": round(before, 4),
+                           "imbalance": round(after, 4)}
+    return out
+
+
 # ----------------------------------------------------------------------------- attention heads
 
 
@@ -185,11 +208,9 @@ class ParallelContext:
         return cls()
 
     def all_reduce(self, tensor):
-        if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(tensor, group=self.group)
-        return tensor
+        """The sum over ranks of ``tensor``; use the returned tensor (a serving engine's
+        collective may return a new one; torch.distributed's sums in place)."""
+        return self._all_reduce(tensor) if self.world > 1 else tensor
 
     def all_gather_cat(self, tensor, sizes: list[int], dim: int = -1):
         """Concatenate each rank's ``tensor`` along ``dim``; rank r contributes ``sizes[r]``
@@ -197,7 +218,6 @@ class ParallelContext:
         if self.world == 1:
             return tensor
         import torch
-        import torch.distributed as dist
 
         dim = dim % tensor.ndim
         width = max(sizes)
@@ -205,9 +225,25 @@ class ParallelContext:
             pad_shape = list(tensor.shape)
             pad_shape[dim] = width - tensor.shape[dim]
             tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        parts = self._all_gather(tensor.contiguous(), dim).split(width, dim=dim)
         return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim)
+
+    # The two primitives; a serving engine's context overrides them with its own
+    # communicator (tuckerize.integrations.vllm.moe.VllmParallel).
+    def _all_reduce(self, tensor):
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, group=self.group)
+        return tensor
+
+    def _all_gather(self, tensor, dim: int):
+        """Equal-sized ``tensor`` of every rank, concatenated along ``dim`` in rank order."""
+        import torch
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor, group=self.group)
+        return torch.cat(parts, dim=dim)
 
 
 T = TypeVar("T")

@@ -112,6 +112,16 @@ def test_json_report_and_plot(cli, tiny_eval, tmp_path):
     assert report["model"] == str(tiny_eval["low"]) and report["baseline"] == str(tiny_eval["src"])
     assert set(report["fidelity"]["layer_relative_error"]) == {"0", "1"}
     assert report["compression"]["experts_ratio"] < 1
+    b = report["compression_bytes"]
+    assert 0 < b["experts_stored"] < b["experts_dense_bf16"]
+    mem = report["memory"]["experts_per_layer_bytes"]  # float32 factors and cores as loaded, from the model
+    from tuckerize.format import TuckerCheckpoint
+
+    ckpt = TuckerCheckpoint.open(tiny_eval["low"])
+    factor_values = [sum(ckpt.tensors.get(n).numel() for n in ckpt.tensors.keys() if f"layers.{L}." in n
+                         and n.rsplit(".", 1)[-1] in ("U_E", "U_H", "U_I", "core")) for L in (0, 1)]
+    assert mem["factors"] == 4 * sum(factor_values) / 2
+    assert 0 < mem["total"] < mem["dense_same_dtype"] and mem["layers"] == 2
     data = png.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 2000
 

@@ -712,3 +712,34 @@ def test_experts_assigned_by_load_across_ranks(layout):
     outs, _ = _run_ranks(world, rank_fn)
     for r, out in enumerate(outs):
         assert R.rel_err(ref, out) < TOL, r
+
+
+# ------------------------------------------------------------------ memory held
+
+
+@pytest.mark.parametrize("layout,world", [("intermediate", 1), ("intermediate", 2), ("expert", 2), ("hybrid", 4)])
+def test_memory_bytes_from_shapes(layout, world):
+    """The bytes a rank holds per layer, against the arithmetic of DESIGN.md's shapes:
+    factors E_r r_E + H_r r_H + I_r r_I + r_E r_H r_I, cores E_r r_H r_I, per projection."""
+    from tuckerize.parallel import split_range
+
+    E, H, I = 8, 32, 16
+    dtype = torch.bfloat16
+    for rank in range(world):
+        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ParallelContext(rank=rank, world=world),
+                          dtype=dtype, device="meta")
+        size = lambda n, split: (lambda a, b: b - a)(*split_range(n, world, rank)) if split else n  # noqa: E731
+        e_r = size(E, layout != "intermediate")
+        i_r = size(I, layout == "intermediate")
+        factors = cores = 0
+        for p in PROJECTIONS:
+            rE, rH, rI = R.PLAN[p]
+            u_h = size(H, layout == "hybrid") * rH if p == "down" else H * size(rH, layout == "hybrid")
+            factors += e_r * rE + u_h + i_r * rI + rE * rH * rI
+            cores += e_r * rH * rI
+        got = m.memory_bytes()
+        assert got == {"factors": 2 * factors, "cores": 2 * cores, "total": 2 * (factors + cores)}
+    mem = te.memory_per_layer([m, m, torch.nn.Linear(2, 2)])
+    assert mem["layers"] == 2 and mem["total"] == got["total"]
+    assert mem["dense_same_dtype"] == 3 * E * H * I * 2 / world
+    assert te.memory_per_layer([torch.nn.Linear(2, 2)]) is None

@@ -60,15 +60,26 @@ def prompts():
     return [tok(t, add_special_tokens=False)["input_ids"] for t in PROMPT_TEXTS]
 
 
-def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False):
+def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False, expert_parallel=False):
+    """Greedy tokens, log-probabilities and tensor shapes per rank from a vLLM run; ``log``: its output."""
     out = tmp_path / f"vllm-tp{tp}.json"
     max_len = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 256)
     args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": NEW_TOKENS, "out": str(out),
-            "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len)}
+            "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len), "expert_parallel": expert_parallel}
+    if tp > 1:
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", **(env or {})}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(args)], env=_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "log": proc.stdout + proc.stderr}
+
+
+def assert_same_generation(got, ref, tol=1e-3):
+    """Same greedy tokens and prompt log-probabilities within ``tol``."""
+    assert got["tokens"] == ref["tokens"]
+    for g, r in zip(got["logprobs"], ref["logprobs"]):
+        assert len(g) == len(r) >= NEW_TOKENS
+        assert max(abs(a - b) for a, b in zip(g, r)) < tol
 
 
 def native_reference(folder, prompts):
@@ -96,15 +107,19 @@ def dense_expert_shapes(config: dict) -> set[tuple[int, ...]]:
     return {(E, 2 * I, H), (E, H, I), (E, I, H), (E, H, 2 * I), (2 * I, H), (I, H), (H, I)} - {(H, H)}
 
 
+@pytest.fixture(scope="module")
+def one_rank(tucker, prompts, tmp_path_factory):
+    """vLLM at tensor-parallel size 1 on both Tucker demo checkpoints (shared by the tests)."""
+    return {arch: run_vllm(tmp_path_factory.mktemp("tp1"), tucker[arch], prompts) for arch in ("qwen3_moe", "mixtral")}
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, tmp_path):
+def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, one_rank):
     folder = tucker[arch]
-    got = run_vllm(tmp_path, folder, prompts)
+    got = one_rank[arch]
     ref_tokens, ref_logprobs = native_reference(folder, prompts)
-    assert got["tokens"] == ref_tokens
-    for g, r in zip(got["logprobs"], ref_logprobs):
-        assert len(g) == len(r) >= NEW_TOKENS
-        assert max(abs(a - b) for a, b in zip(g, r)) < 1e-3
+    assert_same_generation(got, {"tokens": ref_tokens, "logprobs": ref_logprobs})
+    assert "layout intermediate at tensor-parallel size 1" in got["log"]
     # No tensor of the served model has a dense expert shape (one rank here; tp=2 below).
     config = json.loads((folder / "config.json").read_text())
     dense = dense_expert_shapes(config)
@@ -132,19 +147,77 @@ def test_olmoe_greedy_matches_native_runtime(tiny_factory, prompts, tmp_path):
         assert max(abs(a - b) for a, b in zip(g, r)) < 1e-3
 
 
-def test_tensor_parallel_2_matches_1(tucker, prompts, tmp_path):
+def _shape(rank, suffix):
+    return [s for n, s in rank if n.endswith(suffix)]
+
+
+@pytest.mark.parametrize("layout", ["hybrid", "expert-parallel"])
+def test_tensor_parallel_2_matches_1(layout, tucker, prompts, one_rank, tmp_path):
+    """Both ranks' factors as the layout splits them, and the same generation as one rank:
+    ``hybrid`` (TUCKERIZE_LAYOUT: U_H columns, experts and U_H,down rows split; vLLM's
+    all-gather and all-reduce) and vLLM's ``--enable-expert-parallel`` (layout expert)."""
     folder = tucker["qwen3_moe"]
-    one = run_vllm(tmp_path, folder, prompts)
-    two = run_vllm(tmp_path, folder, prompts, tp=2, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"})
-    assert two["tokens"] == one["tokens"]
-    for a, b in zip(one["logprobs"], two["logprobs"]):
-        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-3
+    if layout == "expert-parallel":
+        two = run_vllm(tmp_path, folder, prompts, tp=2, expert_parallel=True)
+    else:
+        two = run_vllm(tmp_path, folder, prompts, tp=2, env={"TUCKERIZE_LAYOUT": layout})
+    assert_same_generation(two, one_rank["qwen3_moe"])
     assert len(two["shapes"]) == 2
-    dense = dense_expert_shapes(json.loads((folder / "config.json").read_text()))
+    config = json.loads((folder / "config.json").read_text())
+    dense = dense_expert_shapes(config)
+    from tuckerize.arch import moe_spec
+
+    E, H, I = moe_spec(config).shape
+    rE, rH, rI = RANKS
     for rank in two["shapes"]:
-        # U_I is split by rows on each rank (layout intermediate); nothing dense-shaped.
-        assert [s for n, s in rank if n.endswith("layers.0.mlp.experts.gate.U_I")] == [[32, RANKS[2]]]
+        got = [_shape(rank, f"layers.0.mlp.experts.{f}") for f in ("gate.U_E", "gate.U_I", "gate.U_H", "down.U_H")]
+        if layout == "hybrid":
+            assert got == [[[E // 2, rE]], [[I, rI]], [[H, rH // 2]], [[H // 2, rH]]]
+        else:  # experts split, everything else replicated
+            assert got == [[[E // 2, rE]], [[I, rI]], [[H, rH]], [[H, rH]]]
         assert [(n, s) for n, s in rank if len(s) == 3 and tuple(s) in dense] == []
+    expected = "layout expert at tensor-parallel size 2 (--enable-expert-parallel" if layout == "expert-parallel" \
+        else "layout hybrid at tensor-parallel size 2 (TUCKERIZE_LAYOUT=hybrid"
+    assert expected in two["log"]
+
+
+def test_quantised_checkpoint_auto_layout_experts_by_load(prompts, tmp_path):
+    """A calibrated checkpoint with int4 factors at tensor-parallel size 2: the layout
+    ``auto`` picks (the shard writer's rule), experts assigned to ranks by the calibration's
+    routing load (made uneven here) exactly as ``tuckerize shard`` assigns them; the same
+    generation as the native runtime on one rank."""
+    from safetensors.torch import load_file, save_file
+
+    from tuckerize.compress import decompose_checkpoint
+    from tuckerize.runtime.plan import choose_layout
+    from tuckerize.shard import shard_checkpoint
+
+    folder = tmp_path / "int4"
+    ranks = (16, 48, 32)
+    decompose_checkpoint(str(DEMOS["qwen3_moe"]), folder, ranks=ranks, calibration="demo", samples=8, seqlen=128,
+                         factor_dtype="int4")
+    config = json.loads((folder / "config.json").read_text())
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.layers.0.mlp.experts.gate.core.qweight" in weight_map
+    stats_path = folder / "calibration_stats.safetensors"
+    stats = load_file(str(stats_path))
+    for key in [k for k in stats if k.endswith(".expert_count")]:  # experts 0-2 carry most tokens
+        stats[key] = torch.tensor([40.0] * 3 + [1.0] * (stats[key].numel() - 3), dtype=stats[key].dtype)
+    save_file(stats, str(stats_path))
+    layout = choose_layout(config, 2)[0]
+    manifest = shard_checkpoint(folder, 2, layout=layout, out=tmp_path / "shards")
+    assignment = manifest["expert_assignment"]
+    assert all(a["assigned"] for a in assignment.values())
+    assert {len(a["ranks"][0]) for a in assignment.values()} == {2}  # experts 0 and 2, not the contiguous 8
+    two = run_vllm(tmp_path, folder, prompts, tp=2)
+    ref_tokens, ref_logprobs = native_reference(folder, prompts)
+    assert_same_generation(two, {"tokens": ref_tokens, "logprobs": ref_logprobs})
+    for r, rank in enumerate(two["shapes"]):
+        for L, entry in assignment.items():
+            assert _shape(rank, f"layers.{L}.mlp.experts.gate.U_E") == [[len(entry["ranks"][r]), ranks[0]]]
+    assert f"layout {layout} at tensor-parallel size 2 (the fewest multiply-adds" in two["log"]
+    assert f"experts assigned to ranks by measured load in {len(assignment)} layers" in two["log"]
+    assert "factors stored as U_E int4, U_H int4, U_I int4, core int4 (dequantised at load)" in two["log"]
 
 
 @pytest.mark.slow  # vLLM 0.32 CPU's engine teardown aborted this subprocess at exit in 2 of 3 CI runs

@@ -24,7 +24,8 @@ def main():
     llm = LLM(model=args["model"], dtype="float32", tensor_parallel_size=tp, max_model_len=args.get("max_model_len", 256),
               max_num_seqs=8,
               enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1,
-              skip_tokenizer_init=bool(args.get("no_tokenizer", False)), **extra)
+              skip_tokenizer_init=bool(args.get("no_tokenizer", False)),
+              enable_expert_parallel=bool(args.get("expert_parallel", False)), **extra)
     prompts = [{"prompt_token_ids": p} for p in args["prompts"]]
     greedy = SamplingParams(temperature=0.0, max_tokens=args["max_tokens"], ignore_eos=True, detokenize=False)
     tokens = [list(o.outputs[0].token_ids) for o in llm.generate(prompts, greedy, use_tqdm=False)]

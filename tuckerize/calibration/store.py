@@ -58,6 +58,23 @@ class CalibrationSettings:
         return d
 
 
+def expert_load(folder: Path) -> dict[int, list[float]]:
+    """Routed tokens per expert and layer (``expert_count``) from the statistics saved in
+    a checkpoint ``folder``; empty when it was decomposed without calibration."""
+    path = Path(folder) / STATS_NAME
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            parts = key.split(".")
+            if len(parts) == 3 and parts[0] == "layers" and parts[2] == "expert_count":
+                out[int(parts[1])] = [float(v) for v in f.get_tensor(key).tolist()]
+    return out
+
+
 def model_fingerprint(source_files: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(sorted(source_files.items()))).encode()).hexdigest()
 

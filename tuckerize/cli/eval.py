@@ -137,6 +137,13 @@ def _print_table(report: dict) -> None:
         table.add_row("tokens / s", f"{b['tokens_per_s']:,.0f}", f"{k['tokens_per_s']:,.0f}")
     if report.get("compression"):
         table.add_row("expert parameters kept", "100%", f"{report['compression']['experts_ratio']:.1%}")
+    if report.get("compression_bytes"):
+        table.add_row("expert bytes stored (vs bf16 dense)", "100%",
+                      f"{report['compression_bytes']['ratio_to_bf16_dense']:.1%}")
+    if report.get("memory"):
+        m = report["memory"]["experts_per_layer_bytes"]
+        table.add_row("expert memory per MoE layer (rank 0, as loaded)", f"{m['dense_same_dtype'] / 2**20:.2f} MiB",
+                      f"{m['total'] / 2**20:.2f} MiB")
     for name, r in (report.get("tasks_jsonl") or {}).items():
         table.add_row(f"{name} acc", f"{r['baseline']['acc']:.3f}", f"{r['tucker']['acc']:.3f}")
     console.print(table)

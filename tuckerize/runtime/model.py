@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
         h = x.float()
         sq = h.pow(2).sum(-1, keepdim=True)
         if self.parallel is not None and self.full_dim != h.shape[-1]:
-            self.parallel.all_reduce(sq)
+            sq = self.parallel.all_reduce(sq)
         h = h * torch.rsqrt(sq / self.full_dim + self.eps)
         return self.weight * h.to(dtype)
 

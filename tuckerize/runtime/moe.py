@@ -150,12 +150,12 @@ class MoEBlock(nn.Module):
         top_w, top_i = self.gate(x)
         s = self.experts.partial(x, top_i, top_w)
         if self.shared_name is None:
-            self.parallel.all_reduce(s)
+            s = self.parallel.all_reduce(s)
             return self.experts.finish(s).to(hidden_states.dtype).reshape(shape)
         sh = getattr(self, self.shared_name).partial(x)
         if self.shared_gate is not None:
             sh = torch.sigmoid(self.shared_gate(x)) * sh
         buf = torch.cat([s, sh.to(s.dtype)], dim=-1)
-        self.parallel.all_reduce(buf)
+        buf = self.parallel.all_reduce(buf)
         s, sh = buf.split([s.shape[-1], sh.shape[-1]], dim=-1)
         return (self.experts.finish(s) + sh).to(hidden_states.dtype).reshape(shape)

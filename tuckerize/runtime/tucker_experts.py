@@ -219,7 +219,7 @@ class TuckerExperts(nn.Module):
     # -- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         s = self.partial(hidden_states, top_k_index, top_k_weights)
-        self.parallel.all_reduce(s)  # r_H values per token
+        s = self.parallel.all_reduce(s)  # r_H values per token
         return self.finish(s).to(hidden_states.dtype)
 
     def _projected_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,10 +317,37 @@ class TuckerExperts(nn.Module):
             sent += (gathered + self.hidden_size) * (N - 1) / N
         return {"macs": float(macs), "sent": float(sent), "payload": payload}
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the layer: ``factors`` (U_E, U_H, U_I, core of the three
+        projections, as loaded: quantised factors are dequantised at load) and ``cores``
+        (the per-expert cores G formed from them)."""
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        factors = sum(nbytes(getattr(getattr(self, p), f)) for p in PROJECTIONS for f in FACTORS)
+        cores = sum(nbytes(getattr(self, p).G) for p in PROJECTIONS)
+        return {"factors": factors, "cores": cores, "total": factors + cores}
+
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, ranks={self.ranks}, "
                 f"layout={self.layout}, rank={self.parallel.rank}/{self.parallel.world}, "
                 f"experts={self.expert_range}, intermediate={self.inter_range}")
+
+
+def memory_per_layer(experts: Sequence[TuckerExperts]) -> dict[str, float] | None:
+    """Mean over MoE layers of :meth:`TuckerExperts.memory_bytes` on this rank, with the
+    bytes this rank's share of the dense experts would take in the same dtype
+    (``dense_same_dtype``: 3 E H I / N values); None without Tucker experts."""
+    experts = [m for m in experts if isinstance(m, TuckerExperts)]
+    if not experts:
+        return None
+    mems = [m.memory_bytes() for m in experts]
+    n = len(mems)
+    out: dict[str, float] = {k: sum(m[k] for m in mems) / n for k in ("factors", "cores", "total")}
+    dense = [3 * m.num_experts * m.hidden_size * m.intermediate_size * m.gate.core.element_size() / m.parallel.world
+             for m in experts]
+    out.update(layers=n, dense_same_dtype=sum(dense) / n)
+    return out
 
 
 _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}

@@ -27,7 +27,7 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import LAYOUTS, balanced_assignment, check_tp, contiguous_assignment, imbalance, take
+from tuckerize.parallel import LAYOUTS, assign_experts, check_tp, take
 from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
 
@@ -80,8 +80,10 @@ def shard_checkpoint(
                   "sent_per_token": {k: v["sent"] for k, v in costs.items()}}
     assignment = None
     if layout in ("expert", "hybrid") and tp > 1:
-        load = expert_load if expert_load is not None else _calibration_load(src.folder)
-        assignment = _assign_experts(load or {}, tp, balance_above)
+        from tuckerize.calibration.store import expert_load as saved_load
+
+        load = expert_load if expert_load is not None else saved_load(src.folder)
+        assignment = assign_experts(load or {}, tp, balance_above)
     config = dict(src.config)
     config.pop("quantization_config", None)  # FP8 tensors are written dequantised (below)
     config["shard"] = {"tp": tp, "layout": layout}
@@ -160,42 +162,6 @@ def shard_checkpoint(
     tmp_out.rename(out)
     manifest["out"] = str(out.resolve())
     return manifest
-
-
-def _calibration_load(folder: Path) -> dict[int, list[float]]:
-    """Routed tokens per expert and layer from the checkpoint's calibration statistics."""
-    path = folder / "calibration_stats.safetensors"
-    if not path.is_file():
-        return {}
-    from safetensors import safe_open
-
-    out = {}
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            parts = key.split(".")
-            if len(parts) == 3 and parts[0] == "layers" and parts[2] == "expert_count":
-                out[int(parts[1])] = [float(v) for v in f.get_tensor(key).tolist()]
-    return out
-
-
-def _assign_experts(load: Mapping[int, Sequence[float]], tp: int, above: float) -> dict[int, dict[str, Any]]:
-    """Per layer with a measured load: the contiguous split's imbalance and, where it is
-    above ``above``, the assignment by load (:func:`tuckerize.parallel.balanced_assignment`)."""
-    out = {}
-    for layer, counts in sorted(load.items()):
-        counts = [float(c) for c in counts]
-        contiguous = contiguous_assignment(len(counts), tp)
-        before = imbalance([sum(counts[e] for e in ids) for ids in contiguous])
-        ranks, after, assigned = contiguous, before, False
-        if before > above:
-            ranks = balanced_assignment(counts, tp)
-            after = imbalance([sum(counts[e] for e in ids) for ids in ranks])
-            assigned = after < before
-            ranks = ranks if assigned else contiguous
-            after = after if assigned else before
-        out[int(layer)] = {"ranks": ranks, "assigned": assigned, "imbalance_contiguous": round(before, 4),
-                           "imbalance": round(after, 4)}
-    return out
 
 
 @dataclass

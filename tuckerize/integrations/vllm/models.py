@@ -64,6 +64,35 @@ def _verify(vllm_config: Any) -> None:
         verify_checkpoint(folder)
 
 
+def experts_summary(model: Any, factor_storage: Any = None) -> str:
+    """One line: the layout, why, and the bytes the Tucker experts hold on this rank per MoE
+    layer (factors as loaded, per-expert cores formed from them), with how the checkpoint
+    stores the factors."""
+    from tuckerize.integrations.vllm.moe import TuckerMoE
+
+    from tuckerize.runtime.tucker_experts import memory_per_layer
+
+    blocks = [m for m in model.modules() if isinstance(m, TuckerMoE)]
+    mem = memory_per_layer([b.experts for b in blocks])
+    if mem is None:
+        return "no Tucker MoE blocks"
+    stored = "float32"
+    if factor_storage:
+        stored = ", ".join(f"{k} {v}" for k, v in factor_storage.get("dtypes", {}).items())
+        stored += " (dequantised at load)"
+    mib = {k: v / 2**20 for k, v in mem.items()}
+    return (f"tuckerize: {blocks[0].plan.describe(blocks[0].tp_size)}; {mem['layers']:.0f} MoE layers hold "
+            f"{mib['total']:.2f} MiB each on this rank (factors {mib['factors']:.2f} MiB, per-expert cores "
+            f"{mib['cores']:.2f} MiB; dense experts {mib['dense_same_dtype']:.2f} MiB); factors stored as {stored}")
+
+
+def _log_experts(model: Any, vllm_config: Any) -> None:
+    from vllm.logger import init_logger
+
+    storage = vllm_config.model_config.hf_config.to_dict().get("tucker", {}).get("factor_storage")
+    init_logger("vllm.tuckerize").info(experts_summary(model, storage))
+
+
 def tucker_model_class(arch_name: str):
     """``Tuckerize<Original>ForCausalLM`` for ``arch_name``."""
     from tuckerize.integrations.vllm.moe import TuckerMoE, register_op
@@ -77,6 +106,7 @@ def tucker_model_class(arch_name: str):
         register_op()
         with _rebound(module, block_name, TuckerMoE):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        _log_experts(self, vllm_config)
 
     doc = f"vLLM's {cls_name} with Tucker experts (tuckerize.integrations.vllm.moe.TuckerMoE)."
     return _publish(type(TUCKER_CLASS_PREFIX + cls_name, (base,), {"__init__": __init__, "__doc__": doc}))

@@ -11,46 +11,161 @@ section). Its children:
   ``...mlp.gate.weight``); routing is tuckerize's (:func:`tuckerize.runtime.routing.route`,
   identical to transformers').
 - ``experts``: a :class:`tuckerize.runtime.tucker_experts.TuckerExperts` holding only this
-  tensor-parallel rank's factors (layout ``intermediate``: rows I_r of U_I) and the per-expert
-  cores ``G_e = U_E[e] x core`` formed once at load. Dense expert weights [E, 2I, H] /
+  tensor-parallel rank's factors and the per-expert cores ``G_e = U_E[e] x core`` formed
+  once at load, in the layout :func:`serving_layout` chooses: the one with the fewest
+  multiply-adds per rank for this checkpoint and ``--tensor-parallel-size``
+  (:func:`tuckerize.runtime.plan.choose_layout`, as ``tuckerize shard`` chooses), or
+  ``TUCKERIZE_LAYOUT=intermediate|expert|hybrid``; ``--enable-expert-parallel`` means
+  ``expert``. Where experts are split, they are assigned to ranks by the routing load the
+  checkpoint's calibration measured, as ``tuckerize shard`` assigns them
+  (:func:`tuckerize.parallel.assign_experts`). Factors stored quantised
+  (``--factor-dtype``) are dequantised once, at load. Dense expert weights [E, 2I, H] /
   [E, H, I] are never formed.
 
 Forward: ``s = experts.partial(x, top_k_index, top_k_weights)`` [T, r_H] on each rank, one
-``tensor_model_parallel_all_reduce`` of those r_H values per token, then ``s U_H,down^T``.
+all-reduce of those r_H values per token over vLLM's tensor-parallel group, then
+``experts.finish(s)`` (``s U_H,down^T``; in ``hybrid`` this rank's H/N columns and an
+all-gather). The collectives are vLLM's own (:class:`VllmParallel`).
 The whole block runs as one opaque custom op (``torch.ops.vllm.tuckerize_moe``) so that vLLM's
 torch.compile graph treats it like its own fused MoE op (routing is data dependent).
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn as nn
 
 from tuckerize.arch import FACTORS, PROJECTIONS, moe_spec
-from tuckerize.errors import ShardError
+from tuckerize.errors import InputError, ShardError
+from tuckerize.parallel import LAYOUTS, ParallelContext, assign_experts
 from tuckerize.runtime.routing import RouterSpec, route
-from tuckerize.runtime.tucker_experts import ParallelContext, TuckerExperts
+from tuckerize.runtime.tucker_experts import TuckerExperts
 
 OP_NAME = "tuckerize_moe"
+#: Environment variable that picks the tensor-parallel layout of the Tucker experts.
+LAYOUT_ENV = "TUCKERIZE_LAYOUT"
+
+
+class VllmParallel(ParallelContext):
+    """vLLM's tensor-parallel group as a :class:`~tuckerize.parallel.ParallelContext`: the
+    experts' collectives go through vLLM's communicators (custom all-reduce, shared memory
+    on the CPU, NCCL/HCCL), not a process group of ours."""
+
+    def _all_reduce(self, tensor):
+        from vllm.distributed import tensor_model_parallel_all_reduce
+
+        return tensor_model_parallel_all_reduce(tensor)
+
+    def _all_gather(self, tensor, dim: int):
+        from vllm.distributed import tensor_model_parallel_all_gather
+
+        return tensor_model_parallel_all_gather(tensor, dim)
+
+
+_PLANS: dict[tuple, "ServingPlan"] = {}
+
+
+class ServingPlan:
+    """What every MoE block of one served model shares: the layout, why, and the experts
+    of each rank per layer (None: contiguous)."""
+
+    def __init__(self, layout: str, reason: str, costs: Mapping[str, Mapping[str, float]] | None,
+                 assignment: Mapping[int, Mapping[str, Any]]):
+        self.layout, self.reason, self.costs, self.assignment = layout, reason, costs, assignment
+
+    def experts(self, layer: int, rank: int) -> list[int] | None:
+        entry = self.assignment.get(layer)
+        return list(entry["ranks"][rank]) if entry and entry["assigned"] else None
+
+    def describe(self, tp: int) -> str:
+        text = f"layout {self.layout} at tensor-parallel size {tp} ({self.reason}"
+        if self.costs:
+            text += "; multiply-adds per token on the slowest rank: " + ", ".join(
+                f"{k} {v['macs'] / 1e6:.2f}M" for k, v in self.costs.items())
+        moved = [a for a in self.assignment.values() if a["assigned"]]
+        if moved:
+            text += (f"; experts assigned to ranks by measured load in {len(moved)} layers, busiest rank "
+                     f"{max(a['imbalance_contiguous'] for a in moved):.0%} -> {max(a['imbalance'] for a in moved):.0%} "
+                     "above the mean")
+        return text + ")"
+
+
+def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool = False, data_parallel: int = 1,
+                   requested: str | None = None, folder: str | Path | None = None) -> ServingPlan:
+    """The layout the served model uses: ``requested`` (default: the ``TUCKERIZE_LAYOUT``
+    environment variable, else ``auto``) or, under vLLM's expert parallelism, ``expert``;
+    ``auto`` is :func:`tuckerize.runtime.plan.choose_layout`. Experts are assigned by the
+    routing load saved with the checkpoint's calibration statistics in ``folder``, as
+    ``tuckerize shard`` assigns them. A bad request is a one-line :class:`InputError`."""
+    requested = (requested if requested is not None else os.environ.get(LAYOUT_ENV, "auto")).strip() or "auto"
+    if requested not in (*LAYOUTS, "auto"):
+        raise InputError(f"{LAYOUT_ENV}={requested} is not one of auto, {', '.join(LAYOUTS)}")
+    costs = None
+    if expert_parallel:
+        if data_parallel > 1:
+            raise InputError("tuckerize's vLLM plugin runs expert parallelism within the tensor-parallel group only; "
+                             "use --tensor-parallel-size without --data-parallel-size, or drop --enable-expert-parallel")
+        if requested not in ("auto", "expert"):
+            raise InputError(f"--enable-expert-parallel splits experts over ranks (layout expert), but {LAYOUT_ENV}="
+                             f"{requested}; drop one of the two")
+        layout, reason = "expert", "--enable-expert-parallel"
+    elif requested != "auto":
+        layout, reason = requested, f"{LAYOUT_ENV}={requested}"
+    elif tp == 1:
+        layout, reason = "intermediate", "one rank"
+    else:
+        from tuckerize.runtime.plan import choose_layout
+
+        layout, costs = choose_layout(config, tp)
+        reason = "the fewest multiply-adds per rank among layouts sending no more than dense tensor parallelism"
+    assignment: dict[int, Any] = {}
+    if layout in ("expert", "hybrid") and tp > 1 and folder is not None and Path(folder).is_dir():
+        from tuckerize.calibration.store import expert_load
+
+        assignment = assign_experts(expert_load(Path(folder)), tp)
+    return ServingPlan(layout, reason, costs, assignment)
+
+
+def _plan_for(vllm_config: Any, config: Mapping[str, Any], tp: int) -> ServingPlan:
+    """:func:`serving_layout` once per model and process (every MoE block asks)."""
+    parallel = vllm_config.parallel_config
+    ep, dp = bool(parallel.enable_expert_parallel), int(parallel.data_parallel_size)
+    folder = vllm_config.model_config.model
+    key = (str(folder), tp, ep, dp, os.environ.get(LAYOUT_ENV, "auto"))
+    if key not in _PLANS:
+        _PLANS[key] = serving_layout(config, tp, expert_parallel=ep, data_parallel=dp, folder=folder)
+    return _PLANS[key]
 
 
 class VllmTuckerExperts(TuckerExperts):
     """TuckerExperts with vLLM's per-module ``load_weights`` hook: takes the twelve factor
     tensors ``{gate,up,down}.{U_E,U_H,U_I,core}`` (full, unsharded; sliced to this rank by
-    :meth:`TuckerExperts.load_factors`) and forms the per-expert cores."""
+    :meth:`TuckerExperts.load_factors`), each as stored: float32, bfloat16, or quantised
+    (``X.qweight/.qscale/.qshape``, :mod:`tuckerize.quant`, dequantised here once), and
+    forms the per-expert cores."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        tensors = dict(weights)
+        from tuckerize.quant import SUFFIXES, decode, logical_names
+
+        stored = dict(weights)
         expected = {f"{p}.{f}" for p in PROJECTIONS for f in FACTORS}
-        unexpected = set(tensors) - expected
+        names = logical_names(stored)
+        unexpected = set(names) - expected
         if unexpected:
             raise ShardError(f"unexpected expert tensors {sorted(unexpected)[:3]}: this checkpoint's experts are not "
                              "Tucker factors; make it with `tuckerize decompose`")
+        for name in names:
+            if name not in stored and any(f"{name}{s}" not in stored for s in SUFFIXES):
+                raise ShardError(f"factor {name} is stored quantised but incomplete (needs {', '.join(SUFFIXES)}); "
+                                 "the checkpoint is damaged: decompose again")
+        tensors = {name: decode(stored, name) for name in names}
         with torch.no_grad():
             self.load_factors(tensors)  # raises a one-line ShardError naming a missing factor
-        return set(tensors)
+        return set(stored)
 
 
 class TuckerMoE(nn.Module):
@@ -77,15 +192,17 @@ class TuckerMoE(nn.Module):
         self.layer_name = prefix
         self.router = RouterSpec.from_config(spec.arch, config, E, spec.top_k)
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        # Attributes vLLM's MixtureOfExperts bookkeeping reads from a MoE block.
-        self.n_routed_experts = self.n_logical_experts = self.n_physical_experts = E
-        self.n_local_physical_experts = E
-        self.n_redundant_experts = 0
+        self.plan = _plan_for(vllm_config, config, tp_size)
         self.tp_size = tp_size
         self.gate = nn.Linear(H, E, bias=False)
-        self.experts = VllmTuckerExperts(E, H, I, ranks, layout="intermediate",
-                                         parallel=ParallelContext(rank=tp_rank, world=tp_size),
-                                         act=config.get("hidden_act", "silu"))
+        self.experts = VllmTuckerExperts(E, H, I, ranks, layout=self.plan.layout,
+                                         parallel=VllmParallel(rank=tp_rank, world=tp_size),
+                                         act=config.get("hidden_act", "silu"),
+                                         experts=self.plan.experts(layer, tp_rank))
+        # Attributes vLLM's MixtureOfExperts bookkeeping reads from a MoE block.
+        self.n_routed_experts = self.n_logical_experts = self.n_physical_experts = E
+        self.n_local_physical_experts = self.experts.down.U_E.shape[0]
+        self.n_redundant_experts = 0
         ctx = vllm_config.compilation_config.static_forward_context
         if prefix in ctx:
             raise ValueError(f"Duplicate layer name: {prefix}")
@@ -99,13 +216,8 @@ class TuckerMoE(nn.Module):
 
     def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, H]: route, this rank's partial sum, one all-reduce of r_H values, U_H,d^T."""
-        from vllm.distributed import tensor_model_parallel_all_reduce
-
         top_w, top_i = route(x, self.gate.weight, self.router)
-        s = self.experts.partial(x, top_i, top_w)
-        if self.tp_size > 1:
-            s = tensor_model_parallel_all_reduce(s)
-        return self.experts.finish(s).to(x.dtype)
+        return self.experts(x, top_i, top_w)
 
 
 def _tuckerize_moe(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
