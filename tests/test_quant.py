@@ -156,15 +156,60 @@ def test_runtime_and_shard_load_quantised_factors(decomposed, tmp_path):
         got = CausalLM(TensorSource.open(out["int8,core=int4"]), dtype=torch.float32)(ids)
     rel = float((got - ref).norm() / ref.norm())
     assert 0 < rel < 0.05
-    folder = tmp_path / "tp2"
-    shard_checkpoint(out["int8,core=int4"], 2, out=folder)
-    index = json.loads(next(folder.glob("rank-*/model.safetensors.index.json")).read_text())
-    assert not any(k.endswith((".qweight", ".qscale", ".qshape")) for k in index["weight_map"])
-    name = next(k for k in index["weight_map"] if k.endswith("gate.U_H"))
-    from tuckerize.checkpoint import Checkpoint
 
-    rank0 = Checkpoint.open(next(folder.glob("rank-*")))
-    assert torch.equal(rank0.get(name), Checkpoint.open(out["int8,core=int4"]).get(name))
+
+
+@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
+def test_shard_keeps_quantised_factors_where_the_split_allows(decomposed, layout, tmp_path):
+    """Each rank's file holds its slice of every factor, quantised where the split keeps whole
+    rows or groups (codes and scales sliced, not dequantised), float32 elsewhere; either way
+    it reads back as exactly the slice of the dequantised whole factor."""
+    from tuckerize.checkpoint import Checkpoint
+    from tuckerize.format import TuckerCheckpoint
+    from tuckerize.parallel import Split, take
+    from tuckerize.shard import shard_checkpoint
+
+    _, out = decomposed
+    whole = Checkpoint.open(out["int8,core=int4"])
+    manifest = shard_checkpoint(out["int8,core=int4"], 2, layout=layout, out=tmp_path / layout)
+    quantised = 0
+    for r, entry in enumerate(manifest["ranks"]):
+        rank = Checkpoint.open(tmp_path / layout / entry["dir"])
+        names = quant.logical_names(rank.weight_map)
+        for name in (n for n in names if ".experts." in n):
+            sp = manifest["splits"].get(name)
+            split = None
+            if sp is not None and "rows" in sp:
+                split = Split(sp["axis"], 0, len(sp["rows"][r]), index=tuple(sp["rows"][r]))
+            elif sp is not None:
+                split = Split(sp["axis"], *sp["ranges"][r])
+            assert torch.equal(rank.get(name), take(whole.get(name), split)), (r, name)
+            quantised += quant.is_quantised(rank.weight_map, name)
+        if layout == "intermediate":  # U_I split by rows: stays int8
+            assert any(k.endswith("gate.U_I.qweight") for k in rank.weight_map)
+    assert quantised > 0
+    for r, entry in enumerate(manifest["ranks"]):  # the per-layer bytes reported: the expert tensors in the files
+        rank = Checkpoint.open(tmp_path / layout / entry["dir"])
+        held = sum(rank.get(n).numel() * rank.get(n).element_size() for n in rank.weight_map if ".experts." in n)
+        assert manifest["expert_bytes_per_layer"][r] == held / len(TuckerCheckpoint.open(out["float32"]).spec.moe_layers)
+    stored = sum(f["bytes"] for entry in manifest["ranks"] for f in entry["files"].values())
+    assert stored < 2 * sum((out["float32"] / f).stat().st_size for f in whole.files)
+
+
+@pytest.mark.parametrize("dtype", ["int4", "int8", "fp8"])
+def test_slice_stored_equals_slicing_the_dequantised_tensor(dtype):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 5, 37, generator=g)  # 37 columns: group 8 leaves a short last group; int4 odd packing
+    stored = quant.encode("X", x, dtype, group=8)
+    whole = quant.decode(stored, "X")
+    cases = [(0, None, 1, 4), (0, torch.tensor([5, 0, 2]), 0, 0), (2, None, 8, 24), (2, None, 16, 37), (2, None, 0, 37)]
+    for axis, rows, start, stop in cases:
+        got = quant.slice_stored(stored, "X", axis, rows=rows, start=start, stop=stop)
+        assert got is not None, (axis, start, stop)
+        want = whole.index_select(0, rows) if rows is not None else whole.narrow(axis, start, stop - start)
+        assert torch.equal(quant.decode(got, "X"), want), (axis, start, stop)
+    for axis, start, stop in [(2, 4, 16), (2, 8, 20), (1, 0, 2)]:  # cuts a group, or a middle axis
+        assert quant.slice_stored(stored, "X", axis, start=start, stop=stop) is None
 
 
 def test_cli_rejects_unknown_factor_dtype(qwen3_ckpt, tmp_path):

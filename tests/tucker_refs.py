@@ -31,13 +31,14 @@ def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
     return float(torch.linalg.norm(ref - got) / torch.linalg.norm(ref))
 
 
-def decompose_tiny(src: Path, out: Path) -> Path:
-    """Decompose ``src`` with :data:`PLAN_YAML` (ranks below full) into ``out``."""
+def decompose_tiny(src: Path, out: Path, **kwargs) -> Path:
+    """Decompose ``src`` with :data:`PLAN_YAML` (ranks below full) into ``out``; ``kwargs``
+    go to ``decompose_checkpoint`` (e.g. ``factor_dtype``)."""
     from tuckerize.compress import decompose_checkpoint
 
     plan = out.parent / f"{out.name}-plan.yaml"
     plan.write_text(PLAN_YAML)
-    decompose_checkpoint(str(src), out, config=plan)
+    decompose_checkpoint(str(src), out, config=plan, **kwargs)
     return out
 
 

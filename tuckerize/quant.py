@@ -149,6 +149,41 @@ def decode(stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     return dequantize(codes, scale, shape, group)
 
 
+def slice_stored(stored: Mapping[str, torch.Tensor], name: str, axis: int, rows: "torch.Tensor | None" = None,
+                 start: int = 0, stop: int = 0) -> dict[str, torch.Tensor] | None:
+    """The stored (quantised) tensors of a slice of ``name`` without dequantising, or None
+    where the slice cuts through the storage (then dequantise and slice instead).
+
+    ``axis`` 0 of a tensor of two or more axes is a block of whole rows of the matrix view
+    (``rows``: the listed indices, else ``[start, stop)``), so codes and scales are sliced
+    by rows. The last axis is cut along the groups: possible when ``start`` is a multiple
+    of the group size and ``stop`` is one too, or the end (int4 codes also need ``start``
+    even: two codes per byte). Other axes: None."""
+    codes, scale = stored[f"{name}.qweight"], stored[f"{name}.qscale"]
+    *shape, g = [int(v) for v in stored[f"{name}.qshape"].tolist()]
+    if len(shape) < 2 or axis not in (0, len(shape) - 1):
+        return None
+    per = math.prod(shape[1:-1])  # matrix rows per index along axis 0
+    if axis == 0:
+        index = rows if rows is not None else torch.arange(start, stop)
+        row_index = (index.view(-1, 1) * per + torch.arange(per).view(1, -1)).reshape(-1)
+        new_shape = [len(index), *shape[1:]]
+        codes, scale = codes.index_select(0, row_index), scale.index_select(0, row_index)
+    else:
+        cols = shape[-1]
+        if rows is not None or start % g or (stop % g and stop != cols) or (codes.dtype == torch.uint8 and start % 2):
+            return None
+        if codes.dtype == torch.uint8:
+            codes = codes[:, start // 2 : (stop + 1) // 2]
+        else:
+            codes = codes[:, start:stop]
+        scale = scale[:, start // g : math.ceil(stop / g)]
+        new_shape = [*shape[:-1], stop - start]
+        g = min(g, stop - start)
+    return {f"{name}.qweight": codes.contiguous(), f"{name}.qscale": scale.contiguous(),
+            f"{name}.qshape": torch.tensor([*new_shape, g], dtype=torch.int64)}
+
+
 def is_quantised(keys, name: str) -> bool:
     return f"{name}.qweight" in keys
 

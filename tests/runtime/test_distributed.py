@@ -5,7 +5,8 @@ rank's files), builds the MoE blocks of every MoE layer and runs them; every ran
 output must equal the single-process output of the unsharded Tucker checkpoint. One
 process group per world size runs all cases (models x layouts) to keep the number of
 spawned processes small. Models: the two embedded demo models (Qwen3-MoE and Mixtral,
-decomposed here) and two tiny ones (Qwen2-MoE's shared expert; I=18 splits unevenly).
+decomposed here; Qwen3-MoE also with quantised factors) and a tiny one (Qwen2-MoE's shared
+expert; I=18 splits unevenly).
 
 The demo models have 4 attention heads, so no whole-model shard set exists for 8 ranks;
 the 8-process case relabels their attention as 8 heads of 16 (4 key/value heads: every
@@ -56,6 +57,8 @@ def dist_runs(tucker_factory, tmp_path_factory):
     tuckers = {arch: tucker_factory(arch, **ov)[1] for arch, ov in MODELS.items()}
     for name, folder in DEMOS.items():
         tuckers[name] = R.decompose_tiny(folder, root / f"{name}-tucker")
+    # Factors stored quantised: the shard files keep int8/int4 codes where the split allows.
+    tuckers["demo-int4"] = R.decompose_tiny(DEMOS["demo"], root / "demo-int4-tucker", factor_dtype="int8,core=int4")
     eight = {name: _eight_heads(tuckers[name], root / f"{name}-8heads") for name in DEMOS}
     shards: dict[tuple[str, int, str], Path] = {}
 

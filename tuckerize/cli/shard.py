@@ -57,4 +57,6 @@ def shard(
         f"{manifest['tp']} ranks, layout {manifest['layout']}: "
         + ", ".join(f"rank {i} {s / 2**20:.1f} MiB" for i, s in enumerate(sizes))
     )
+    console.print("Tucker experts per MoE layer, as stored: "
+                  + ", ".join(f"rank {i} {b / 2**20:.2f} MiB" for i, b in enumerate(manifest["expert_bytes_per_layer"])))
     console.print(f"written to {manifest['out']}")

@@ -113,23 +113,26 @@ def shard_checkpoint(
     from tuckerize.quant import logical_names
 
     for filename in files:
-        names = logical_names(n for n, f in src.tensors.weight_map.items() if f == filename)  # quantised: dequantised
-        # FP8 tensors are written dequantised: block scales do not follow arbitrary row splits
-        full = {n: src.tensors.get(n, dequantize=True) for n in names if not is_scale_name(n)}
+        names = logical_names(n for n, f in src.tensors.weight_map.items() if f == filename)
+        # FP8 tensors are written dequantised: block scales do not follow arbitrary row splits;
+        # factors stored quantised stay quantised where the split keeps whole groups (_Stored)
+        full = {n: _Stored(src.tensors, n) for n in names if not is_scale_name(n)}
         for r in range(tp):
             local = {}
             for n, t in full.items():
                 sp = plans[r].get(n)
-                local[n] = take(t, sp).contiguous()
+                local.update(t.slice(sp))
                 if sp is not None and sp.index is not None:
-                    entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "rows": [None] * tp})
+                    entry = splits.setdefault(n, {"axis": sp.axis, "full": t.shape, "rows": [None] * tp})
                     entry["rows"][r] = list(sp.index)
                 elif sp is not None:
-                    entry = splits.setdefault(n, {"axis": sp.axis, "full": list(t.shape), "ranges": [None] * tp})
+                    entry = splits.setdefault(n, {"axis": sp.axis, "full": t.shape, "ranges": [None] * tp})
                     entry["ranges"][r] = [sp.start, sp.stop]
             path = tmp_out / rank_dir(r, tp) / filename
             save_safetensors(local, path, metadata={"format": "pt"})
-            rank_files[r][filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            rank_files[r][filename] = {"sha256": sha256_file(path), "bytes": path.stat().st_size,
+                                       "expert_bytes": sum(t.numel() * t.element_size() for n, t in local.items()
+                                                           if ".experts." in n)}
             weight_maps[r].update({n: filename for n in local})
         del full
         progress.advance("shard", file=filename)
@@ -152,6 +155,9 @@ def shard_checkpoint(
             "model": src.manifest.get("source", {}).get("model"),
         },
         "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
+        # each rank's Tucker expert tensors, as stored (quantised factors stay quantised), per MoE layer
+        "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
+                                   for r in range(tp)],
         "splits": splits,
     }
     if choice is not None:
@@ -162,6 +168,48 @@ def shard_checkpoint(
     tmp_out.rename(out)
     manifest["out"] = str(out.resolve())
     return manifest
+
+
+class _Stored:
+    """One tensor of the source as the shard writer needs it: a factor stored quantised
+    (:mod:`tuckerize.quant`) keeps its codes and scales, sliced without dequantising
+    (:func:`tuckerize.quant.slice_stored`) where the split allows; everything else is read
+    (FP8 dequantised) and sliced (:func:`tuckerize.parallel.take`)."""
+
+    def __init__(self, tensors, name: str):
+        from tuckerize.quant import SUFFIXES, is_quantised
+
+        self.name = name
+        self.stored = None
+        if is_quantised(tensors.weight_map, name):
+            self.stored = {f"{name}{s}": tensors.get(f"{name}{s}") for s in SUFFIXES}
+            self.shape = [int(v) for v in self.stored[f"{name}.qshape"].tolist()[:-1]]
+            self._full = None
+        else:
+            self._full = tensors.get(name, dequantize=True)
+            self.shape = list(self._full.shape)
+
+    def full(self):
+        if self._full is None:
+            from tuckerize.quant import decode
+
+            self._full = decode(self.stored, self.name)
+        return self._full
+
+    def slice(self, sp) -> dict[str, Any]:
+        """``{stored name: tensor}`` of this rank's split ``sp`` (None: the whole)."""
+        if self.stored is not None:
+            if sp is None:
+                return dict(self.stored)
+            import torch
+
+            from tuckerize.quant import slice_stored
+
+            rows = torch.tensor(sp.index, dtype=torch.long) if sp.index is not None else None
+            got = slice_stored(self.stored, self.name, sp.axis, rows=rows, start=sp.start, stop=sp.stop)
+            if got is not None:
+                return got
+        return {self.name: take(self.full(), sp).contiguous()}
 
 
 @dataclass
