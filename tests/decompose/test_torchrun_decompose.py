@@ -100,6 +100,33 @@ def test_torchrun_equals_one_process(model, nproc, single, tmp_path):
     assert manifest["out"] == str(out.resolve())
 
 
+def test_two_nodes_equal_one_process(single, tmp_path):
+    """Two torchrun agents, as on two nodes (``--nnodes 2``, one process each, one c10d
+    rendezvous; both see the output folder as a shared filesystem would): the same bytes
+    as one process. LOCAL_RANK is 0 on both, RANK 0 and 1."""
+    out = tmp_path / "out"
+    (tmp_path / "wrapper.py").write_text(WRAPPER)
+    exe = Path(sys.executable).with_name("torchrun")
+    launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    port = dist_helpers.free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env.pop("TUCKERIZE_DEBUG", None)
+    procs = []
+    for node in range(2):
+        cmd = [*launcher, "--nnodes", "2", "--node_rank", str(node), "--nproc_per_node", "1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               str(tmp_path / "wrapper.py"), "decompose", "--model", str(DEMOS["mixtral"]), "--ranks", RANKS,
+               "--out", str(out), "--json"]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                      cwd=tmp_path))
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err[-3000:]
+    assert contents(out) == single["mixtral"]
+    printed = [json.loads(o) for o, _ in results if o.strip()]  # rank 0's agent prints the manifest
+    assert len(printed) == 1 and printed[0]["out"] == str(out.resolve())
+
+
 def test_rank_killed_then_resumed_with_other_world(single, tmp_path):
     """Rank 1 of 2 dies after its second file write (a layer file and its journal entry);
     rank 0's layers are written too; the rerun with 3 processes keeps what verifies."""
