@@ -4,8 +4,10 @@ A synthetic Qwen3-MoE with Qwen3-30B-A3B expert shapes (E=128, H=2048, I=768, to
 attention 32 heads / 4 KV heads of 128) but ``--layers`` decoder layers and a small
 vocabulary, written three times with the same non-expert tensors: dense experts, and Tucker
 factors at each ``--ranks`` (random orthonormal factors: speed and memory depend on the
-shapes only). Each model is served by vLLM in its own process (float32, eager, one rank) and
-measured in one run:
+shapes only). Each model is served by vLLM in its own process (float32, eager; one rank, or
+``--tp N`` ranks, where each Tucker checkpoint is served once per ``--layouts`` entry through
+``TUCKERIZE_LAYOUT``, against dense experts under vLLM's own tensor parallelism) and measured in
+one run:
 
 * prefill tokens/s: ``--prefill-prompts`` prompts of ``--prefill-len`` tokens, one new token;
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
@@ -14,6 +16,7 @@ measured in one run:
   model's include the per-expert cores formed at load), and the checkpoint size on disk.
 
     python bench/serve.py                       # writes bench/results/serve.json, prints a table
+    python bench/serve.py --tp 2 --ranks 64,512,256 --out bench/results/serve_tp2.json
 """
 
 from __future__ import annotations
@@ -76,9 +79,19 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
             return folder
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))  # last: marks the folder complete
         for name in ("tokenizer.json", "tokenizer_config.json"):
             (folder / name).write_bytes((tok / name).read_bytes())
+        if "tucker" in cfg_out:  # the manifest the plugin verifies the files against
+            from tuckerize.checkpoint import sha256_file
+            from tuckerize.format import MANIFEST_NAME
+
+            (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))
+            record = {n: {"bytes": (folder / n).stat().st_size, "sha256": sha256_file(folder / n)}
+                      for n in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json")}
+            manifest = {"tool": "tuckerize", "source": {"model": "bench/serve.py synthetic (random factors)"},
+                        "files": {"model.safetensors": record.pop("model.safetensors")}, "side_files": record}
+            (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
+        (folder / "config.json").write_text(json.dumps(cfg_out, indent=1))  # last: marks the folder complete
         return folder
 
     dense = dict(base)
@@ -106,15 +119,19 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
     return folders
 
 
-def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int) -> dict:
-    """Runs in a child process: one vLLM engine, in-process (one rank)."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int, tp: int = 1) -> dict:
+    """Runs in a child process: one vLLM engine, in-process at one rank, else vLLM's
+    multiprocessing executor with one worker per rank."""
     import random
 
+    if tp == 1:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model across worker processes
     from vllm import LLM, SamplingParams
 
+    extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
     llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=32,
-              distributed_executor_backend="uni", seed=0, max_num_batched_tokens=max(2048, prefill_len * 4))
+              tensor_parallel_size=tp, seed=0, max_num_batched_tokens=max(2048, prefill_len * 4), **extra)
     rng = random.Random(0)
 
     def prompts(n, length):
@@ -134,16 +151,14 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
         n = sum(len(o.outputs[0].token_ids) for o in out)
         res[f"decode_b{b}_tokens_per_s"] = n / sec
 
-    def weight_bytes(model):
-        named = list(model.named_parameters()) + list(model.named_buffers())
-        moe = sum(t.numel() * t.element_size() for n, t in named if ".mlp." in n)  # router + experts
-        return {"all": sum(t.numel() * t.element_size() for _, t in named), "moe": moe}
+    from tuckerize.integrations.vllm.models import weight_bytes  # importable by every worker
 
-    res["weight_bytes"] = llm.apply_model(weight_bytes)[0]
+    res["weight_bytes"] = max(llm.apply_model(weight_bytes), key=lambda b: b["all"])  # the fullest rank
     return res
 
 
 def main() -> None:
+    global E, H, I
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
@@ -153,18 +168,32 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=256)
     ap.add_argument("--root", default="runs/bench-serve")
     ap.add_argument("--out", default="bench/results/serve.json")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every model")
+    ap.add_argument("--shape", default=f"{E},{H},{I}", help="E,H,I of the experts (a smaller one for a smoke run)")
+    ap.add_argument("--layouts", default="intermediate,expert,hybrid", help="Tucker layouts served at --tp > 1")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(measure(args.child, args.decode_tokens, args.prefill_prompts, args.prefill_len)))
+        print("RESULT " + json.dumps(measure(args.child, args.decode_tokens, args.prefill_prompts, args.prefill_len,
+                                             args.tp)))
         return
+    E, H, I = (int(x) for x in args.shape.split(","))
     ranks = [tuple(int(x) for x in r.split(",")) for r in args.ranks.split(";")]
     folders = build(Path(args.root), args.layers, args.vocab, ranks)
-    results = {}
+    runs = []  # (row name, folder, layout)
     for name, folder in folders.items():
+        layouts = [None] if name == "dense" or args.tp == 1 else args.layouts.split(",")
+        runs += [(name if layout is None else f"{name} {layout}", folder, layout) for layout in layouts]
+    results = {}
+    for name, folder, layout in runs:
+        env = dict(os.environ)
+        if layout is not None:
+            env["TUCKERIZE_LAYOUT"] = layout
+        if args.tp > 1:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.tp)))
         proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
-                               "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len)],
-                              capture_output=True, text=True)
+                               "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
+                               "--tp", str(args.tp)], capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
@@ -174,7 +203,7 @@ def main() -> None:
     import vllm
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "vllm": vllm.__version__, "torch": torch.__version__, "dtype": "float32",
+              "vllm": vllm.__version__, "torch": torch.__version__, "dtype": "float32", "tp": args.tp,
               "shapes": {"E": E, "H": H, "I": I, "top_k": K, "layers": args.layers, "vocab": args.vocab},
               "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,15 @@ def tensor_shapes(model: Any) -> list[list[Any]]:
     return [[name, list(t.shape)] for name, t in named]
 
 
+def weight_bytes(model: Any) -> dict[str, int]:
+    """Bytes of every parameter and buffer of a loaded vLLM model (``all``) and of its MoE
+    blocks (``moe``: router and experts, with the per-expert cores formed at load), e.g.
+    ``LLM(...).apply_model(weight_bytes)``: one dict per rank."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    moe = sum(t.numel() * t.element_size() for n, t in named if ".mlp." in n)
+    return {"all": sum(t.numel() * t.element_size() for _, t in named), "moe": moe}
+
+
 def register_all() -> None:
     from vllm import ModelRegistry
 
