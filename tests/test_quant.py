@@ -159,7 +159,7 @@ def test_runtime_and_shard_load_quantised_factors(decomposed, tmp_path):
 
 
 
-@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
+@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid", "hybrid-replicated-out"])
 def test_shard_keeps_quantised_factors_where_the_split_allows(decomposed, layout, tmp_path):
     """Each rank's file holds its slice of every factor, quantised where the split keeps whole
     rows or groups (codes and scales sliced, not dequantised), float32 elsewhere; either way

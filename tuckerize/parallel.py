@@ -29,7 +29,11 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 from tuckerize.errors import ShardError
 
 #: Tensor-parallel layouts of the Tucker experts (see tuckerize.runtime.tucker_experts).
-LAYOUTS = ("intermediate", "expert", "hybrid")
+LAYOUTS = ("intermediate", "expert", "hybrid", "hybrid-replicated-out")
+#: Layouts that split the experts over ranks (and may assign them by measured load).
+EXPERT_SPLIT_LAYOUTS = ("expert", "hybrid", "hybrid-replicated-out")
+#: Layouts that split U_H of gate and up by columns (one all-gather of x U_H).
+INPUT_SPLIT_LAYOUTS = ("hybrid", "hybrid-replicated-out")
 
 #: ``hidden_act`` values the experts support.
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_pytorch_tanh")

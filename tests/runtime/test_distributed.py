@@ -27,12 +27,12 @@ import tucker_refs as R
 from tuckerize.demo import DEMO_DIR
 from tuckerize.runtime.loader import TensorSource, build_moe_block
 from tuckerize.runtime.parallel import ParallelContext
+from tuckerize.parallel import LAYOUTS
 from tuckerize.shard import shard_checkpoint
 
 #: Tiny Qwen2-MoE (shared expert; I=18 splits unevenly over 4); the demo models cover Qwen3-MoE and Mixtral.
 MODELS = {"qwen2_moe": {"moe_intermediate_size": 18}}
 DEMOS = {"demo": DEMO_DIR, "demo-mixtral": DEMO_DIR.parent / "mixtral"}
-LAYOUTS = ("intermediate", "expert", "hybrid")
 TOL = 1e-5
 
 

@@ -24,6 +24,7 @@ from tuckerize.format import TuckerCheckpoint
 from tuckerize.runtime import tucker_experts as te
 from tuckerize.runtime.loader import TensorSource, build_moe_block
 from tuckerize.runtime.parallel import ParallelContext, split_sizes
+from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS
 from tuckerize.runtime.tucker_experts import TuckerExperts, TuckerFactors
 
 TOL = 1e-5
@@ -634,17 +635,19 @@ def test_unknown_layout_rejected():
 # ------------------------------------------------------------------ the hybrid layout (every term split by N)
 
 
+@pytest.mark.parametrize("layout", ["hybrid", "hybrid-replicated-out"])
 @pytest.mark.parametrize("world", [2, 3, 4])
-def test_hybrid_forward_across_ranks(world):
+def test_hybrid_forward_across_ranks(world, layout):
     """Hybrid over simulated ranks (3 is uneven for E, H and every r_H): every rank returns
     the single-device output; collectives: one all-gather of the projected input
-    (r_H,gate + r_H,up), one all-reduce of s (r_H,down), one all-gather of the output (H)."""
+    (r_H,gate + r_H,up), one all-reduce of s (r_H,down), one all-gather of the output (H;
+    none in ``hybrid-replicated-out``, whose ranks hold all of U_H,down)."""
     E, H, I = 8, 32, 16
     factors, single, x, idx, w = _single_and_inputs(E, H, I)
     ref = single(x, idx, w)
 
     def rank_fn(ctx):
-        m = TuckerExperts(E, H, I, R.PLAN, layout="hybrid", parallel=ctx)
+        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ctx)
         m.load_factors(factors)
         with torch.no_grad():
             return m(x, idx, w), m
@@ -654,11 +657,14 @@ def test_hybrid_forward_across_ranks(world):
         assert R.rel_err(ref, out) < TOL, r
     assert hub.sizes == [[R.PLAN["down"][1]]] * world
     rg, ru = split_sizes(R.PLAN["gate"][1], world), split_sizes(R.PLAN["up"][1], world)
-    assert hub.gathers == [[rg[r] + ru[r], split_sizes(H, world)[r]] for r in range(world)]
+    out_gather = [[split_sizes(H, world)[r]] if layout == "hybrid" else [] for r in range(world)]
+    assert hub.gathers == [[rg[r] + ru[r], *out_gather[r]] for r in range(world)]
     # Every term is split: the ranks' pieces of each factor tile the whole exactly once.
     mods = [m for _, m in outs]
     for p in PROJECTIONS:
-        for f in ("U_E", "U_H"):
+        if layout == "hybrid-replicated-out" and p == "down":
+            assert mods[0].shard_spec("down.U_H") is None
+        for f in ("U_E", "U_H") if layout == "hybrid" or p != "down" else ("U_E",):
             sp = [m.shard_spec(f"{p}.{f}") for m in mods]
             axis = sp[0].axis
             assert sum(s.stop - s.start for s in sp) == factors[f"{p}.{f}"].shape[axis]
@@ -667,7 +673,7 @@ def test_hybrid_forward_across_ranks(world):
         assert mods[0].shard_spec(f"{p}.core") is None and mods[0].shard_spec(f"{p}.U_I") is None
 
 
-@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_cost_per_token_counts_the_forward(layout, world):
     """cost_per_token (from the module's own shapes) against torch's flop counter on the
@@ -687,12 +693,15 @@ def test_cost_per_token_counts_the_forward(layout, world):
     outs, _ = _run_ranks(world, rank_fn)
     for counted, cost in outs:
         assert abs(counted - cost["macs"]) <= 1e-6 * cost["macs"], (counted, cost)
+    single = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext()).cost_per_token(K)["macs"]
     if layout == "hybrid":  # the work is divided, not replicated
-        single = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext()).cost_per_token(K)["macs"]
         assert sum(c["macs"] for _, c in outs) == pytest.approx(single)
+    if layout == "hybrid-replicated-out":  # all but s U_H,down^T, done on every rank
+        extra = H * R.PLAN["down"][1] * (world - 1)
+        assert sum(c["macs"] for _, c in outs) == pytest.approx(single + extra)
 
 
-@pytest.mark.parametrize("layout", ["expert", "hybrid"])
+@pytest.mark.parametrize("layout", EXPERT_SPLIT_LAYOUTS)
 def test_experts_assigned_by_load_across_ranks(layout):
     """An explicit, non-contiguous assignment of experts to ranks (as a shard set records
     it): each rank holds exactly its experts' U_E rows and the result is unchanged."""
@@ -717,7 +726,8 @@ def test_experts_assigned_by_load_across_ranks(layout):
 # ------------------------------------------------------------------ memory held
 
 
-@pytest.mark.parametrize("layout,world", [("intermediate", 1), ("intermediate", 2), ("expert", 2), ("hybrid", 4)])
+@pytest.mark.parametrize("layout,world", [("intermediate", 1), ("intermediate", 2), ("expert", 2), ("hybrid", 4),
+                                          ("hybrid-replicated-out", 3)])
 def test_memory_bytes_from_shapes(layout, world):
     """The bytes a rank holds per layer, against the arithmetic of DESIGN.md's shapes:
     factors E_r r_E + H_r r_H + I_r r_I + r_E r_H r_I, cores E_r r_H r_I, per projection."""
@@ -729,12 +739,12 @@ def test_memory_bytes_from_shapes(layout, world):
         m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ParallelContext(rank=rank, world=world),
                           dtype=dtype, device="meta")
         size = lambda n, split: (lambda a, b: b - a)(*split_range(n, world, rank)) if split else n  # noqa: E731
-        e_r = size(E, layout != "intermediate")
+        e_r = size(E, layout in EXPERT_SPLIT_LAYOUTS)
         i_r = size(I, layout == "intermediate")
         factors = cores = 0
         for p in PROJECTIONS:
             rE, rH, rI = R.PLAN[p]
-            u_h = size(H, layout == "hybrid") * rH if p == "down" else H * size(rH, layout == "hybrid")
+            u_h = size(H, layout == "hybrid") * rH if p == "down" else H * size(rH, layout.startswith("hybrid"))
             factors += e_r * rE + u_h + i_r * rI + rE * rH * rI
             cores += e_r * rH * rI
         got = m.memory_bytes()

@@ -18,6 +18,7 @@ from cli_helpers import assert_cli_error
 from safetensors.torch import load_file
 
 from tuckerize.errors import ShardError
+from tuckerize.parallel import LAYOUTS
 from tuckerize.runtime.loader import TensorSource
 from tuckerize.runtime.parallel import ParallelContext
 from tuckerize.shard import SHARD_MANIFEST, ShardSet, shard_checkpoint
@@ -50,10 +51,13 @@ def _expected_split(name: str, shape: list[int], cfg: dict, tp: int, layout: str
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
     if ".experts." in name:
         factor = name.rsplit(".", 1)[1]
-        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert"), ("U_E", "hybrid")):
+        if (factor, layout) in (("U_I", "intermediate"), ("U_E", "expert"), ("U_E", "hybrid"),
+                                ("U_E", "hybrid-replicated-out")):
             return 0, _even_ranges(shape[0], tp)
         if (factor, layout) == ("U_H", "hybrid"):  # down: rows of H; gate, up: columns of r_H
             return (0, _even_ranges(shape[0], tp)) if ".down." in name else (1, _even_ranges(shape[1], tp))
+        if (factor, layout) == ("U_H", "hybrid-replicated-out"):  # gate, up: columns of r_H; down replicated
+            return None if ".down." in name else (1, _even_ranges(shape[1], tp))
         return None
     if ".self_attn.q_proj." in name:
         per = heads // tp
@@ -83,7 +87,7 @@ def model(request, tucker_factory):
     return arch, tucker_factory(arch, **MODELS[arch])[1]
 
 
-@pytest.mark.parametrize("layout", ["intermediate", "expert", "hybrid"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tp", [2, 4])
 def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
     arch, tucker = model
@@ -146,7 +150,8 @@ def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
 
     # Every layout splits something of the experts; U_H and the cores are never split.
     factor_splits = {n.rsplit(".", 1)[1] for n in splits if ".experts." in n}
-    assert factor_splits == {"intermediate": {"U_I"}, "expert": {"U_E"}, "hybrid": {"U_E", "U_H"}}[layout]
+    assert factor_splits == {"intermediate": {"U_I"}, "expert": {"U_E"}, "hybrid": {"U_E", "U_H"},
+                             "hybrid-replicated-out": {"U_E", "U_H"}}[layout]
 
     # The runtime loader slices an unsharded checkpoint exactly as the writer did.
     for r in range(tp):
@@ -380,7 +385,7 @@ def test_cli_model_option_and_positional(tucker_factory, tmp_path):
 
 
 def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path):
-    from tuckerize.parallel import LAYOUTS
+
     from tuckerize.runtime.plan import layout_costs
 
     _, tucker = tucker_factory("qwen3_moe")

@@ -9,7 +9,7 @@ import torch
 
 from tuckerize.errors import InputError
 from tuckerize.integrations.vllm.moe import LAYOUT_ENV, serving_layout
-from tuckerize.parallel import assign_experts
+from tuckerize.parallel import LAYOUTS, assign_experts
 from tuckerize.runtime.plan import choose_layout
 
 E = 16
@@ -33,13 +33,13 @@ def test_auto_is_the_shard_writers_choice(ranks, tp, monkeypatch):
     config = tucker_config(ranks)
     plan = serving_layout(config, tp)
     assert plan.layout == choose_layout(config, tp)[0]
-    assert set(plan.costs) == {"intermediate", "expert", "hybrid", "dense"}
+    assert set(plan.costs) == {*LAYOUTS, "dense"}
     assert serving_layout(config, 1).layout == "intermediate"
 
 
 def test_environment_and_expert_parallelism(monkeypatch):
     config = tucker_config()
-    for layout in ("intermediate", "expert", "hybrid"):
+    for layout in LAYOUTS:
         monkeypatch.setenv(LAYOUT_ENV, layout)
         plan = serving_layout(config, 2)
         assert plan.layout == layout and f"{LAYOUT_ENV}={layout}" in plan.describe(2)

@@ -16,7 +16,7 @@ def shard(
     tucker: Annotated[Optional[Path], typer.Argument(help="Tucker checkpoint folder (same as --model).", show_default=False)] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Tucker checkpoint folder written by `tuckerize decompose`.")] = None,
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel world size.")] = 2,
-    layout: Annotated[Optional[str], typer.Option(help="intermediate (U_I rows split), expert (experts split) or hybrid (every term split). Default: the one with the fewest multiply-adds per rank for this model and tp.")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="intermediate (U_I rows split), expert (experts split), hybrid (every term split) or hybrid-replicated-out (hybrid with U_H of down replicated: less to send at large ranks). Default: the one with the fewest multiply-adds per rank, among those sending no more than dense TP, for this model and tp.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <tucker>-tp<N>-<layout>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing shard set.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the source's sha256 check (sizes are still checked).")] = False,

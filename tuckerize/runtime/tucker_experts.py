@@ -35,6 +35,12 @@ Tensor-parallel layouts (activations replicated on every rank):
     x U_H,gate and x U_H,up (r_H,g + r_H,u values); it computes the pairs routed to E_r;
     ``s`` (r_H,d values) is all-reduced; it computes its H/N output columns
     ``s U_H,d[H_r]^T`` and one all-gather (H values) assembles the output.
+``hybrid-replicated-out``
+    as ``hybrid``, but U_H,down is replicated: after the all-reduce of ``s`` every rank
+    computes the whole ``s U_H,d^T`` (H r_H,d multiply-adds per token, not divided) and
+    no output all-gather is needed. It sends r_H,g + r_H,u + 2 r_H,d values per token
+    (ring), no more than dense tensor parallelism's 2 H whenever r_H,g + r_H,u + 2 r_H,d
+    <= 2 H, where ``hybrid`` needs <= H: the layout for larger ranks.
 
 Each layer of the runtime owns how its weights are split (``shard_spec``, beside its
 forward); the shard writer asks a model built on the meta device
@@ -57,7 +63,8 @@ import torch.nn.functional as F
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
 from tuckerize.parallel import ACTIVATIONS as _ACTIVATION_NAMES
-from tuckerize.parallel import LAYOUTS, ParallelContext, Split, activation, check_layout, split_range, split_sizes, take
+from tuckerize.parallel import (EXPERT_SPLIT_LAYOUTS, INPUT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, Split, activation,
+                                check_layout, split_range, split_sizes, take)
 
 #: ``hidden_act`` name -> function (kept for callers that look activations up here).
 ACTIVATIONS = {name: activation(name) for name in _ACTIVATION_NAMES}
@@ -124,7 +131,7 @@ class TuckerExperts(nn.Module):
         world, rank = self.parallel.world, self.parallel.rank
         # What this rank owns: experts E_r (expert, hybrid), intermediate rows I_r
         # (intermediate); in hybrid also the r_H columns of U_H,gate/up and the H rows of U_H,down.
-        split_experts = layout in ("expert", "hybrid")
+        split_experts = layout in EXPERT_SPLIT_LAYOUTS
         self.expert_range = split_range(num_experts, world, rank) if split_experts else (0, num_experts)
         #: Explicit expert ids of this rank (assignment by load), else None (the range above).
         self.expert_ids: tuple[int, ...] | None = None
@@ -134,12 +141,12 @@ class TuckerExperts(nn.Module):
             lut[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
             self.register_buffer("local_index", lut, persistent=False)
         self.inter_range = split_range(intermediate_size, world, rank) if layout == "intermediate" else (0, intermediate_size)
-        hybrid = layout == "hybrid"
-        self.rh_sizes = {p: split_sizes(self.ranks[p][1], world) if hybrid else [self.ranks[p][1]] for p in ("gate", "up")}
-        self.rh_range = {p: split_range(self.ranks[p][1], world, rank) if hybrid else (0, self.ranks[p][1])
+        split_in, split_out = layout in INPUT_SPLIT_LAYOUTS, layout == "hybrid"
+        self.rh_sizes = {p: split_sizes(self.ranks[p][1], world) if split_in else [self.ranks[p][1]] for p in ("gate", "up")}
+        self.rh_range = {p: split_range(self.ranks[p][1], world, rank) if split_in else (0, self.ranks[p][1])
                          for p in ("gate", "up")}
-        self.hidden_sizes = split_sizes(hidden_size, world) if hybrid else [hidden_size]
-        self.hidden_range = split_range(hidden_size, world, rank) if hybrid else (0, hidden_size)
+        self.hidden_sizes = split_sizes(hidden_size, world) if split_out else [hidden_size]
+        self.hidden_range = split_range(hidden_size, world, rank) if split_out else (0, hidden_size)
         e_local = self.expert_range[1] - self.expert_range[0] if self.expert_ids is None else len(self.expert_ids)
         i_local = self.inter_range[1] - self.inter_range[0]
         #: At most this many routed pairs take the gather + batched-product path (decoding).
@@ -224,10 +231,10 @@ class TuckerExperts(nn.Module):
 
     def _projected_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x U_H,gate`` and ``x U_H,up`` [T, r_H]: once per token, shared by its experts.
-        In ``hybrid`` each rank projects onto its r_H/N columns and one all-gather
+        In the hybrid layouts each rank projects onto its r_H/N columns and one all-gather
         (r_H,gate + r_H,up values per token) assembles the whole."""
         xg, xu = x @ self.gate.U_H, x @ self.up.U_H
-        if self.layout != "hybrid" or self.parallel.world == 1:
+        if self.layout not in INPUT_SPLIT_LAYOUTS or self.parallel.world == 1:
             return xg, xu
         sizes = [a + b for a, b in zip(self.rh_sizes["gate"], self.rh_sizes["up"])]
         both = self.parallel.all_gather_cat(torch.cat([xg, xu], dim=-1), sizes, dim=-1)
@@ -311,10 +318,12 @@ class TuckerExperts(nn.Module):
         reduce_s = d.G.shape[1]
         payload = {"all_reduce": reduce_s}
         sent = 2 * reduce_s * (N - 1) / N
-        if self.layout == "hybrid" and N > 1:
+        if self.layout in INPUT_SPLIT_LAYOUTS and N > 1:
             gathered = self.ranks["gate"][1] + self.ranks["up"][1]
-            payload.update(all_gather=gathered + self.hidden_size)
-            sent += (gathered + self.hidden_size) * (N - 1) / N
+            if self.layout == "hybrid":  # and the output columns
+                gathered += self.hidden_size
+            payload.update(all_gather=gathered)
+            sent += gathered * (N - 1) / N
         return {"macs": float(macs), "sent": float(sent), "payload": payload}
 
     def memory_bytes(self) -> dict[str, int]:

@@ -27,7 +27,7 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import LAYOUTS, assign_experts, check_tp, take
+from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS, assign_experts, check_tp, take
 from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
 
@@ -55,7 +55,7 @@ def shard_checkpoint(
     this checkpoint and ``tp`` (:func:`tuckerize.runtime.plan.choose_layout`); the manifest's
     ``layout_choice`` then holds the per-layout costs.
 
-    Layouts that split experts (``expert``, ``hybrid``) assign experts to ranks by measured
+    Layouts that split experts (``expert`` and the hybrids) assign experts to ranks by measured
     load where the contiguous split would leave the busiest rank more than
     ``balance_above`` above the mean: ``expert_load`` ``{layer: pairs per expert}``, by
     default the routed-token counts of the checkpoint's calibration statistics (if it
@@ -79,7 +79,7 @@ def shard_checkpoint(
         choice = {"macs_per_token": {k: v["macs"] for k, v in costs.items()},
                   "sent_per_token": {k: v["sent"] for k, v in costs.items()}}
     assignment = None
-    if layout in ("expert", "hybrid") and tp > 1:
+    if layout in EXPERT_SPLIT_LAYOUTS and tp > 1:
         from tuckerize.calibration.store import expert_load as saved_load
 
         load = expert_load if expert_load is not None else saved_load(src.folder)

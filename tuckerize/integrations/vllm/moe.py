@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from tuckerize.arch import FACTORS, PROJECTIONS, moe_spec
 from tuckerize.errors import InputError, ShardError
-from tuckerize.parallel import LAYOUTS, ParallelContext, assign_experts
+from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, assign_experts
 from tuckerize.runtime.routing import RouterSpec, route
 from tuckerize.runtime.tucker_experts import TuckerExperts
 
@@ -123,7 +123,7 @@ def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool 
         layout, costs = choose_layout(config, tp)
         reason = "the fewest multiply-adds per rank among layouts sending no more than dense tensor parallelism"
     assignment: dict[int, Any] = {}
-    if layout in ("expert", "hybrid") and tp > 1 and folder is not None and Path(folder).is_dir():
+    if layout in EXPERT_SPLIT_LAYOUTS and tp > 1 and folder is not None and Path(folder).is_dir():
         from tuckerize.calibration.store import expert_load
 
         assignment = assign_experts(expert_load(Path(folder)), tp)

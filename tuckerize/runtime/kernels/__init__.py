@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from tuckerize.errors import InputError
+from tuckerize.parallel import INPUT_SPLIT_LAYOUTS
 from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
 
 import os
@@ -62,7 +63,7 @@ class DecodeDispatch:
         dev = hidden_states.device.type
         if self.impl == "off" or T > self.max_tokens or T == 0 or dev not in self.devices:
             return None
-        if getattr(module, "expert_ids", None) is not None or (module.layout == "hybrid" and module.parallel.world > 1):
+        if getattr(module, "expert_ids", None) is not None or (module.layout in INPUT_SPLIT_LAYOUTS and module.parallel.world > 1):
             return None  # experts assigned by load, or hybrid's split U_H: the module's own path
         f = DecodeFactors.of(module)
         if self.impl == "triton":
