@@ -19,6 +19,7 @@ import torch
 import dist_helpers
 import model_refs as M
 import tucker_refs as R
+from tuckerize.parallel import LAYOUTS
 from tuckerize.runtime.loader import TensorSource
 from tuckerize.runtime.model import CausalLM
 from tuckerize.runtime.parallel import ParallelContext
@@ -154,7 +155,7 @@ def tp_runs(random_models, tmp_path_factory):
             src, tucker = random_models(arch)
             jobs.append({"name": f"{arch}-dense", "ref": (arch, "dense"), "folder": str(src)})
             jobs.append({"name": f"{arch}-tucker-sliced", "ref": (arch, "tucker"), "folder": str(tucker)})
-            for layout in ("intermediate", "expert", "hybrid") if arch == "qwen2_moe" else ("intermediate",):
+            for layout in LAYOUTS if arch == "qwen2_moe" else ("intermediate",):
                 shards = shard_checkpoint(tucker, tp, layout=layout, out=root / f"{arch}-tp{tp}-{layout}")["out"]
                 jobs.append({"name": f"{arch}-tucker-{layout}", "ref": (arch, "tucker"), "folder": str(shards)})
         for job in jobs:
@@ -180,4 +181,4 @@ def test_tensor_parallel_logits_equal_single_process(tp, tp_runs):
             if not err < 1e-5:
                 bad.append(f"{job['name']} rank {rank}/{tp}: {err:.2e}")
     assert not bad, "logits differ from one process: " + "; ".join(bad)
-    assert len(jobs) == 3 * len(TP_ARCHS) + 2
+    assert len(jobs) == 3 * len(TP_ARCHS) + len(LAYOUTS) - 1
