@@ -619,7 +619,8 @@ def main() -> None:
     ap.add_argument("--svd-ridge", type=float, help="whitened-SVD ridge (default: chosen on the selection split)")
     ap.add_argument("--skip-rtn", action="store_true", help="no RTN rows (when another run has them)")
     ap.add_argument("--skip-sensitivity", action="store_true", help="no per-factor int4 sensitivity runs")
-    ap.add_argument("--only", choices=["gptq"], help="only the GPTQ rows (needs --gptq-python)")
+    ap.add_argument("--only", choices=["gptq", "sensitivity"],
+                    help="only the GPTQ rows (needs --gptq-python), or only the per-factor int4 sensitivity runs")
     ap.add_argument("--gptq-python", help="python of an environment with llmcompressor (it pins its own versions)")
     ap.add_argument("--gptq-samples", type=int, default=16, help="GPTQ calibration windows (llmcompressor's "
                     "sequential pipeline is slow on 2 shared cores)")
@@ -651,6 +652,11 @@ def main() -> None:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
+    if args.only == "sensitivity":
+        for key in args.models.split(","):
+            result["models"][key] = {"sensitivity": Bench(key, args.work, log).sensitivity()}
+            args.json.write_text(json.dumps(result, indent=1, default=float))
+        return
     for key in args.models.split(","):
         bench = Bench(key, args.work, log, args.json.with_suffix(".rows.jsonl"))
         result["models"][key] = {"folder": str(MODELS[key]),
