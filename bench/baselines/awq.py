@@ -5,9 +5,11 @@ its QuantizationModifier), on CPU in llmcompressor's own virtual environment:
     /work/venvs/compare/bin/python bench/baselines/awq.py SRC OUT [--samples 16 --seqlen 256]
 
 Same scheme, calibration text and windows as gptq.py (bench/baselines/common.py). The AWQ
-mappings are the experts' part of llmcompressor's Qwen3-MoE mapping (Mixtral has none in its
-registry and would fall back to dense-MLP names that its linearised experts, w1/w2/w3, do not
-match), written for both models' linearised expert names:
+mappings are the experts' part of llmcompressor's Qwen3-MoE mapping, used for both models
+(its registry has none for Mixtral, whose fallback, the dense default, would smooth attention
+and leave the router out of the layernorm's balance, changing the routing). Under transformers
+5.17 llmcompressor linearises both models' fused experts into ``mlp.experts.N.gate_proj /
+up_proj / down_proj`` Linears (Mixtral's older ``w1 / w3 / w2`` are matched too):
 
 * ``post_attention_layernorm`` -> the router and every expert's gate and up projection (one
   scale vector per layer, shared by the layer's experts: they share that input; the router is
@@ -62,6 +64,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--n-grid", type=int, default=20, help="AWQ's grid of alpha in [0, 1)")
+    ap.add_argument("--routed-only", action="store_true", help="calibrate each expert on its routed tokens only "
+                    "(moe_calibrate_all_experts=False; default: every token through every expert, as gptq.py)")
     args = ap.parse_args()
 
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -83,7 +87,8 @@ def main() -> None:
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     recipe = [AWQModifier(mappings=mappings(), n_grid=args.n_grid, offload_device=None),
               QuantizationModifier(config_groups={"experts": common.int4_scheme(group)}, ignore=common.IGNORE)]
-    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(ds))
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(ds),
+            moe_calibrate_all_experts=not args.routed_only)
 
     modules = dict(model.named_modules())
     weights, levels, smoothed = {}, 0, 0
@@ -102,7 +107,7 @@ def main() -> None:
     if smoothed == 0:
         raise SystemExit("AWQ changed no post_attention_layernorm: its layernorm -> experts mapping did not apply")
     info = {"group": group, "samples": len(ds), "seqlen": args.seqlen, "n_grid": args.n_grid,
-            "matrices": len(weights), "max_levels_per_group": levels}
+            "routed_only": args.routed_only, "matrices": len(weights), "max_levels_per_group": levels}
     common.write_dense(args.src, args.out, weights, "awq", info)
 
     # the written checkpoint (original layernorms and router, folded experts) computes what
