@@ -35,6 +35,7 @@ chosen on it: Tucker factor dtypes, the whitened-SVD ridge), windows 50-198 the 
     python bench/compare.py                  # both models, writes bench/out/compare.json, compare_*.png
     python bench/compare.py --models qwen3   # one model
     python bench/compare.py --only gptq --gptq-python VENV/bin/python   # GPTQ rows (llmcompressor)
+    python bench/compare.py --only awq --awq-python VENV/bin/python     # AWQ rows (llmcompressor)
     python bench/compare.py --report FILE.json ...                      # merge runs: tables, plots
     python bench/compare.py --model-folder moe64=/work/moe64 ...        # another model (scripts/train_demo.py)
 
@@ -544,7 +545,7 @@ def plot(result: dict, model: str, path: Path) -> None:
     for method, pts in seen.items():
         xs, ys = zip(*sorted(pts))
         ax.plot([x / 1e6 for x in xs], ys, "o-" if len(xs) > 1 else "o", label=method,
-                 mfc="none" if method.startswith("GPTQ") else None)
+                 mfc="none" if method.startswith(("GPTQ", "AWQ")) else None)
     ax.set_xlabel("routed-expert bytes (MB)")
     ax.set_ylabel("held-out perplexity (report split)")
     ax.set_title(f"{model} demo: perplexity vs expert bytes")
@@ -575,22 +576,32 @@ def add_models(specs: list[str]) -> list[str]:
 def gptq_row(key: str, python: str, work: Path, log, samples: int = 16) -> dict:
     """GPTQ int4 of ``key``'s experts by llmcompressor (bench/baselines/gptq.py, run with
     ``python``, its own environment), scored like every other row; bytes as RTN int4's."""
+    return llmcompressor_row("gptq", key, python, work, log, samples)
+
+
+LLMCOMPRESSOR = {"gptq": "GPTQ int4 (llmcompressor)", "awq": "AWQ int4 (llmcompressor)"}
+
+
+def llmcompressor_row(kind: str, key: str, python: str, work: Path, log, samples: int = 16) -> dict:
+    """``kind`` (gptq, awq) int4 of ``key``'s experts by llmcompressor (bench/baselines/KIND.py,
+    run with ``python``, its own environment), scored like every other row; bytes as RTN
+    int4's (4 bits per weight + float16 scale and zero per group)."""
     import subprocess
 
     d = Dense(MODELS[key])
-    out = work / f"gptq-{key}"
+    out = work / f"{kind}-{key}"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t = time.time()
-    subprocess.run([python, str(REPO / "bench" / "baselines" / "gptq.py"), str(MODELS[key]), str(out),
+    subprocess.run([python, str(REPO / "bench" / "baselines" / f"{kind}.py"), str(MODELS[key]), str(out),
                     "--samples", str(samples), "--seqlen", str(SEQLEN)], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log(f"[{key}] GPTQ ({time.time() - t:.0f} s)")
+    log(f"[{key}] {kind} ({time.time() - t:.0f} s)")
     _, nbytes = rtn(d, 4)
     score = Scorer(MODELS[key])
-    r = {"model": key, "removed": None, "method": "GPTQ int4 (llmcompressor)",
+    r = {"model": key, "removed": None, "method": LLMCOMPRESSOR[kind],
          "setting": f"asymmetric, group min(128, in), {samples} calibration windows", "bytes": nbytes,
          "bytes_ratio": nbytes / d.dense_bytes, "macs": d.dense_macs, **score(out)}
-    log(f"[{key}] GPTQ int4: ppl {r['ppl']:.2f} kl {r['kl']:.4f} top1 {r['top1']:.3f}")
+    log(f"[{key}] {r['method']}: ppl {r['ppl']:.2f} kl {r['kl']:.4f} top1 {r['top1']:.3f}")
     shutil.rmtree(out)
     return r
 
@@ -617,7 +628,8 @@ def report(files: list[Path]) -> None:
                     cur["rows"].append({**extra, "removed": removed})
     for key, res in models.items():
         order = {m: i for i, m in enumerate(["original", "Tucker (bf16 factors)", "Tucker (quantised factors)",
-                                             "RTN int4", "RTN int3", "GPTQ int4 (llmcompressor)"])}
+                                             "RTN int4", "RTN int3", "GPTQ int4 (llmcompressor)",
+                                             "AWQ int4 (llmcompressor)"])}
         res["rows"].sort(key=lambda r: (r["removed"] or 0, order.get(r["method"], 99)))
         plot(res, key, OUT / f"compare_{key}.png")
         print(f"\n### {key}\n")
@@ -635,11 +647,14 @@ def main() -> None:
     ap.add_argument("--svd-ridge", type=float, help="whitened-SVD ridge (default: chosen on the selection split)")
     ap.add_argument("--skip-rtn", action="store_true", help="no RTN rows (when another run has them)")
     ap.add_argument("--skip-sensitivity", action="store_true", help="no per-factor int4 sensitivity runs")
-    ap.add_argument("--only", choices=["gptq", "sensitivity"],
-                    help="only the GPTQ rows (needs --gptq-python), or only the per-factor int4 sensitivity runs")
+    ap.add_argument("--only", choices=["gptq", "awq", "sensitivity"],
+                    help="only the GPTQ / AWQ rows (needs --gptq-python / --awq-python), or only the per-factor "
+                         "int4 sensitivity runs")
     ap.add_argument("--gptq-python", help="python of an environment with llmcompressor (it pins its own versions)")
     ap.add_argument("--gptq-samples", type=int, default=16, help="GPTQ calibration windows (llmcompressor's "
                     "sequential pipeline is slow on 2 shared cores)")
+    ap.add_argument("--awq-python", help="python with llmcompressor for --only awq (default: --gptq-python)")
+    ap.add_argument("--awq-samples", type=int, default=16, help="AWQ calibration windows (as GPTQ's)")
     ap.add_argument("--report", type=Path, nargs="+", help="merge these result files into tables and plots")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -662,6 +677,14 @@ def main() -> None:
             args.work.mkdir(parents=True, exist_ok=True)
             res["models"][key] = {"folder": str(MODELS[key]),
                                   "extra_rows": [gptq_row(key, args.gptq_python, args.work, log, args.gptq_samples)]}
+            args.json.write_text(json.dumps(res, indent=1, default=float))
+        return
+    if args.only == "awq":
+        res = {"command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
+        for key in args.models.split(","):
+            args.work.mkdir(parents=True, exist_ok=True)
+            row = llmcompressor_row("awq", key, args.awq_python or args.gptq_python, args.work, log, args.awq_samples)
+            res["models"][key] = {"extra_rows": [row]}
             args.json.write_text(json.dumps(res, indent=1, default=float))
         return
 
