@@ -88,9 +88,10 @@ def dequantise_ref(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] 
     return out
 
 
-def write_fp8(src: Path, folder: Path, layout: str) -> tuple[Path, Path]:
-    """The FP8 checkpoint of ``src`` (``layout`` "block" or "channel"), and beside it a
-    float32 checkpoint of the reference-dequantised weights; returns both folders."""
+def write_fp8(src: Path, folder: Path, layout: str, block: tuple[int, int] = BLOCK) -> tuple[Path, Path]:
+    """The FP8 checkpoint of ``src`` (``layout`` "block" or "channel"; ``block``: the block
+    size), and beside it a float32 checkpoint of the reference-dequantised weights; returns
+    both folders."""
     state = load_file(str(src / "model.safetensors"))
     fp8: dict[str, torch.Tensor] = {}
     ref: dict[str, torch.Tensor] = {}
@@ -99,9 +100,9 @@ def write_fp8(src: Path, folder: Path, layout: str) -> tuple[Path, Path]:
             fp8[name] = ref[name] = t
             continue
         if layout == "block":
-            q, s = quantise_block(t, BLOCK)
+            q, s = quantise_block(t, block)
             fp8[name], fp8[name + "_scale_inv"] = q, s
-            ref[name] = torch.from_numpy(dequantise_ref(q, s, BLOCK)).float()
+            ref[name] = torch.from_numpy(dequantise_ref(q, s, block)).float()
         else:
             s = (t.double().abs().amax(dim=1, keepdim=True) / FP8_MAX).to(torch.bfloat16)
             q = (t.double() / s.double()).to(torch.float8_e4m3fn)
@@ -111,7 +112,8 @@ def write_fp8(src: Path, folder: Path, layout: str) -> tuple[Path, Path]:
             ref[name] = torch.from_numpy(dequantise_ref(q, s, None)).float()
     config = json.loads((src / "config.json").read_text())
     out, deq = folder / f"fp8-{layout}", folder / f"fp8-{layout}-dequantised"
-    for path, tensors, cfg in ((out, fp8, {**config, "quantization_config": BLOCK_CONFIG if layout == "block"
+    block_config = {**BLOCK_CONFIG, "weight_block_size": list(block)}
+    for path, tensors, cfg in ((out, fp8, {**config, "quantization_config": block_config if layout == "block"
                                            else CT_CONFIG}), (deq, ref, config)):
         path.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

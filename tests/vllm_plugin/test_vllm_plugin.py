@@ -60,12 +60,14 @@ def prompts():
     return [tok(t, add_special_tokens=False)["input_ids"] for t in PROMPT_TEXTS]
 
 
-def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False, expert_parallel=False):
+def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False, expert_parallel=False,
+             dtype="float32"):
     """Greedy tokens, log-probabilities and tensor shapes per rank from a vLLM run; ``log``: its output."""
     out = tmp_path / f"vllm-tp{tp}.json"
     max_len = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 256)
     args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": NEW_TOKENS, "out": str(out),
-            "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len), "expert_parallel": expert_parallel}
+            "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len), "expert_parallel": expert_parallel,
+            "dtype": dtype}
     if tp > 1:
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", **(env or {})}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(args)], env=_env(**(env or {})),
@@ -82,7 +84,7 @@ def assert_same_generation(got, ref, tol=1e-3):
         assert max(abs(a - b) for a, b in zip(g, r)) < tol
 
 
-def native_reference(folder, prompts):
+def native_reference(folder, prompts, new_tokens=NEW_TOKENS):
     """Greedy tokens and log-probabilities of prompt + generated tokens from our native runtime."""
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM
@@ -92,7 +94,7 @@ def native_reference(folder, prompts):
     with torch.no_grad():
         for p in prompts:
             ids = list(p)
-            for _ in range(NEW_TOKENS):
+            for _ in range(new_tokens):
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
             logp = torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
             tokens.append(ids[len(p):])
@@ -129,6 +131,39 @@ def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, one_ran
     assert offenders == []
     offenders = [(n, s) for rank in got["shapes"] for n, s in rank if len(s) == 3 and tuple(s) in dense]
     assert offenders == []
+
+
+@pytest.mark.slow  # two more vLLM engines (about 2 minutes on 2 cores)
+def test_fp8_source_served_with_vllm_fp8_layers(tmp_path):
+    """A Tucker checkpoint of a block-FP8 source (128 x 128 blocks as the releases; attention
+    kept FP8 with its scales, quantization_config kept) is served by vLLM's own FP8 linear
+    layers around the Tucker experts. vLLM's FP8 needs a 16-bit dtype, so the check is
+    statistical: against the native runtime (float32, FP8 dequantised at load) the prompt
+    log-probabilities differ no more than those of the same model with the FP8 weights
+    dequantised on disk, served in bfloat16 (what bfloat16 alone costs, on random weights)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import model_refs as M
+    from test_fp8 import write_fp8
+
+    from tuckerize.compress import decompose_checkpoint
+
+    src = M.build_random("qwen3_moe", tmp_path / "src", seed=3, hidden_size=256, head_dim=128, num_attention_heads=2,
+                         num_key_value_heads=1, moe_intermediate_size=128, intermediate_size=256)
+    fp8, deq = write_fp8(src, tmp_path / "m", "block", block=(128, 128))
+    ids = [[5, 17, 9, 30, 12], [7, 8, 9, 10, 40, 41]]
+    diffs = {}
+    for name, folder in (("fp8", fp8), ("dequantised", deq)):
+        tucker = tmp_path / f"{name}-tucker"
+        decompose_checkpoint(str(folder), tucker, ranks=(4, 64, 32))
+        got = run_vllm(tmp_path, tucker, ids, no_tokenizer=True, dtype="bfloat16")
+        _, ref = native_reference(tucker, [p + t for p, t in zip(ids, got["tokens"])], new_tokens=0)
+        diffs[name] = max(abs(a - b) for g, r in zip(got["logprobs"], ref) for a, b in zip(g, r))
+        if name == "fp8":
+            assert json.loads((tucker / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+            assert any(n.endswith("self_attn.qkv_proj.weight_scale_inv") for rank in got["shapes"] for n, _ in rank)
+    assert diffs["fp8"] <= 1.5 * diffs["dequantised"] + 0.05, diffs
 
 
 def test_olmoe_greedy_matches_native_runtime(tiny_factory, prompts, tmp_path):
