@@ -435,3 +435,20 @@ def test_layering_shard_imports_neither_torch_nn_nor_runtime():
             "print(TuckerExperts is T)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "True"], out
+
+
+def test_unsharded_checkpoint_under_several_ranks_takes_the_shard_plan(tucker_factory):
+    """An unsharded Tucker checkpoint opened by 2 ranks: the layout and load assignment that
+    ``tuckerize shard`` would write (here the layout its rule picks; an explicit one is kept)."""
+    from tuckerize.runtime.plan import choose_layout, layout_plan
+
+    _, tucker = tucker_factory("qwen3_moe")
+    source = TensorSource.open(tucker, parallel=ParallelContext(rank=1, world=2))
+    assert source.layout == choose_layout(source.config, 2)[0]
+    assert source.config["shard"]["layout"] == source.layout
+    assert TensorSource.open(tucker, parallel=ParallelContext(rank=1, world=2), layout="intermediate").layout == "intermediate"
+    assert TensorSource.open(tucker, parallel=ParallelContext()).layout == "intermediate"
+    E = source.spec.num_experts
+    layout, _, assignment = layout_plan(source.config, 2, "expert", load={L: [9.0] * 2 + [1.0] * (E - 2)
+                                                                          for L in source.spec.moe_layers})
+    assert layout == "expert" and all(a["assigned"] for a in assignment.values())

@@ -55,7 +55,10 @@ class TensorSource:
     def open(cls, folder: str | Path, parallel: ParallelContext | None = None, layout: str | None = None,
              verify: bool = True) -> "TensorSource":
         """``parallel``: this process's rank; by default one rank (runtime entry points pass
-        ``ParallelContext.current()``)."""
+        ``ParallelContext.current()``). A shard set brings its layout; an unsharded Tucker
+        checkpoint opened by several ranks takes ``layout``, by default the one ``tuckerize
+        shard`` would choose, with experts assigned by the saved calibration load
+        (:func:`tuckerize.runtime.plan.layout_plan`)."""
         folder = Path(folder)
         parallel = parallel or ParallelContext()
         if (folder / SHARD_MANIFEST).is_file():
@@ -70,6 +73,11 @@ class TensorSource:
             from tuckerize.integrity import verify_checkpoint
 
             verify_checkpoint(folder, verify=verify)
+            if parallel.world > 1 and layout is None:  # as its shard set would be (tuckerize shard's rule)
+                from tuckerize.runtime.plan import layout_plan, with_assignment
+
+                layout, _, assignment = layout_plan(config, parallel.world, None, folder)
+                config = with_assignment(config, parallel.world, layout, assignment)
         return cls(folder, config, Checkpoint.open(folder), kind, parallel, layout or "intermediate")
 
     @property

@@ -93,3 +93,44 @@ def choose_layout(config: Mapping[str, Any], tp: int) -> tuple[str, dict[str, di
     ok = [l for l in LAYOUTS if costs[l]["sent"] <= costs["dense"]["sent"]] or list(LAYOUTS)
     best = min(ok, key=lambda l: (round(costs[l]["macs"]), LAYOUTS.index(l)))
     return best, costs
+
+
+def layout_plan(config: Mapping[str, Any], tp: int, layout: str | None = None, folder=None,
+                load: Mapping[int, Any] | None = None, balance_above: float = 0.2):
+    """The layout and expert assignment of ``tp`` ranks, the one rule of ``tuckerize shard``,
+    the vLLM plugin and the runtime on an unsharded checkpoint under torchrun.
+
+    ``layout`` None or ``"auto"``: :func:`choose_layout` (then ``costs`` is its table, else
+    None). Layouts that split experts assign them by measured load
+    (:func:`tuckerize.parallel.assign_experts`): ``load`` ``{layer: routed tokens per
+    expert}``, by default the counts saved with the calibration statistics in ``folder``.
+    Returns ``(layout, costs, assignment)``; ``assignment`` is ``{}`` when nothing is split or
+    measured."""
+    from pathlib import Path
+
+    from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, assign_experts
+
+    costs = None
+    if layout is None or layout == "auto":
+        layout, costs = choose_layout(config, tp) if tp > 1 else ("intermediate", None)
+    check_layout(layout)
+    assignment: dict[int, Any] = {}
+    if layout in EXPERT_SPLIT_LAYOUTS and tp > 1:
+        if load is None and folder is not None and Path(folder).is_dir():
+            from tuckerize.calibration.store import expert_load
+
+            load = expert_load(Path(folder))
+        assignment = assign_experts(load or {}, tp, balance_above)
+    return layout, costs, assignment
+
+
+def with_assignment(config: Mapping[str, Any], tp: int, layout: str, assignment: Mapping[int, Any]) -> dict[str, Any]:
+    """``config`` with the ``shard`` section the runtime reads (layout, and the experts of each
+    rank where they were assigned by load): how a shard set's config records its plan."""
+    out = dict(config)
+    out["shard"] = {"tp": tp, "layout": layout}
+    moved = {str(L): a["ranks"] for L, a in assignment.items() if a["assigned"]}
+    if moved:
+        out["shard"]["experts"] = moved
+    return out
+

@@ -27,7 +27,7 @@ from tuckerize import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS, assign_experts, check_tp, take
+from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
 
@@ -71,24 +71,15 @@ def shard_checkpoint(
     verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     # The layers' own rule (torch.nn is imported here only, when the writer runs).
-    from tuckerize.runtime.plan import choose_layout, rank_splits
+    from tuckerize.runtime.plan import layout_plan, rank_splits, with_assignment
 
+    layout, costs, assignment = layout_plan(src.config, tp, layout, src.folder, expert_load, balance_above)
     choice = None
-    if layout is None or layout == "auto":
-        layout, costs = choose_layout(src.config, tp)
+    if costs is not None:
         choice = {"macs_per_token": {k: v["macs"] for k, v in costs.items()},
                   "sent_per_token": {k: v["sent"] for k, v in costs.items()}}
-    assignment = None
-    if layout in EXPERT_SPLIT_LAYOUTS and tp > 1:
-        from tuckerize.calibration.store import expert_load as saved_load
-
-        load = expert_load if expert_load is not None else saved_load(src.folder)
-        assignment = assign_experts(load or {}, tp, balance_above)
-    config = dict(src.config)
+    config = with_assignment(src.config, tp, layout, assignment)
     config.pop("quantization_config", None)  # FP8 tensors are written dequantised (below)
-    config["shard"] = {"tp": tp, "layout": layout}
-    if assignment and any(a["assigned"] for a in assignment.values()):
-        config["shard"]["experts"] = {str(L): a["ranks"] for L, a in assignment.items() if a["assigned"]}
     plans = [rank_splits(config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
     if out.exists():

@@ -41,7 +41,7 @@ import torch.nn as nn
 
 from tuckerize.arch import FACTORS, PROJECTIONS, moe_spec
 from tuckerize.errors import InputError, ShardError
-from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, assign_experts
+from tuckerize.parallel import LAYOUTS, ParallelContext
 from tuckerize.runtime.routing import RouterSpec, route
 from tuckerize.runtime.tucker_experts import TuckerExperts
 
@@ -104,7 +104,7 @@ def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool 
     requested = (requested if requested is not None else os.environ.get(LAYOUT_ENV, "auto")).strip() or "auto"
     if requested not in (*LAYOUTS, "auto"):
         raise InputError(f"{LAYOUT_ENV}={requested} is not one of auto, {', '.join(LAYOUTS)}")
-    costs = None
+    layout = None
     if expert_parallel:
         if data_parallel > 1:
             raise InputError("tuckerize's vLLM plugin runs expert parallelism within the tensor-parallel group only; "
@@ -116,17 +116,12 @@ def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool 
     elif requested != "auto":
         layout, reason = requested, f"{LAYOUT_ENV}={requested}"
     elif tp == 1:
-        layout, reason = "intermediate", "one rank"
+        reason = "one rank"
     else:
-        from tuckerize.runtime.plan import choose_layout
-
-        layout, costs = choose_layout(config, tp)
         reason = "the fewest multiply-adds per rank among layouts sending no more than dense tensor parallelism"
-    assignment: dict[int, Any] = {}
-    if layout in EXPERT_SPLIT_LAYOUTS and tp > 1 and folder is not None and Path(folder).is_dir():
-        from tuckerize.calibration.store import expert_load
+    from tuckerize.runtime.plan import layout_plan
 
-        assignment = assign_experts(expert_load(Path(folder)), tp)
+    layout, costs, assignment = layout_plan(config, tp, layout, folder)
     return ServingPlan(layout, reason, costs, assignment)
 
 
