@@ -34,7 +34,6 @@ are over all those tokens, not only the tokens routed to each expert. It has duo
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -57,12 +56,7 @@ def mappings():
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("src", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--samples", type=int, default=16)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--group", type=int, default=128)
+    ap = common.arg_parser(samples=16)
     ap.add_argument("--n-grid", type=int, default=20, help="AWQ's grid of alpha in [0, 1)")
     ap.add_argument("--routed-only", action="store_true", help="calibrate each expert on its routed tokens only "
                     "(moe_calibrate_all_experts=False; default: every token through every expert, as gptq.py)")

@@ -93,3 +93,18 @@ def write_dense(src: Path, out: Path, weights: dict[tuple[int, int, str], torch.
 def levels_per_group(w: torch.Tensor, group: int) -> int:
     """The most distinct values in one group of one row of ``w`` (at most 16 for int4)."""
     return int(max(g.unique().numel() for g in w.reshape(w.shape[0], -1, group)[:4].reshape(-1, group)))
+
+
+def arg_parser(samples: int):
+    """The arguments every baseline script takes: SRC OUT [--samples --seqlen --group]."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("src", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--samples", type=int, default=samples)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--group", type=int, default=128)
+    return ap
+

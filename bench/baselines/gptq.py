@@ -10,7 +10,6 @@ calibration text is the same as every other calibrated row's (tuckerize/demo/cal
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -21,13 +20,7 @@ import common  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("src", type=Path)
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--samples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--group", type=int, default=128)
-    args = ap.parse_args()
+    args = common.arg_parser(samples=128).parse_args()
 
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
