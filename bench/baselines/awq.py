@@ -71,7 +71,7 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(args.src))
     ds = common.calibration_dataset(tok, args.samples, args.seqlen)
     model = AutoModelForCausalLM.from_pretrained(str(args.src), dtype=torch.float32)
-    group = common.group_size(model.config, args.group)
+    groups = common.group_sizes(model.config, args.group)
     norms = {n: m.weight.detach().clone() for n, m in model.named_modules() if n.endswith("post_attention_layernorm")}
     if not torch.cuda.is_available():
         # AWQ pins its cached activations for faster host-to-device copies; a CPU-only torch
@@ -80,7 +80,7 @@ def main() -> None:
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     recipe = [AWQModifier(mappings=mappings(), n_grid=args.n_grid, offload_device=None),
-              QuantizationModifier(config_groups={"experts": common.int4_scheme(group)}, ignore=common.IGNORE)]
+              QuantizationModifier(config_groups=common.int4_schemes(groups), ignore=common.IGNORE)]
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(ds),
             moe_calibrate_all_experts=not args.routed_only)
 
@@ -89,7 +89,7 @@ def main() -> None:
     for layer, e, proj, name, mod in common.expert_modules(model):
         qargs = mod.quantization_scheme.weights
         w = fake_quantize(mod.weight.detach().float(), mod.weight_scale.float(), mod.weight_zero_point, qargs)
-        levels = max(levels, common.levels_per_group(w, group))
+        levels = max(levels, common.levels_per_group(w, groups[proj]))
         if proj in ("gate", "up"):  # fold the layernorm's 1/s back into the input columns
             norm = name.split(".mlp.")[0] + ".post_attention_layernorm"
             before, after = norms[norm].float(), modules[norm].weight.detach().float()
@@ -100,7 +100,7 @@ def main() -> None:
         raise SystemExit(f"AWQ left {levels} levels in a group (int4 has 16)")
     if smoothed == 0:
         raise SystemExit("AWQ changed no post_attention_layernorm: its layernorm -> experts mapping did not apply")
-    info = {"group": group, "samples": len(ds), "seqlen": args.seqlen, "n_grid": args.n_grid,
+    info = {"group": groups, "samples": len(ds), "seqlen": args.seqlen, "n_grid": args.n_grid,
             "routed_only": args.routed_only, "matrices": len(weights), "max_levels_per_group": levels}
     common.write_dense(args.src, args.out, weights, "awq", info)
 

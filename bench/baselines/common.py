@@ -40,16 +40,25 @@ def calibration_dataset(tok, samples: int, seqlen: int):
     return Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * seqlen for _ in rows]})
 
 
-def group_size(config, group: int = 128) -> int:
-    """``min(group, in_features)`` over the expert projections (64 for down on the demo models)."""
+#: linearised expert Linear names per projection, as llmcompressor target regexes
+TARGETS = {"gate": "(gate_proj|w1)", "up": "(up_proj|w3)", "down": "(down_proj|w2)"}
+
+
+def group_sizes(config, group: int = 128) -> dict[str, int]:
+    """``min(group, in_features)`` per projection, as bench/compare.py's RTN rows and their byte
+    count: gate and up read the hidden size, down the expert intermediate size (64 on the demo
+    models)."""
     inter = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
-    return min(group, config.hidden_size, inter)
+    return {"gate": min(group, config.hidden_size), "up": min(group, config.hidden_size), "down": min(group, inter)}
 
 
-def int4_scheme(group: int) -> dict:
-    """Asymmetric int4 with one scale and zero per group along the input axis, experts only."""
-    return {"targets": ["re:.*experts.*"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": group}}
+def int4_schemes(groups: dict[str, int]) -> dict:
+    """llmcompressor ``config_groups``: asymmetric int4 with one scale and zero per group along
+    the input axis, one group size per projection, experts only."""
+    return {f"experts_{p}": {"targets": [rf"re:.*experts\.\d+\.{TARGETS[p]}$"],
+                             "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                                         "group_size": g}}
+            for p, g in groups.items()}
 
 
 def expert_modules(model):

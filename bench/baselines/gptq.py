@@ -29,19 +29,19 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(str(args.src))
     ds = common.calibration_dataset(tok, args.samples, args.seqlen)
     model = AutoModelForCausalLM.from_pretrained(str(args.src), torch_dtype=torch.float32)
-    group = common.group_size(model.config, args.group)
-    recipe = GPTQModifier(config_groups={"experts": common.int4_scheme(group)}, ignore=common.IGNORE)
+    groups = common.group_sizes(model.config, args.group)
+    recipe = GPTQModifier(config_groups=common.int4_schemes(groups), ignore=common.IGNORE)
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(ds))
 
     # GPTQ leaves each quantised Linear's weight as its dequantised value
     weights, levels = {}, 0
     for layer, e, proj, _, mod in common.expert_modules(model):
         w = mod.weight.detach().float()
-        levels = max(levels, common.levels_per_group(w, group))
+        levels = max(levels, common.levels_per_group(w, groups[proj]))
         weights[(layer, e, proj)] = w
     if levels > 16:
         raise SystemExit(f"GPTQ left {levels} levels in a group (int4 has 16)")
-    common.write_dense(args.src, args.out, weights, "gptq", {"group": group, "samples": len(ds), "seqlen": args.seqlen,
+    common.write_dense(args.src, args.out, weights, "gptq", {"group": groups, "samples": len(ds), "seqlen": args.seqlen,
                                                              "matrices": len(weights), "max_levels_per_group": levels})
 
 

@@ -60,4 +60,13 @@ def test_expert_names_and_levels():
     assert common.EXPERT.search("model.layers.0.mlp.gate") is None
     w = torch.arange(32.0).reshape(2, 16) % 5  # 5 distinct values in every group of 8
     assert common.levels_per_group(w, 8) == 5
-    assert common.group_size(type("C", (), {"hidden_size": 128, "moe_intermediate_size": 64})()) == 64
+    config = type("C", (), {"hidden_size": 128, "moe_intermediate_size": 64})()
+    assert common.group_sizes(config) == {"gate": 128, "up": 128, "down": 64}
+    schemes = common.int4_schemes(common.group_sizes(config))
+    assert {s["weights"]["group_size"] for s in schemes.values()} == {128, 64}
+    import re
+
+    for proj, names in (("gate", ("gate_proj", "w1")), ("down", ("down_proj", "w2"))):
+        pattern = schemes[f"experts_{proj}"]["targets"][0][3:]
+        assert all(re.match(pattern, f"model.layers.0.mlp.experts.3.{n}") for n in names)
+        assert not re.match(pattern, "model.layers.0.mlp.experts.3.up_proj")
