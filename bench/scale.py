@@ -130,22 +130,38 @@ def contents(folder: Path) -> dict[str, str]:
 
 
 def max_difference(a: Path, b: Path) -> dict[str, float]:
-    """Largest relative difference (Frobenius) of any tensor of two outputs, by kind:
-    ``factors`` (U_E, U_H, U_I, cores), ``other`` (tensors kept from the source) and
-    ``statistics`` (calibration_stats.safetensors, as stored)."""
+    """Largest relative difference (Frobenius) of two outputs, by kind: ``statistics``
+    (calibration_stats.safetensors, as stored), ``other`` (tensors kept from the source),
+    ``factors`` (U_E, U_H, U_I, cores), ``subspace`` (the projector ``U U^T`` of each factor:
+    a basis rotated inside a cluster of near-equal singular values differs as factors, not
+    here), ``reconstruction`` (each projection's ``core x U_E x U_H x U_I`` [E, H, I]) and
+    ``errors`` (the manifest's relative and whitened errors)."""
     from safetensors.torch import load_file
 
-    worst = {"factors": 0.0, "other": 0.0, "statistics": 0.0}
+    def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(torch.linalg.norm(x.double() - y.double())) / (float(torch.linalg.norm(x.double())) or 1.0)
+
+    worst = dict.fromkeys(("statistics", "other", "factors", "subspace", "reconstruction", "errors"), 0.0)
     for p in sorted(a.glob("*.safetensors")):
         one, two = load_file(str(p)), load_file(str(b / p.name))
         if sorted(one) != sorted(two):
             raise SystemExit(f"{p.name}: the two outputs hold different tensors")
         for name, x in one.items():
-            x, y = x.double(), two[name].double()
             kind = ("statistics" if p.name.startswith("calibration") else
                     "factors" if name.endswith(("U_E", "U_H", "U_I", "core")) else "other")
-            den = float(torch.linalg.norm(x)) or 1.0
-            worst[kind] = max(worst[kind], float(torch.linalg.norm(x - y)) / den)
+            worst[kind] = max(worst[kind], rel(x, two[name]))
+            if name.endswith(("U_E", "U_H", "U_I")):
+                worst["subspace"] = max(worst["subspace"], rel(x @ x.T, two[name] @ two[name].T))
+        for prefix in sorted({n[: -len(".core")] for n in one if n.endswith(".core")}):
+            rec = [torch.einsum("abc,ea,hb,ic->ehi", *(t[f"{prefix}.{f}"] for f in ("core", "U_E", "U_H", "U_I")))
+                   for t in (one, two)]
+            worst["reconstruction"] = max(worst["reconstruction"], rel(*rec))
+            del rec
+    tensors = [json.loads((f / "tuckerize_manifest.json").read_text())["tensors"] for f in (a, b)]
+    for t1, t2 in zip(*tensors):
+        for k in ("relative_error", "whitened_error"):
+            if t1.get(k) is not None:
+                worst["errors"] = max(worst["errors"], abs(t1[k] - t2[k]) / abs(t1[k]))
     return worst
 
 
@@ -266,7 +282,7 @@ def report_calibration(args, runs, loads, n, read_wall, read_cpu, identical, dif
     if identical:
         print("outputs: byte-identical (manifest timings aside)")
     else:
-        print("outputs: not byte-identical; largest relative difference (Frobenius) of a tensor: "
+        print("outputs: not byte-identical; largest relative difference (Frobenius) of: "
               + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()))
 
 
