@@ -94,6 +94,7 @@ def free_port() -> int:
 
 def decompose(nproc: int, src: Path, out: Path, ranks: str, usage: Path, script: Path, extra: list[str]) -> dict:
     usage.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # --overwrite would reuse the calibration statistics found there
     args = ["decompose", "--model", str(src), "--ranks", ranks, "--out", str(out), "--overwrite", "--json", *extra]
     if nproc == 1:
         cmd = [sys.executable, str(script), str(usage), *args]
