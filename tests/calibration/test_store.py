@@ -36,6 +36,7 @@ def test_streamed_statistics_file_equals_in_memory(tiny_factory, tmp_path):
     # each MoE layer's collection time, kept with the file (to the millisecond)
     assert sorted(disk.layer_seconds) == sorted(again.layer_seconds) == [0, 1]
     assert all(abs(again.layer_seconds[L] - disk.layer_seconds[L]) <= 5e-4 for L in (0, 1))
+    assert json.loads((tmp_path / "calibration_stats.json").read_text())["layers"] == [0, 1]
     assert 0 < sum(disk.layer_seconds.values()) <= disk.seconds
     for L in mem.layers:
         for k, v in mem.layers[L].items():

@@ -183,6 +183,7 @@ def collect_statistics(
         if writer is not None:
             writer.commit()
             writer = None
+            stats.layers = LazyLayers(out / STATS_NAME)  # the metadata lists the layers written
             stats._write_meta(out, out / STATS_NAME)
         if out is not None:
             if group is not None:
