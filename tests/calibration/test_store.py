@@ -33,6 +33,11 @@ def test_streamed_statistics_file_equals_in_memory(tiny_factory, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calibration_stats.json", "calibration_stats.safetensors"]
     again = CalibrationStats.load(tmp_path)
     assert again.settings == settings and sorted(again.layers) == sorted(mem.layers) == [0, 1]
+    # each MoE layer's collection time, kept with the file (to the millisecond)
+    assert sorted(disk.layer_seconds) == sorted(again.layer_seconds) == [0, 1]
+    assert all(abs(again.layer_seconds[L] - disk.layer_seconds[L]) <= 5e-4 for L in (0, 1))
+    assert json.loads((tmp_path / "calibration_stats.json").read_text())["layers"] == [0, 1]
+    assert 0 < sum(disk.layer_seconds.values()) <= disk.seconds
     for L in mem.layers:
         for k, v in mem.layers[L].items():
             # per-expert fields are stored in float16 scaled per expert (E times larger than the rest), the rest
@@ -56,6 +61,9 @@ def test_statistics_are_reused_and_checked(demo_runs, tmp_path, monkeypatch):
     m = decompose_checkpoint(str(DEMO), tmp_path / "a", ranks=(16, 32, 16), calibration="demo", samples=SAMPLES,
                              seqlen=SEQLEN, stats=demo_runs["white"])
     assert m["calibration"]["settings"]["samples"] == SAMPLES
+    # reused statistics: each layer's collection time is the one recorded when they were collected
+    collected = {e["layer"]: e["collect_seconds"] for e in demo_runs["m_white"]["files"].values() if e["errors"]}
+    assert {e["layer"]: e["collect_seconds"] for e in m["files"].values() if e["errors"]} == collected
     # statistics found in the output folder are reused too (another rank choice, --overwrite keeps them)
     decompose_checkpoint(str(DEMO), tmp_path / "a", ranks=(16, 40, 20), calibration="demo", samples=SAMPLES,
                          seqlen=SEQLEN, overwrite=True)
@@ -100,6 +108,14 @@ def test_manifest_records_calibration(demo_runs):
     assert m["fingerprint"]["calibration"]["settings"]["samples"] == SAMPLES
     assert (demo_runs["white"] / "calibration_stats.safetensors").is_file()
     assert "calibration" not in demo_runs["m_plain"] and "calibration" not in demo_runs["m_plain"]["fingerprint"]
+    # per MoE layer: decomposition time and statistics time; they add up to no more than the whole
+    layers = {e["layer"]: e for e in m["files"].values() if e["errors"]}
+    assert sorted(layers) == list(m["moe"]["layers"])
+    assert all(e["seconds"] > 0 and e["collect_seconds"] > 0 for e in layers.values())
+    assert sum(e["collect_seconds"] for e in layers.values()) <= cal["collect_seconds"] + 1e-3 * len(layers)
+    meta = json.loads((demo_runs["white"] / "calibration_stats.json").read_text())
+    assert meta["collect_seconds"] == {str(L): e["collect_seconds"] for L, e in layers.items()}
+    assert all("collect_seconds" not in e for e in demo_runs["m_plain"]["files"].values())
 
 
 def test_per_expert_quantization_keeps_every_expert():

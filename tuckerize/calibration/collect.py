@@ -124,6 +124,8 @@ def collect_statistics(
     the micro-batches one process would, so the activations are identical), every rank runs
     the layers one at a time over its windows, and each layer's float64 statistics are
     summed with ``all_reduce``: the result equals one process's up to summation order.
+    ``layer_seconds`` of the result: each MoE layer's wall time on this rank (its forward
+    passes, the all-reduce and the write), ``seconds`` the whole collection's.
     Every rank must call with the same arguments; only rank 0 writes ``out`` (a folder all
     ranks see), the others wait for it and read from it.
     """
@@ -158,6 +160,7 @@ def collect_statistics(
     try:
         progress.start("calibrate", spec.num_layers)
         for layer in range(spec.num_layers):
+            tl = time.time()
             st = (LayerStats(*spec.shape, per_expert=settings.per_expert, device=stats_device)
                   if layer in spec.moe_layers else None)
             if runner is not None:
@@ -173,12 +176,14 @@ def collect_statistics(
                         writer.write(f"layers.{layer}.{k}", v)
                 elif out is None:
                     stats.layers[layer] = {k: v.cpu() for k, v in st.t.items()}  # type: ignore[index]
+                stats.layer_seconds[layer] = time.time() - tl
             progress.advance("calibrate", 1, layer=layer)
         progress.finish("calibrate")
         stats.seconds = time.time() - t0
         if writer is not None:
             writer.commit()
             writer = None
+            stats.layers = LazyLayers(out / STATS_NAME)  # the metadata lists the layers written
             stats._write_meta(out, out / STATS_NAME)
         if out is not None:
             if group is not None:

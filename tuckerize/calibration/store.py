@@ -10,7 +10,7 @@ It is written one layer at a time as calibration goes (all shapes are known up f
 the header comes first: :class:`StreamingSafetensors`) and read back one layer at a time
 (:class:`LazyLayers`). ``calibration_stats.json`` beside it records the
 :class:`CalibrationSettings` (a mismatch means: collect again), the layers, the time taken
-and the file's sha256.
+(in all, and per MoE layer: ``collect_seconds``) and the file's sha256.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ class CalibrationStats:
     layers: Mapping[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     seconds: float = 0.0
     path: Path | None = None
+    #: MoE layer -> seconds its statistics took to collect (stored as ``collect_seconds``).
+    layer_seconds: dict[int, float] = field(default_factory=dict)
 
     def save(self, folder: str | Path) -> Path:
         """Write ``calibration_stats.safetensors`` and ``calibration_stats.json`` into ``folder``."""
@@ -240,7 +242,9 @@ class CalibrationStats:
 
     def _write_meta(self, folder: Path, path: Path) -> None:
         write_json(folder / STATS_META, {"settings": self.settings.to_dict(), "layers": sorted(self.layers),
-                                         "seconds": round(self.seconds, 3), "file_sha256": sha256_file(path)})
+                                         "seconds": round(self.seconds, 3),
+                                         "collect_seconds": {str(L): round(s, 3) for L, s in sorted(self.layer_seconds.items())},
+                                         "file_sha256": sha256_file(path)})
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStats":
@@ -260,7 +264,8 @@ class CalibrationStats:
         except Exception as exc:  # noqa: BLE001
             raise CalibrationError(f"calibration statistics {path} are unreadable ({type(exc).__name__}); "
                                    "delete them and calibrate again") from None
-        return cls(settings=settings, layers=layers, seconds=float(meta.get("seconds", 0.0)), path=path)
+        return cls(settings=settings, layers=layers, seconds=float(meta.get("seconds", 0.0)), path=path,
+                   layer_seconds={int(L): float(s) for L, s in meta.get("collect_seconds", {}).items()})
 
     def _shape(self, layer: int, name: str) -> tuple[int, ...]:
         if isinstance(self.layers, LazyLayers):

@@ -3,7 +3,8 @@ from what a run recorded: pure functions, no files read or written here.
 
 The manifest holds provenance (source, its file checksums), the rank plan, the settings,
 per-tensor errors and parameter counts, ``files`` (each layer file's size, sha256,
-tensors and errors), ``written`` (every other file the run wrote) and ``side_files``
+tensors, errors and timings: ``seconds`` to read and decompose it, ``collect_seconds`` its
+calibration statistics, when calibrated), ``written`` (every other file the run wrote) and ``side_files``
 (size and sha256 of each of those, tokenizer and generation config included).
 """
 

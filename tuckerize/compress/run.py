@@ -307,9 +307,13 @@ def _finish(request, source, source_files, settings, folder, plan, ranks, finger
                {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))})
     side_files = {n: {"bytes": (out / n).stat().st_size, "sha256": sha256_file(out / n)} for n in written}
 
+    collect = cal.stats.layer_seconds if cal is not None and cal.stats is not None else {}
+    # each MoE layer's timing: decomposition ("seconds", reading included) and statistics ("collect_seconds")
+    timed = {f: {**e, "collect_seconds": round(collect[e["layer"]], 3)} if e.get("layer") in collect else e
+             for f, e in files.items()}
     manifest = build_manifest(
         source=source.source, source_files=source_files, out=str(out.resolve()), spec=spec, plan=plan,
-        settings=settings, fingerprint=fingerprint, files=files, model_params=source.total_params(),
+        settings=settings, fingerprint=fingerprint, files=timed, model_params=source.total_params(),
         wall_seconds=round(time.time() - started, 3), side_files=side_files,
         calibration=cal.info if cal is not None else None,
         allocation=allocation.info if allocation is not None else None, factor_storage=request.factor_storage,
