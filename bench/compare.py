@@ -36,6 +36,12 @@ chosen on it: Tucker factor dtypes, the whitened-SVD ridge), windows 50-198 the 
     python bench/compare.py --models qwen3   # one model
     python bench/compare.py --only gptq --gptq-python VENV/bin/python   # GPTQ rows (llmcompressor)
     python bench/compare.py --report FILE.json ...                      # merge runs: tables, plots
+    python bench/compare.py --model-folder moe64=/work/moe64 ...        # another model (scripts/train_demo.py)
+
+``--model-folder KEY=FOLDER`` (repeatable) adds a model trained by scripts/train_demo.py with the
+default held-out plays (its ``heldout.txt`` is then the demos' and the calibration text stays
+disjoint from it); ``--models`` defaults to the added keys. The folder is recorded in the result
+file, so ``--report`` finds it again.
 
 A few minutes of CPU per model alone; about an hour of wall time per model on the 2 cores
 shared with six other jobs (use ``--budgets`` to split a run into processes).
@@ -102,11 +108,17 @@ class Scorer:
 
 # ----------------------------------------------------------------------------- calibration statistics
 def _calibration_api():
-    try:  # the calibration package (issue 10's split) or the module it replaces
-        from tuckerize.calibration import LayerwiseRunner, calibration_tokens, read_calibration_text  # type: ignore
-    except ImportError:
+    """(LayerwiseRunner, calibration_tokens, read_calibration_text) where the package keeps them."""
+    try:  # the calibration package: runner in runtime.layerwise, texts in tuckerize.text
+        from tuckerize.calibration.tokens import calibration_tokens
+        from tuckerize.runtime.layerwise import LayerwiseRunner
+        from tuckerize.text import read_text
+
+        return LayerwiseRunner, calibration_tokens, lambda spec: read_text(spec, "calibration")
+    except ImportError:  # the single module it replaced
         from tuckerize.calibrate import LayerwiseRunner, calibration_tokens, read_calibration_text
-    return LayerwiseRunner, calibration_tokens, read_calibration_text
+
+        return LayerwiseRunner, calibration_tokens, read_calibration_text
 
 
 class StatsExperts(torch.nn.Module):
@@ -526,6 +538,24 @@ def plot(result: dict, model: str, path: Path) -> None:
     plt.close(fig)
 
 
+def add_models(specs: list[str]) -> list[str]:
+    """``KEY=FOLDER`` entries into ``MODELS`` (a folder written by scripts/train_demo.py: its
+    model.safetensors, tokenizer and heldout.txt). Returns the keys."""
+    keys = []
+    for spec in specs:
+        key, sep, folder = spec.partition("=")
+        path = Path(folder).expanduser().resolve()
+        if not sep or not key or key in ("qwen3", "mixtral"):
+            raise SystemExit(f"--model-folder {spec!r}: give KEY=FOLDER with a new KEY (not qwen3 or mixtral)")
+        missing = [f for f in ("config.json", "model.safetensors", "heldout.txt") if not (path / f).is_file()]
+        if missing:
+            raise SystemExit(f"--model-folder {spec!r}: {path} lacks {', '.join(missing)}; "
+                             "train it with scripts/train_demo.py --out FOLDER")
+        MODELS[key] = path
+        keys.append(key)
+    return keys
+
+
 def gptq_row(key: str, python: str, work: Path, log, samples: int = 16) -> dict:
     """GPTQ int4 of ``key``'s experts by llmcompressor (bench/baselines/gptq.py, run with
     ``python``, its own environment), scored like every other row; bytes as RTN int4's."""
@@ -556,6 +586,8 @@ def report(files: list[Path]) -> None:
     for f in files:
         data = json.loads(f.read_text())
         for key, res in data["models"].items():
+            if key not in MODELS and res.get("folder"):
+                MODELS[key] = Path(res["folder"])
             cur = models.setdefault(key, {"rows": []})
             have_original = any(r["method"] == "original" for r in cur["rows"])
             cur["rows"] += [r for r in res.get("rows", []) if not (have_original and r["method"] == "original")]
@@ -578,7 +610,9 @@ def report(files: list[Path]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="qwen3,mixtral")
+    ap.add_argument("--models", help="comma-separated keys (default: qwen3,mixtral, or the --model-folder keys)")
+    ap.add_argument("--model-folder", action="append", default=[], metavar="KEY=FOLDER",
+                    help="add a model folder written by scripts/train_demo.py (repeatable)")
     ap.add_argument("--work", type=Path, default=OUT / "compare_work")
     ap.add_argument("--json", type=Path, default=OUT / "compare.json", help="where the results go")
     ap.add_argument("--budgets", default=",".join(map(str, REMOVED)), help="fractions of expert bytes removed")
@@ -597,6 +631,11 @@ def main() -> None:
     def log(msg: str) -> None:
         print(f"{time.time() - started:7.1f}s {msg}", flush=True)
 
+    added = add_models(args.model_folder)
+    args.models = args.models or ",".join(added) or "qwen3,mixtral"
+    unknown = [k for k in args.models.split(",") if k not in MODELS]
+    if unknown and not args.report:
+        raise SystemExit(f"--models {','.join(unknown)}: unknown; known: {', '.join(MODELS)} (add with --model-folder)")
     if args.report:
         report(args.report)
         return
@@ -604,7 +643,8 @@ def main() -> None:
         res = {"command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
         for key in args.models.split(","):
             args.work.mkdir(parents=True, exist_ok=True)
-            res["models"][key] = {"extra_rows": [gptq_row(key, args.gptq_python, args.work, log, args.gptq_samples)]}
+            res["models"][key] = {"folder": str(MODELS[key]),
+                                  "extra_rows": [gptq_row(key, args.gptq_python, args.work, log, args.gptq_samples)]}
             args.json.write_text(json.dumps(res, indent=1, default=float))
         return
 
@@ -613,9 +653,10 @@ def main() -> None:
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
     for key in args.models.split(","):
         bench = Bench(key, args.work, log, args.json.with_suffix(".rows.jsonl"))
-        result["models"][key] = bench.run(sensitivity=not args.skip_sensitivity,
-                                          removed_list=[float(b) for b in args.budgets.split(",")],
-                                          ridge=args.svd_ridge, rtn_rows=not args.skip_rtn)
+        result["models"][key] = {"folder": str(MODELS[key]),
+                                 **bench.run(sensitivity=not args.skip_sensitivity,
+                                             removed_list=[float(b) for b in args.budgets.split(",")],
+                                             ridge=args.svd_ridge, rtn_rows=not args.skip_rtn)}
         plot(result["models"][key], key, OUT / f"compare_{key}.png")
         print(table(result["models"][key], key), flush=True)
         args.json.write_text(json.dumps(result, indent=1, default=float))

@@ -43,11 +43,18 @@ def main() -> None:
     rows = [ids[s * args.seqlen:(s + 1) * args.seqlen] for s in starts]
     ds = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * args.seqlen for _ in rows]})
     model = AutoModelForCausalLM.from_pretrained(str(args.src), torch_dtype=torch.float32)
-    group = min(args.group, model.config.hidden_size, getattr(model.config, "moe_intermediate_size", None)
-                or model.config.intermediate_size)
-    scheme = {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
-                          "group_size": group}}
-    recipe = GPTQModifier(config_groups={"experts": {"targets": ["re:.*experts.*"], **scheme}},
+    # group = min(group, in_features) per projection, as bench/compare.py's RTN rows and its byte
+    # count: gate/up read the hidden size, down the expert intermediate size.
+    inter = getattr(model.config, "moe_intermediate_size", None) or model.config.intermediate_size
+    groups = {"gate_up": (min(args.group, model.config.hidden_size), r"(gate_proj|up_proj|w1|w3)"),
+              "down": (min(args.group, inter), r"(down_proj|w2)")}
+
+    def scheme(group: int) -> dict:
+        return {"weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                            "group_size": group}}
+
+    recipe = GPTQModifier(config_groups={k: {"targets": [rf"re:.*experts\.\d+\.{names}$"], **scheme(g)}
+                                         for k, (g, names) in groups.items()},
                           ignore=["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$", "re:.*router.*"])
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(rows))
 
@@ -70,6 +77,7 @@ def main() -> None:
             key = spec.arch.expert_name(int(m.group(1)), proj[m.group(3)], int(m.group(2)))
             w = mod.weight.detach().float()
             assert tuple(w.shape) == tuple(tensors[key].shape), (key, w.shape, tensors[key].shape)
+            group = groups["down" if proj[m.group(3)] == "down" else "gate_up"][0]
             levels = max(levels, int(w[0, :group].unique().numel()))
             tensors[key] = w.to(tensors[key].dtype).contiguous()
             done += 1
@@ -82,7 +90,8 @@ def main() -> None:
     for f in SIDE_FILES:
         if (args.src / f).is_file():
             shutil.copyfile(args.src / f, args.out / f)
-    (args.out / "gptq.json").write_text(json.dumps({"group": group, "samples": len(rows), "seqlen": args.seqlen,
+    (args.out / "gptq.json").write_text(json.dumps({"group": {k: g for k, (g, _) in groups.items()},
+                                                    "samples": len(rows), "seqlen": args.seqlen,
                                                     "matrices": done, "max_levels_per_group": levels}))
 
 
