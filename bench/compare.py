@@ -35,6 +35,7 @@ chosen on it: Tucker factor dtypes, the whitened-SVD ridge), windows 50-198 the 
     python bench/compare.py                  # both models, writes bench/out/compare.json, compare_*.png
     python bench/compare.py --models qwen3   # one model
     python bench/compare.py --only gptq --gptq-python VENV/bin/python   # GPTQ rows (llmcompressor)
+    python bench/compare.py --only sensitivity                          # per-factor int4 sensitivity
     python bench/compare.py --report FILE.json ...                      # merge runs: tables, plots
     python bench/compare.py --model-folder moe64=/work/moe64 ...        # another model (scripts/train_demo.py)
 
@@ -420,22 +421,26 @@ class Bench:
         return min(trials, key=lambda r: r["ppl"])["factor_dtype"], trials
 
     def sensitivity(self) -> list[dict]:
-        """Selection-split perplexity of one bf16 Tucker checkpoint (50% of bytes) with one
-        factor kind at a time stored int4 (the others float32), with and without the core refit."""
-        from tuckerize.quant import quantize_checkpoint
+        """Selection-split perplexity of one calibrated Tucker checkpoint (50% of the bytes,
+        float32 factors) and of the same ranks (its rank plan) with one factor kind at a time
+        stored int4 (the others float32), then all four. The decompose pipeline refits the
+        core whenever an orthonormal factor is quantised (``refit``)."""
+        from tuckerize.compress import decompose_checkpoint
 
         out, manifest, _ = self.tucker(self.d.dense_bytes // 2, "float32")
-        res = [{"quantised": "none", "refit": None, **self.score(out, "select")}]
-        for kind in ("U_E", "U_H", "U_I", "core", "all"):
-            for refit in ((True, False) if kind == "all" else (False,)):
-                q = self.work / "sens"
-                shutil.copytree(out, q, dirs_exist_ok=False)
-                dt = {f: ("int4" if kind in (f, "all") else "float32") for f in ("U_E", "U_H", "U_I", "core")}
-                quantize_checkpoint(q, dt, refit=refit)
-                res.append({"quantised": kind, "refit": refit, **self.score(q, "select")})
-                self.log(f"[{self.key}] sensitivity int4 {kind} refit={refit}: ppl {res[-1]['ppl']:.2f}")
-                shutil.rmtree(q)
+        plan = self.work / f"tucker{self.n}.yaml"  # the rank plan tucker() saved for ``out``
+        res = [{"quantised": "none", "refit": None, "bytes": manifest["bytes"]["experts_stored"],
+                **self.score(out, "select")}]
         shutil.rmtree(out)
+        for kind in ("U_E", "U_H", "U_I", "core", "all"):
+            fd = "int4" if kind == "all" else f"float32,{kind}=int4"
+            q = self.work / "sens"
+            m = decompose_checkpoint(str(self.folder), q, config=plan, calibration="demo", samples=SAMPLES,
+                                     seqlen=SEQLEN, overwrite=True, factor_dtype=fd, stats=self.tucker_stats)
+            res.append({"quantised": kind, "refit": kind != "core", "bytes": m["bytes"]["experts_stored"],
+                        **self.score(q, "select")})
+            self.log(f"[{self.key}] sensitivity int4 {kind}: ppl {res[-1]['ppl']:.2f}")
+            shutil.rmtree(q)
         return res
 
     def run(self, sensitivity: bool = True, removed_list=REMOVED, ridge: float | None = None,
@@ -619,7 +624,8 @@ def main() -> None:
     ap.add_argument("--svd-ridge", type=float, help="whitened-SVD ridge (default: chosen on the selection split)")
     ap.add_argument("--skip-rtn", action="store_true", help="no RTN rows (when another run has them)")
     ap.add_argument("--skip-sensitivity", action="store_true", help="no per-factor int4 sensitivity runs")
-    ap.add_argument("--only", choices=["gptq"], help="only the GPTQ rows (needs --gptq-python)")
+    ap.add_argument("--only", choices=["gptq", "sensitivity"],
+                    help="only the GPTQ rows (needs --gptq-python) / only the per-factor int4 sensitivity")
     ap.add_argument("--gptq-python", help="python of an environment with llmcompressor (it pins its own versions)")
     ap.add_argument("--gptq-samples", type=int, default=16, help="GPTQ calibration windows (llmcompressor's "
                     "sequential pipeline is slow on 2 shared cores)")
@@ -651,6 +657,14 @@ def main() -> None:
     result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads()},
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
+    if args.only == "sensitivity":
+        for key in args.models.split(","):
+            bench = Bench(key, args.work, log)
+            result["models"][key] = {"folder": str(MODELS[key]), "baseline_select": bench.score.baseline("select"),
+                                     "sensitivity": bench.sensitivity()}
+            args.json.write_text(json.dumps(result, indent=1, default=float))
+        shutil.rmtree(args.work, ignore_errors=True)
+        return
     for key in args.models.split(","):
         bench = Bench(key, args.work, log, args.json.with_suffix(".rows.jsonl"))
         result["models"][key] = {"folder": str(MODELS[key]),
