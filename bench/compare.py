@@ -36,6 +36,7 @@ chosen on it: Tucker factor dtypes, the whitened-SVD ridge), windows 50-198 the 
     python bench/compare.py --models qwen3   # one model
     python bench/compare.py --only gptq --gptq-python VENV/bin/python   # GPTQ rows (llmcompressor)
     python bench/compare.py --only awq --awq-python VENV/bin/python     # AWQ rows (llmcompressor)
+    python bench/compare.py --only sensitivity                          # per-factor int4 sensitivity
     python bench/compare.py --report FILE.json ...                      # merge runs: tables, plots
     python bench/compare.py --model-folder moe64=/work/moe64 ...        # another model (scripts/train_demo.py)
 
@@ -439,18 +440,20 @@ class Bench:
             finally:
                 quant.storage = real
 
-        out, _, _ = self.tucker(self.d.dense_bytes // 2, "float32")
+        out, manifest, _ = self.tucker(self.d.dense_bytes // 2, "float32")
         plan = self.work / f"tucker{self.n}.yaml"  # that run's rank plan
-        res = [{"quantised": "none", "refit": None, **self.score(out, "select")}]
+        res = [{"quantised": "none", "refit": None, "bytes": manifest["bytes"]["experts_stored"],
+                **self.score(out, "select")}]
         shutil.rmtree(out)
         for kind in ("U_E", "U_H", "U_I", "core", "all"):
             for refit in ((True, False) if kind == "all" else (False,)):
                 q = self.work / "sens"
                 fd = ",".join(f"{f}={'int4' if kind in (f, 'all') else 'float32'}" for f in quant.FACTOR_KINDS)
                 with core_refit(refit):
-                    decompose_checkpoint(str(self.folder), q, config=plan, calibration="demo", samples=SAMPLES,
-                                         seqlen=SEQLEN, stats=self.tucker_stats, overwrite=True, factor_dtype=fd)
-                res.append({"quantised": kind, "refit": refit, **self.score(q, "select")})
+                    m = decompose_checkpoint(str(self.folder), q, config=plan, calibration="demo", samples=SAMPLES,
+                                             seqlen=SEQLEN, stats=self.tucker_stats, overwrite=True, factor_dtype=fd)
+                res.append({"quantised": kind, "refit": refit, "bytes": m["bytes"]["experts_stored"],
+                            **self.score(q, "select")})
                 self.log(f"[{self.key}] sensitivity int4 {kind} refit={refit}: ppl {res[-1]['ppl']:.2f}")
                 shutil.rmtree(q)
         return res
@@ -684,7 +687,7 @@ def main() -> None:
         for key in args.models.split(","):
             args.work.mkdir(parents=True, exist_ok=True)
             row = llmcompressor_row("awq", key, args.awq_python or args.gptq_python, args.work, log, args.awq_samples)
-            res["models"][key] = {"extra_rows": [row]}
+            res["models"][key] = {"folder": str(MODELS[key]), "extra_rows": [row]}
             args.json.write_text(json.dumps(res, indent=1, default=float))
         return
 
@@ -693,8 +696,11 @@ def main() -> None:
               "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
     if args.only == "sensitivity":
         for key in args.models.split(","):
-            result["models"][key] = {"sensitivity": Bench(key, args.work, log).sensitivity()}
+            bench = Bench(key, args.work, log)
+            result["models"][key] = {"folder": str(MODELS[key]), "baseline_select": bench.score.baseline("select"),
+                                     "sensitivity": bench.sensitivity()}
             args.json.write_text(json.dumps(result, indent=1, default=float))
+        shutil.rmtree(args.work, ignore_errors=True)
         return
     for key in args.models.split(","):
         bench = Bench(key, args.work, log, args.json.with_suffix(".rows.jsonl"))

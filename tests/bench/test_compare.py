@@ -106,3 +106,49 @@ def test_merge_is_the_frequency_weighted_average_of_each_cluster(dense):
         got = t[dense.name(layer, "down", e)].double()
         assert float((got - want).norm() / want.norm()) < 1e-6
     assert nbytes == E // 2 * 3 * dense.H * dense.I * 2 * len(dense.layers)
+
+
+def test_collect_stats_counts_the_routed_pairs_transformers_routes(tiny_factory, monkeypatch):
+    """Per-expert routed-token counts of the layer-by-layer statistics pass equal the top-k
+    of transformers' own router logits on the same calibration windows."""
+    from transformers import AutoModelForCausalLM
+
+    from tuckerize.calibration.tokens import calibration_tokens
+    from tuckerize.text import read_text
+
+    monkeypatch.setattr(compare, "SAMPLES", 4)
+    monkeypatch.setattr(compare, "SEQLEN", 32)
+    folder = tiny_factory("qwen3_moe")
+    stats = compare.collect_stats(folder)
+    tokens = calibration_tokens(read_text("demo", "calibration").text, folder, 4, 32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64,
+                                                 experts_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=tokens, output_router_logits=True, use_cache=False)
+    k = model.config.num_experts_per_tok
+    assert sorted(stats) == list(range(len(out.router_logits)))
+    for layer, logits in enumerate(out.router_logits):
+        want = torch.bincount(logits.topk(k, dim=-1).indices.flatten(), minlength=logits.shape[-1]).double()
+        got = stats[layer]["freq"]
+        assert float(got.sum()) == tokens.numel() * k
+        assert float((got - want).abs().sum()) <= 0.01 * tokens.numel() * k  # float32 vs float64 near-ties
+        H = compare.Dense(folder).H
+        assert stats[layer]["cov_h"].shape == (logits.shape[-1], H, H)
+
+
+def test_model_folder_adds_a_trained_model_and_refuses_bad_ones(tiny_factory, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setattr(compare, "MODELS", dict(compare.MODELS))
+    src = tiny_factory("qwen3_moe")
+    with pytest.raises(SystemExit, match="lacks heldout.txt"):
+        compare.add_models([f"big={src}"])
+    folder = tmp_path / "big"
+    shutil.copytree(src, folder)
+    (folder / "heldout.txt").write_text("held out\n")
+    with pytest.raises(SystemExit, match="new KEY"):
+        compare.add_models([f"qwen3={folder}"])
+    with pytest.raises(SystemExit, match="KEY=FOLDER"):
+        compare.add_models([str(folder)])
+    assert compare.add_models([f"big={folder}"]) == ["big"]
+    assert compare.MODELS["big"] == folder.resolve() and compare.MODELS["qwen3"].name == "model"
