@@ -170,7 +170,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/serve.json")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size of every model")
     ap.add_argument("--shape", default=f"{E},{H},{I}", help="E,H,I of the experts (a smaller one for a smoke run)")
-    ap.add_argument("--layouts", default="intermediate,expert,hybrid", help="Tucker layouts served at --tp > 1")
+    ap.add_argument("--layouts", default="intermediate,expert,hybrid,hybrid-replicated-out",
+                    help="Tucker layouts served at --tp > 1")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
