@@ -186,7 +186,7 @@ def _shape(rank, suffix):
     return [s for n, s in rank if n.endswith(suffix)]
 
 
-@pytest.mark.parametrize("layout", ["hybrid", "expert-parallel"])
+@pytest.mark.parametrize("layout", ["hybrid", pytest.param("expert-parallel", marks=pytest.mark.slow)])
 def test_tensor_parallel_2_matches_1(layout, tucker, prompts, one_rank, tmp_path):
     """Both ranks' factors as the layout splits them, and the same generation as one rank:
     ``hybrid`` (TUCKERIZE_LAYOUT: U_H columns, experts and U_H,down rows split; vLLM's
