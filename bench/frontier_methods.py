@@ -201,7 +201,8 @@ def tucker(lab: Lab, L: int, p: str, rank, dtypes: dict, method: str):
     return TuckerTensor(core=f["core"], factors=[f["U_E"], f["U_H"], f["U_I"]]).to_tensor().float(), nbytes
 
 
-def residual(lab: Lab, L: int, p: str, bits: int, group: int, rank, dtypes: dict, rounds: int, init: str):
+def residual(lab: Lab, L: int, p: str, bits: int, group: int, rank, dtypes: dict, rounds: int, init: str,
+             factor_method: str = "gptq"):
     from tuckerize.decompose.grid import Grid
     from tuckerize.decompose.residual import fit_quantised
     from tuckerize.quant_packed import packed_bytes
@@ -211,12 +212,98 @@ def residual(lab: Lab, L: int, p: str, bits: int, group: int, rank, dtypes: dict
     grids = {f: grid_of(dtypes[f]) for f in ("U_H", "U_I", "core")}
     side = "I" if p == "down" else "H"
     out = fit_quantised(T, (lab.E, rank[1], rank[2]), A, B, Grid(bits=bits, group=group), grids, side=side,
-                        rounds=rounds, init=init, base_cov=cov)
+                        rounds=rounds, init=init, base_cov=cov, factor_method=factor_method)
     base_shape = (lab.E, lab.H, lab.I) if side == "I" else (lab.E, lab.I, lab.H)  # [E, out, in]
     nbytes = packed_bytes(base_shape, bits, group) + grid_bytes((lab.E, lab.E), None) + sum(
         grid_bytes(s, grids[f]) for f, s in (("U_H", (lab.H, rank[1])), ("U_I", (lab.I, rank[2])),
                                              ("core", (lab.E, rank[1], rank[2]))))
     return out.reconstruction().float(), nbytes
+
+
+class Allocated:
+    """``--bytes`` as the library does it, one layer at a time in memory: every projection's
+    candidate forms (:func:`tuckerize.compress.forms.projection_options`), one per projection
+    chosen for the budget (:func:`tuckerize.allocate_bytes.choose`), each realised."""
+
+    def __init__(self, lab: Lab, method, alloc_damp: float = 10.0):
+        from tuckerize.calibration.weights import WhitenOptions, mode_weights
+        from tuckerize.compress.forms import projection_options
+
+        self.lab, self.method = lab, method
+        metric = WhitenOptions(method="pooled", damp=alloc_damp)
+        self.options = {(L, p): projection_options(lab.T[(L, p)], lab.stats.layers[L], p, method,
+                                                   mode_weights(lab.stats.layers[L], p, metric))
+                        for L in lab.layers for p in PROJ}
+        self.choice = None
+
+    def plan(self, fraction: float):
+        from tuckerize.allocate_bytes import choose
+
+        self.choice = choose(self.options, int(fraction * self.lab.dense_bytes))
+        return self.choice
+
+    def __call__(self, L: int, p: str):
+        from tuckerize.calibration.weights import WhitenOptions, expert_weights, mode_weights
+        from tuckerize.compress.forms import realise
+        from tuckerize.decompose import TuckerTensor
+        from tuckerize.decompose.expert_weighted import expert_weighted_tucker
+        from tuckerize.decompose.whiten import whitened_tucker
+        from tuckerize.quant import decode
+
+        lab, opt = self.lab, self.choice.options[(L, p)]
+        st = lab.stats.layers[L]
+        A, B = expert_weights(st, p, lab.T[(L, "down")], WhitenOptions())
+        pooled = mode_weights(st, p, WhitenOptions())
+
+        def dec(T, ranks):
+            init = whitened_tucker(T, ranks, [None, *pooled[1:]])
+            return expert_weighted_tucker(T, ranks, A, B, init=init, iters=3)
+
+        names = {f: f"x.{f}" for f in ("U_E", "U_H", "U_I", "core")}
+        tensors, record = realise(lab.T[(L, p)], opt, proj=p, layer_stats=st, A=A, B=B, decompose_tucker=dec,
+                                  names=names, base_name="x.base", method=self.method)
+        recon = 0
+        if opt.base is not None:
+            b = decode(tensors, "x.base")
+            recon = b if p == "down" else b.transpose(1, 2)
+        if opt.ranks is not None:
+            f = {k: decode(tensors, n) for k, n in names.items()}
+            recon = recon + TuckerTensor(core=f["core"], factors=[f["U_E"], f["U_H"], f["U_I"]]).to_tensor()
+        return recon.float(), record["bytes"]
+
+
+BYTES_BUDGETS = (0.08, 0.10, 0.12, 0.14, 0.16, 0.18, 0.20, 0.22, 0.25, 0.28, 0.30)
+BYTES_VARIANTS = {
+    "all": {},
+    "base": {"forms": ("base",)},
+    "base+residual": {"forms": ("base", "base+tucker")},
+    "tucker": {"forms": ("tucker",)},
+    "all+1bit": {"base_bits": (1, 2, 3, 4)},
+    "all+1bit+int3core": {"base_bits": (1, 2, 3, 4), "tucker_storages": ("int4", "int4,core=int3", "int8,core=int4")},
+    "base+1bit": {"forms": ("base",), "base_bits": (1, 2, 3, 4)},
+}
+
+
+def run_bytes(lab: Lab, variants, budgets, out: Path, log) -> None:
+    from tuckerize.compress.forms import BytesMethod
+
+    for v in variants:
+        t = time.time()
+        alloc = Allocated(lab, BytesMethod(**BYTES_VARIANTS[v]))
+        log(f"[{lab.key}] bytes {v}: options in {time.time() - t:.0f} s")
+        for fraction in budgets:
+            try:
+                choice = alloc.plan(fraction)
+            except Exception as exc:  # a budget below the smallest form of this variant
+                log(f"[{lab.key}] bytes {v} {fraction}: {exc}")
+                continue
+            forms = {}
+            for o in choice.options.values():
+                forms[o.describe()] = forms.get(o.describe(), 0) + 1
+            row = run_method(lab, f"bytes {fraction:.2f} {v}", alloc, log)
+            row.update(budget=fraction, variant=v, estimated_error=choice.estimated_error, forms=forms)
+            with open(out, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
 
 def run_method(lab: Lab, name: str, fn, log) -> dict:
@@ -250,6 +337,7 @@ FAMILIES = {
     "rtn": [("rtn", b, g) for b in (2, 3) for g in (128, 64, 32)],
     "rtn-clip": [("rtn-clip", b, g) for b in (2, 3) for g in (128, 64, 32)],
     "gptq": [("gptq", b, g) for b in (2, 3, 4) for g in (128, 64, 32)],
+    "gptq1": [("gptq", 1, g) for g in (128, 64, 32)],
     "tucker": [((rH, rI), fd, m) for rH, rI in ((64, 32), (96, 48)) for fd in ("int8,core=int4", "int4")
                for m in ("rtn-frobenius", "rtn", "gptq")],
     "tucker-lowbit": [((rH, rI), fd, "gptq") for rH, rI in ((96, 48), (112, 56), (128, 64))
@@ -259,6 +347,9 @@ FAMILIES = {
     "residual2": [(3, 128, 8, "int8,core=int4", "tucker"), (3, 128, 16, "int8,core=int4", "tucker"),
                   (2, 128, 32, "int8,core=int4", "tucker"), (2, 128, 16, "int4", "tucker"),
                   (2, 128, 16, "int8,core=a3", "tucker"), (2, 32, 16, "int8,core=int4", "tucker")],
+    "residual3": [(2, 128, 16, "int4", init, rounds, fm) for init in ("base", "tucker") for rounds in (1, 2, 4)
+                  for fm in ("gptq", "rtn") if fm == "gptq" or rounds == 2],
+    "residual1": [(1, 128, r, "int4", "tucker") for r in (8, 16, 32)],
 }
 
 
@@ -268,17 +359,20 @@ def plans(family: str, lab: Lab):
     if family not in FAMILIES:
         raise SystemExit(f"unknown method family {family}; one of {', '.join(FAMILIES)}")
     for setting in FAMILIES[family]:
-        if family in ("rtn", "rtn-clip", "gptq"):
+        if family in ("rtn", "rtn-clip") or family.startswith("gptq"):
             kind, bits, group = setting
+            kind = "gptq" if kind.startswith("gptq") else kind
             yield (f"{kind} int{bits} g{group}", lambda L, p, k=kind, b=bits, g=group: base_only(lab, L, p, k, b, g))
         elif family.startswith("tucker"):
             (rH, rI), fd, method = setting
             yield (f"tucker ({E},{rH},{rI}) {fd} {method}",
                    lambda L, p, r=(E, rH, rI), d=_factors(fd), m=method: tucker(lab, L, p, r, d, m))
         else:
-            bits, group, r, fd, init = setting
-            yield (f"residual a{bits} g{group} + ({E},{r},{r}) {fd} init {init}",
-                   lambda L, p, b=bits, g=group, r=r, d=_factors(fd), i=init: residual(lab, L, p, b, g, (E, r, r), d, 2, i))
+            bits, group, r, fd, init, rounds, fm = (*setting, 2, "gptq")[:7] if len(setting) == 5 else setting
+            extra = "" if (rounds, fm) == (2, "gptq") else f" rounds {rounds} factors {fm}"
+            yield (f"residual a{bits} g{group} + ({E},{r},{r}) {fd} init {init}{extra}",
+                   lambda L, p, b=bits, g=group, r=r, d=_factors(fd), i=init, n=rounds, m=fm:
+                   residual(lab, L, p, b, g, (E, r, r), d, n, i, m))
 
 
 def table(path: Path) -> None:
@@ -299,6 +393,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="only settings whose name contains this")
     ap.add_argument("--out", type=Path, default=OUT / "frontier_methods.jsonl")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a result file and exit")
+    ap.add_argument("--bytes", default=None, help="allocator variants to run (all, base, base+residual, tucker)")
+    ap.add_argument("--budgets", default=",".join(map(str, BYTES_BUDGETS)))
     args = ap.parse_args()
     if args.table is not None:
         table(args.table)
@@ -313,6 +409,9 @@ def main() -> None:
         t = time.time()
         lab = Lab(key)
         log(f"[{key}] loaded, statistics and baseline in {time.time() - t:.0f} s; original ppl {lab.base_ppl:.3f}")
+        if args.bytes:
+            run_bytes(lab, args.bytes.split(","), [float(b) for b in args.budgets.split(",")], args.out, log)
+            continue
         for family in args.methods.split(","):
             for name, fn in plans(family, lab):
                 if args.only and args.only not in name:

@@ -156,6 +156,26 @@ def _encode_packed(name: str, x: torch.Tensor, bits: int, group: int) -> dict[st
                                q.zero.reshape(*x.shape[:-1], -1), bits, group)
 
 
+def encode_codes(name: str, q: Any, dtype: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of codes already chosen on a grid (e.g. by GPTQ:
+    :class:`tuckerize.decompose.factor_quant.StoredCodes` ``q``, in the tensor's own layout,
+    groups along its last axis) for ``dtype``: ``int8``/``int4`` (symmetric grids) or
+    ``int3``/``int2`` (asymmetric, packed)."""
+    shape = list(q.codes.shape)
+    g = min(q.grid.group, shape[-1])
+    if dtype in PACKED:
+        if q.grid.symmetric or q.grid.bits != PACKED[dtype]:
+            raise ValueError(f"{name}: {dtype} stores asymmetric {PACKED[dtype]}-bit codes, not {q.grid}")
+        return quant_packed.encode(name, q.codes, q.scale, q.zero, q.grid.bits, q.grid.group)
+    if dtype not in ("int8", "int4") or not q.grid.symmetric or q.grid.qmax != _QMAX[dtype]:
+        raise ValueError(f"{name}: {dtype} stores symmetric codes in [-{_QMAX.get(dtype)}, {_QMAX.get(dtype)}], not {q.grid}")
+    codes = q.codes.reshape(-1, shape[-1]).round().to(torch.int8)
+    if dtype == "int4":
+        codes = pack_int4(codes)
+    return {f"{name}.qweight": codes.contiguous(), f"{name}.qscale": q.scale.reshape(codes.shape[0], -1).to(torch.float16).contiguous(),
+            f"{name}.qshape": torch.tensor([*shape, g], dtype=torch.int64)}
+
+
 def decode(stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     """``name`` as float32 from the tensors :func:`encode` wrote (quantised or not, either layout)."""
     if name in stored:

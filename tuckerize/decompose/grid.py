@@ -30,7 +30,7 @@ _F16_TINY = torch.finfo(torch.float16).tiny
 
 @dataclass(frozen=True)
 class Grid:
-    """``bits`` (2..8), ``group`` (values per scale along the grouped axis),
+    """``bits`` (1..8; symmetric 2..8), ``group`` (values per scale along the grouped axis),
     ``symmetric`` and ``clip`` (module docstring)."""
 
     bits: int
@@ -39,8 +39,9 @@ class Grid:
     clip: bool = True
 
     def __post_init__(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"a grid of {self.bits} bits; 2 to 8 are supported")
+        if not (2 if self.symmetric else 1) <= self.bits <= 8:
+            raise ValueError(f"a {'symmetric ' if self.symmetric else ''}grid of {self.bits} bits; "
+                             f"{2 if self.symmetric else 1} to 8 are supported")
         if self.group < 1:
             raise ValueError(f"group size {self.group} must be at least 1")
 

@@ -1,0 +1,109 @@
+"""Storage for a byte budget (``--bytes B``): every projection's candidate forms, one chosen each.
+
+:func:`allocate_bytes_plan` stacks each MoE projection, lists its candidate stored forms with
+their exact bytes and estimated output errors (:func:`tuckerize.compress.forms.projection_options`,
+in the metric of the ``--ratio`` allocator: the input side whitened by the pooled statistics
+with ridge ``method.alloc_damp``), and chooses one per projection for the budget
+(:func:`tuckerize.allocate_bytes.choose`). Under torchrun each rank lists the options of the
+layers it will decompose and every rank chooses from all of them, as for ``--ratio``.
+
+:class:`BytesPlan` is the result: the option of every (layer, projection), and the record of
+how the budget is spent (the manifest's ``bytes["budget"]`` and the decompose report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tuckerize.allocate_bytes import Choice, Option
+from tuckerize.arch import PROJECTIONS
+
+
+def dense_bytes(spec) -> int:
+    """Bytes of the routed experts as bf16 dense weights (the budget's unit)."""
+    E, H, I = spec.shape
+    return len(PROJECTIONS) * E * H * I * 2 * len(spec.moe_layers)
+
+
+@dataclass
+class BytesPlan:
+    """The chosen form of every (layer, projection) for a budget of ``fraction`` of
+    ``dense`` bytes."""
+
+    choice: Choice
+    fraction: float
+    dense: int
+
+    def option(self, layer: int, proj: str) -> Option:
+        return self.choice.options[(layer, proj)]
+
+    def ranks(self, layer: int, proj: str) -> tuple[int, int, int] | None:
+        return self.option(layer, proj).ranks
+
+    def info(self) -> dict[str, Any]:
+        """The manifest's ``bytes["budget"]``: the budget, what was used, the smallest
+        feasible budget and the estimate, all in bytes and as fractions of the bf16 dense experts."""
+        c, d = self.choice, self.dense
+        forms: dict[str, int] = {}
+        for o in c.options.values():
+            forms[o.form] = forms.get(o.form, 0) + 1
+        return {"fraction": self.fraction, "bytes": c.budget, "allocated": c.used, "allocated_fraction": c.used / d,
+                "smallest_feasible": c.minimum, "smallest_feasible_fraction": c.minimum / d,
+                "estimated_error": c.estimated_error, "forms": forms}
+
+    def header(self, label: str) -> str:
+        c = self.choice
+        return (f"Storage chosen by tuckerize for {label}: {c.used:,} of {self.dense:,} bf16 dense expert bytes "
+                f"({c.used / self.dense:.2%}; budget {self.fraction:g} = {c.budget:,} bytes)")
+
+
+def _fraction_text(dense: int):
+    return lambda b: f"{b / dense:.4f} of the bf16 dense experts' bytes ({b:,} bytes)"
+
+
+def allocate_bytes_plan(request, source, fraction: float, cal_stats, progress, device, method,
+                        parallel=None) -> BytesPlan:
+    """The :class:`BytesPlan` of ``fraction`` (module docstring). ``method``:
+    :class:`tuckerize.compress.forms.BytesMethod`; ``request``: the
+    :class:`~tuckerize.compress.request.DecomposeRequest` (its ``method.alloc_damp``)."""
+    import dataclasses
+
+    from tuckerize.allocate_bytes import choose
+    from tuckerize.calibration.weights import mode_weights
+    from tuckerize.compress.forms import projection_options
+    from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP
+    from tuckerize.experts import stack_projection
+
+    spec = source.spec
+    damp = request.method.alloc_damp if request.method.alloc_damp is not None else DEFAULT_ALLOC_DAMP
+    metric = dataclasses.replace(request.whiten_options, method="pooled", damp=damp, expert_weight=False)
+    layers = list(spec.moe_layers)
+    if parallel is not None and parallel.world > 1:
+        from tuckerize.compress.distribute import assign_units, unit_work
+
+        owner = assign_units(unit_work(source), parallel.world)
+        layers = [layer for layer in layers if owner[layer + 1] == parallel.rank]
+    options: dict[tuple[int, str], list[Option]] = {}
+    progress.start("allocate", len(layers) * len(PROJECTIONS))
+    for layer in layers:
+        stats = cal_stats.layers[layer]
+        for proj in PROJECTIONS:
+            T = stack_projection(source.ckpt, spec, layer, proj).to(device)
+            stats_dev = {k: v.to(device) for k, v in stats.items() if k in ("hidden_routed", "inter_expert")}
+            options[(layer, proj)] = projection_options(T, stats_dev, proj, method, mode_weights(stats, proj, metric))
+            del T
+            progress.advance("allocate", 1, layer=layer, projection=proj)
+    progress.finish("allocate")
+    if parallel is not None and parallel.world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * parallel.world
+        dist.all_gather_object(parts, options, group=parallel.group)
+        options = {k: v for part in parts for k, v in part.items()}
+    d = dense_bytes(spec)
+    choice = choose(options, int(fraction * d), what=f"--bytes {fraction:g}", unit=_fraction_text(d))
+    return BytesPlan(choice=choice, fraction=fraction, dense=d)
+
+
+__all__ = ["BytesPlan", "allocate_bytes_plan", "dense_bytes"]
