@@ -281,6 +281,9 @@ BYTES_VARIANTS = {
     "all+1bit": {"base_bits": (1, 2, 3, 4)},
     "all+1bit+int3core": {"base_bits": (1, 2, 3, 4), "tucker_storages": ("int4", "int4,core=int3", "int8,core=int4")},
     "base+1bit": {"forms": ("base",), "base_bits": (1, 2, 3, 4)},
+    "all+1bit@d1": {"base_bits": (1, 2, 3, 4), "alloc_damp": 1.0},
+    "all+1bit@d0.1": {"base_bits": (1, 2, 3, 4), "alloc_damp": 0.1},
+    "all+1bit@d0.01": {"base_bits": (1, 2, 3, 4), "alloc_damp": 0.01},
 }
 
 
@@ -289,7 +292,9 @@ def run_bytes(lab: Lab, variants, budgets, out: Path, log) -> None:
 
     for v in variants:
         t = time.time()
-        alloc = Allocated(lab, BytesMethod(**BYTES_VARIANTS[v]))
+        kw = dict(BYTES_VARIANTS[v])
+        alloc = Allocated(lab, BytesMethod(**{k: x for k, x in kw.items() if k != "alloc_damp"}),
+                          kw.get("alloc_damp", 10.0))
         log(f"[{lab.key}] bytes {v}: options in {time.time() - t:.0f} s")
         for fraction in budgets:
             try:

@@ -45,6 +45,7 @@ import torch.nn as nn
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
+from tuckerize.format import base_name, factor_name
 from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, ParallelContext, Split, activation, split_range
 from tuckerize.quant_packed import dequantize_rows
 from tuckerize.runtime.routing import expert_groups, sorted_pairs
@@ -176,9 +177,9 @@ class BaseResidualExperts(nn.Module):
         out = {}
         for p in PROJECTIONS:
             if self.forms[p].get("base") is not None:
-                out[f"{p}.base"] = f"{prefix}.{p}.base"
+                out[f"{p}.base"] = base_name(prefix, p)
             if self.forms[p].get("ranks") is not None:
-                out.update({f"{p}.tucker.{f}": f"{prefix}.{p}.{f}" for f in FACTORS})
+                out.update({f"{p}.tucker.{f}": factor_name(prefix, p, f) for f in FACTORS})
         return out
 
     def load_base(self, p: str, stored: Mapping[str, torch.Tensor], name: str) -> None:
