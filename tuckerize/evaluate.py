@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import BackendError, InputError, OutputError
 from tuckerize.progress import Progress, ensure

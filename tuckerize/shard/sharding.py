@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
