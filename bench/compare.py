@@ -86,7 +86,7 @@ class Scorer:
 
         from tuckerize.evaluate import load_model, score_baseline, token_windows
         from tuckerize.progress import ensure
-        from tuckerize.runtime.parallel import ParallelContext
+        from tuckerize.parallel import ParallelContext
 
         self.folder = folder
         self.parallel, self.device, self.progress = ParallelContext.current(), torch.device("cpu"), ensure(None)

@@ -35,8 +35,9 @@ from tuckerize.version import __version__
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import BackendError, InputError, OutputError
 from tuckerize.progress import Progress, ensure
+from tuckerize.shardset import tucker_manifest
 from tuckerize.parallel import agreed
-from tuckerize.runtime.parallel import ParallelContext
+from tuckerize.parallel import ParallelContext
 
 CACHE_DIR = Path(os.environ.get("TUCKERIZE_CACHE", Path.home() / ".cache" / "tuckerize")) / "baselines"
 
@@ -366,7 +367,7 @@ def evaluate(
     if not folder.is_dir():
         raise InputError(f"--model {model} does not exist; pass a Tucker checkpoint or shard folder")
     tucker_config = load_config(folder)
-    manifest = _tucker_manifest(folder)
+    manifest = tucker_manifest(folder)
     recorded = (manifest or {}).get("source") or {}
     if baseline is None:
         baseline = recorded.get("path")
@@ -539,19 +540,6 @@ def _baseline_mismatch(baseline: str, recorded: dict[str, Any], verify: bool) ->
     except TuckerizeError:
         return "its safetensors differ from the sha256s recorded at decomposition"
     return None
-
-
-def _tucker_manifest(folder: Path) -> dict[str, Any] | None:
-    """The Tucker manifest of ``folder``, or of the checkpoint a shard set was cut from
-    (checked against the identity the shard set recorded)."""
-    from tuckerize.format import MANIFEST_NAME
-    from tuckerize.integrity import check_shard_manifest, load_manifest, shard_source_manifest
-    from tuckerize.shard.sharding import SHARD_MANIFEST
-
-    if (folder / SHARD_MANIFEST).is_file():
-        return shard_source_manifest(folder, check_shard_manifest(folder / SHARD_MANIFEST))
-    path = folder / MANIFEST_NAME
-    return load_manifest(path, "rerun `tuckerize decompose`") if path.is_file() else None
 
 
 def plot_report(report: dict[str, Any], path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """``tuckerize shard``: every rank file against the unsharded Tucker checkpoint.
 
 The expected split of each tensor is derived here from the tensor's name and the
-config (heads, kv heads, sizes), independently of :mod:`tuckerize.shard.plan`; rank
+config (heads, kv heads, sizes), independently of :func:`tuckerize.runtime.plan.rank_splits`; rank
 files are read with safetensors directly and checksums with hashlib.
 """
 
@@ -18,10 +18,10 @@ from cli_helpers import assert_cli_error
 from safetensors.torch import load_file
 
 from tuckerize.errors import ShardError
-from tuckerize.parallel import LAYOUTS
+from tuckerize.parallel import LAYOUTS, ParallelContext
 from tuckerize.runtime.loader import TensorSource
-from tuckerize.runtime.parallel import ParallelContext
-from tuckerize.shard import SHARD_MANIFEST, ShardSet, shard_checkpoint
+from tuckerize.shard import shard_checkpoint
+from tuckerize.shardset import SHARD_MANIFEST, ShardSet
 
 #: Tiny Qwen3-MoE (4 q heads, 2 kv heads, E=8, I=16) and Qwen2-MoE with a shared expert
 #: (4 heads, 2 kv heads, attention biases, E=6, I=18 so that I splits unevenly over 4).

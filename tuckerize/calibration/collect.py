@@ -131,7 +131,7 @@ def collect_statistics(
     """
     from tuckerize.progress import ensure
     from tuckerize.runtime.loader import TensorSource
-    from tuckerize.runtime.parallel import ParallelContext, split_range
+    from tuckerize.parallel import ParallelContext, split_range
 
     t0 = time.time()
     progress = ensure(progress)

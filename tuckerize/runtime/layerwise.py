@@ -95,7 +95,7 @@ class LayerwiseRunner:
         """``source``: a :class:`~tuckerize.runtime.loader.TensorSource` of whole tensors
         (``parallel=ParallelContext()``); ``tokens`` [N, S]; ``device``: where layers run."""
         from tuckerize.runtime.model import Rotary, native_supported, rope_theta
-        from tuckerize.shard.plan import attention_dims
+        from tuckerize.parallel import attention_dims
 
         if source.parallel.world != 1:
             raise ValueError("LayerwiseRunner runs whole layers: open the source with ParallelContext() "

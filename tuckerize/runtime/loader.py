@@ -26,7 +26,7 @@ from tuckerize.parallel import ParallelContext, Split, take
 from tuckerize.runtime.moe import DenseExperts, MoEBlock
 from tuckerize.runtime.routing import RouterSpec
 from tuckerize.runtime.tucker_experts import TuckerExperts
-from tuckerize.shard.sharding import SHARD_MANIFEST, ShardSet
+from tuckerize.shardset import SHARD_MANIFEST, ShardSet
 
 
 def split_of(module: torch.nn.Module, name: str) -> Split | None:

@@ -1,25 +1,17 @@
-"""``tuckerize shard``: pre-slice a Tucker checkpoint per tensor-parallel rank.
+"""``tuckerize shard``: the writer that pre-slices a Tucker checkpoint per tensor-parallel rank.
 
-Output folder::
-
-    config.json, tokenizer files         shared by all ranks (config has a "shard" section)
-    rank-00000-of-00004/model-000LL-of-000NN.safetensors   rank 0's slices, one file per unit
-    rank-00000-of-00004/model.safetensors.index.json
-    ...
-    shard_manifest.json                  written last: layout, tp, per-rank files and
-                                         sha256, each tensor's split, source identity
-
-Every slice keeps its name from the unsharded checkpoint, so any rank's tensor can be
-checked against the whole (the manifest's ``splits`` say which rows or columns it is).
-Which slice a rank holds is asked of the runtime's layers, built for that rank on the
-meta device (:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how
-a weight is split. The source is read one unit (decoder layer) at a time.
+The folder it writes (rank folders, ``shard_manifest.json`` written last) is the shard-set
+format of :mod:`tuckerize.shardset`, which also reads it back. Every slice keeps its name
+from the unsharded checkpoint, so any rank's tensor can be checked against the whole (the
+manifest's ``splits`` say which rows or columns it is). Which slice a rank holds is asked of
+the runtime's layers, built for that rank on the meta device
+(:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how a weight is
+split. The source is read one unit (decoder layer) at a time.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -30,12 +22,7 @@ from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
 from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.fp8 import is_scale_name
 from tuckerize.progress import Progress, ensure
-
-SHARD_MANIFEST = "shard_manifest.json"
-
-
-def rank_dir(rank: int, tp: int) -> str:
-    return f"rank-{rank:05d}-of-{tp:05d}"
+from tuckerize.shardset import SHARD_MANIFEST, rank_dir
 
 
 def shard_checkpoint(
@@ -201,45 +188,3 @@ class _Stored:
             if got is not None:
                 return got
         return {self.name: take(self.full(), sp).contiguous()}
-
-
-@dataclass
-class ShardSet:
-    """A shard set on disk, opened for one rank."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    config: dict[str, Any]
-
-    @classmethod
-    def open(cls, folder: str | Path) -> "ShardSet":
-        folder = Path(folder)
-        path = folder / SHARD_MANIFEST
-        if not path.is_file():
-            raise ShardError(f"{folder} has no {SHARD_MANIFEST}: not a finished shard set; run `tuckerize shard` again")
-        from tuckerize.integrity import check_shard_manifest
-
-        manifest = check_shard_manifest(path)
-        return cls(folder=folder, manifest=manifest, config=load_config(folder))
-
-    @property
-    def tp(self) -> int:
-        return int(self.manifest["tp"])
-
-    @property
-    def layout(self) -> str:
-        return str(self.manifest["layout"])
-
-    def rank_folder(self, rank: int, world: int, verify: bool = True) -> Path:
-        """This rank's folder, after checking the world size and the files' checksums."""
-        if world != self.tp:
-            raise ShardError(
-                f"shard set {self.folder} was written for tp={self.tp} but {world} processes were started; "
-                f"launch with torchrun --nproc_per_node {self.tp} or reshard with --tp {world}"
-            )
-        entry = self.manifest["ranks"][rank]
-        folder = self.folder / entry["dir"]
-        from tuckerize.integrity import verify_shard_rank
-
-        verify_shard_rank(self.folder, entry, verify=verify)
-        return folder
