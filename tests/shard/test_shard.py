@@ -1,7 +1,7 @@
 """``tuckerize shard``: every rank file against the unsharded Tucker checkpoint.
 
 The expected split of each tensor is derived here from the tensor's name and the
-config (heads, kv heads, sizes), independently of :func:`tuckerize.runtime.plan.rank_splits`; rank
+config (heads, kv heads, sizes), independently of :func:`tuckerize.runtime.layout.rank_splits`; rank
 files are read with safetensors directly and checksums with hashlib.
 """
 
@@ -386,7 +386,7 @@ def test_cli_model_option_and_positional(tucker_factory, tmp_path):
 
 def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path):
 
-    from tuckerize.runtime.plan import layout_costs
+    from tuckerize.runtime.layout import layout_costs
 
     _, tucker = tucker_factory("qwen3_moe")
     result = cli("shard", "-m", str(tucker), "--tp", "2", "--out", str(tmp_path / "s"))
@@ -440,7 +440,7 @@ def test_layering_shard_imports_neither_torch_nn_nor_runtime():
 def test_unsharded_checkpoint_under_several_ranks_takes_the_shard_plan(tucker_factory):
     """An unsharded Tucker checkpoint opened by 2 ranks: the layout and load assignment that
     ``tuckerize shard`` would write (here the layout its rule picks; an explicit one is kept)."""
-    from tuckerize.runtime.plan import choose_layout, layout_plan
+    from tuckerize.runtime.layout import choose_layout, layout_plan
 
     _, tucker = tucker_factory("qwen3_moe")
     source = TensorSource.open(tucker, parallel=ParallelContext(rank=1, world=2))

@@ -58,7 +58,7 @@ class TensorSource:
         ``ParallelContext.current()``). A shard set brings its layout; an unsharded Tucker
         checkpoint opened by several ranks takes ``layout``, by default the one ``tuckerize
         shard`` would choose, with experts assigned by the saved calibration load
-        (:func:`tuckerize.runtime.plan.layout_plan`)."""
+        (:func:`tuckerize.runtime.layout.layout_plan`)."""
         folder = Path(folder)
         parallel = parallel or ParallelContext()
         if (folder / SHARD_MANIFEST).is_file():
@@ -74,7 +74,7 @@ class TensorSource:
 
             verify_checkpoint(folder, verify=verify)
             if parallel.world > 1 and layout is None:  # as its shard set would be (tuckerize shard's rule)
-                from tuckerize.runtime.plan import layout_plan, with_assignment
+                from tuckerize.runtime.layout import layout_plan, with_assignment
 
                 layout, _, assignment = layout_plan(config, parallel.world, None, folder)
                 config = with_assignment(config, parallel.world, layout, assignment)
@@ -101,12 +101,12 @@ class TensorSource:
 
     def local(self, name: str) -> torch.Tensor:
         """This rank's part of ``name`` (sliced here if the file holds the whole tensor),
-        as the runtime's layers split it (:func:`tuckerize.runtime.plan.rank_splits`)."""
+        as the runtime's layers split it (:func:`tuckerize.runtime.layout.rank_splits`)."""
         t = self.get(name)
         if self.kind == "shard" or self.parallel.world == 1:
             return t
         if getattr(self, "_splits", None) is None:
-            from tuckerize.runtime.plan import rank_splits
+            from tuckerize.runtime.layout import rank_splits
 
             self._splits = rank_splits(self.config, self.parallel.world, self.parallel.rank, self.layout,
                                        names=self.tensors.keys())

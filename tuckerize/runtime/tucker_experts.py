@@ -44,7 +44,7 @@ Tensor-parallel layouts (activations replicated on every rank):
 
 Each layer of the runtime owns how its weights are split (``shard_spec``, beside its
 forward); the shard writer asks a model built on the meta device
-(:func:`tuckerize.runtime.plan.rank_splits`), so loading and sharding cannot disagree.
+(:func:`tuckerize.runtime.layout.rank_splits`), so loading and sharding cannot disagree.
 
 E_r is contiguous by default, or the experts a shard set assigned to the rank by measured
 load (``experts=``). Every layout gives the single-device result: the all-reduce sums
