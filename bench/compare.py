@@ -131,11 +131,11 @@ class StatsExperts(torch.nn.Module):
 
     def __init__(self, w: dict, act: str):
         super().__init__()
-        from tuckerize.runtime.tucker_experts import ACTIVATIONS
+        from tuckerize.parallel import activation
 
         self.w = {p: t.float() for p, t in w.items()}
         E, H, I = self.w["gate"].shape
-        self.num_experts, self.act = E, ACTIVATIONS[act]
+        self.num_experts, self.act = E, activation(act)
         self.freq = torch.zeros(E, dtype=torch.float64)
         self.reap = torch.zeros(E, dtype=torch.float64)
         self.cov_h = torch.zeros(E, H, H, dtype=torch.float64)

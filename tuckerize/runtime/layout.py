@@ -1,44 +1,21 @@
-"""Which slice of each full tensor a rank holds, asked of the runtime's own layers.
+"""The tensor-parallel layout of a Tucker checkpoint and its expert assignment, from shapes.
 
-:func:`rank_splits` builds the model skeleton for one rank on the meta device (no
-memory, no data) from a :class:`~tuckerize.runtime.loader.SplitRecorder`; every layer
-that splits a weight answers through its ``shard_spec`` exactly as it does when it
-loads, so the shard writer and the runtime cannot disagree. Architectures without a
-native model (DeepSeek's MLA, Qwen3-Next) split only their Tucker factors, by
-:class:`~tuckerize.runtime.tucker_experts.TuckerExperts`' own rule; every other tensor
-of theirs is replicated.
+:func:`layer_costs` and :func:`layout_costs` count, per token, the slowest rank's
+multiply-adds and the values a rank sends for every layout (and for dense tensor
+parallelism), from the shapes of the modules each rank builds on the meta device;
+:func:`choose_layout` takes the cheapest; :func:`layout_plan` is the one rule that
+``tuckerize shard``, the vLLM plugin and the runtime on an unsharded checkpoint apply
+(layout, then experts assigned by measured load, read from the checkpoint's calibration
+statistics); :func:`with_assignment` records the plan in a config's ``shard`` section.
+Which slice of each tensor a rank then holds is :mod:`tuckerize.runtime.plan`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from tuckerize.arch import moe_spec
-from tuckerize.parallel import ParallelContext, Split, check_layout, check_tp
-
-
-def rank_splits(config: Mapping[str, Any], tp: int, rank: int, layout: str,
-                names: Iterable[str] = ()) -> dict[str, Split]:
-    """``{tensor name: Split}`` for rank ``rank`` of ``tp``; tensors not listed are
-    replicated. ``names``: the checkpoint's tensor names (to tell a tied LM head)."""
-    import torch
-
-    from tuckerize.runtime.loader import SplitRecorder, build_experts
-    from tuckerize.runtime.model import CausalLM
-
-    check_layout(layout)
-    check_tp(config, tp)
-    if tp == 1:
-        return {}
-    recorder = SplitRecorder(dict(config), ParallelContext(rank=rank, world=tp), layout, names)
-    spec = moe_spec(config)
-    with torch.device("meta"):
-        if spec.arch.native:
-            CausalLM(recorder, dense_experts=not recorder.is_tucker, dtype=torch.float32, device="meta")
-        else:
-            for layer in spec.moe_layers:
-                build_experts(recorder, layer, dtype=torch.float32, device="meta")
-    return recorder.splits
+from tuckerize.parallel import ParallelContext, check_layout
 
 
 def layer_costs(shape: tuple[int, int, int], top_k: int, ranks: Mapping[str, tuple[int, int, int]],

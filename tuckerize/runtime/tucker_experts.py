@@ -44,7 +44,7 @@ Tensor-parallel layouts (activations replicated on every rank):
 
 Each layer of the runtime owns how its weights are split (``shard_spec``, beside its
 forward); the shard writer asks a model built on the meta device
-(:func:`tuckerize.runtime.layout.rank_splits`), so loading and sharding cannot disagree.
+(:func:`tuckerize.runtime.plan.rank_splits`), so loading and sharding cannot disagree.
 
 E_r is contiguous by default, or the experts a shard set assigned to the rank by measured
 load (``experts=``). Every layout gives the single-device result: the all-reduce sums
@@ -62,12 +62,8 @@ import torch.nn.functional as F
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
-from tuckerize.parallel import ACTIVATIONS as _ACTIVATION_NAMES
 from tuckerize.parallel import (EXPERT_SPLIT_LAYOUTS, INPUT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, Split, activation,
                                 check_layout, split_range, split_sizes, take)
-
-#: ``hidden_act`` name -> function (kept for callers that look activations up here).
-ACTIVATIONS = {name: activation(name) for name in _ACTIVATION_NAMES}
 
 
 class TuckerFactors(nn.Module):

@@ -5,7 +5,7 @@ format of :mod:`tuckerize.shardset`, which also reads it back. Every slice keeps
 from the unsharded checkpoint, so any rank's tensor can be checked against the whole (the
 manifest's ``splits`` say which rows or columns it is). Which slice a rank holds is asked of
 the runtime's layers, built for that rank on the meta device
-(:func:`tuckerize.runtime.layout.rank_splits`): the only place that says how a weight is
+(:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how a weight is
 split. The source is read one unit (decoder layer) at a time.
 """
 
@@ -58,7 +58,8 @@ def shard_checkpoint(
     verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     # The layers' own rule (torch.nn is imported here only, when the writer runs).
-    from tuckerize.runtime.layout import layout_plan, rank_splits, with_assignment
+    from tuckerize.runtime.layout import layout_plan, with_assignment
+    from tuckerize.runtime.plan import rank_splits
 
     layout, costs, assignment = layout_plan(src.config, tp, layout, src.folder, expert_load, balance_above)
     choice = None
