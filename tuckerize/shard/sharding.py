@@ -15,14 +15,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tuckerize.version import __version__
-from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.fp8 import is_scale_name
+from tuckerize.integrity import verify_checkpoint
+from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.progress import Progress, ensure
 from tuckerize.shardset import SHARD_MANIFEST, rank_dir
+from tuckerize.version import __version__
 
 
 def shard_checkpoint(
@@ -53,8 +54,6 @@ def shard_checkpoint(
     if layout is not None and layout != "auto" and layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     src = TuckerCheckpoint.open(tucker)
-    from tuckerize.integrity import verify_checkpoint
-
     verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     # The layers' own rule (torch.nn is imported here only, when the writer runs).
@@ -70,6 +69,44 @@ def shard_checkpoint(
     config.pop("quantization_config", None)  # FP8 tensors are written dequantised (below)
     plans = [rank_splits(config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
+    tmp_out = _fresh_output(out, overwrite)
+    weight_maps, rank_files, splits = _write_ranks(src, plans, tmp_out, tp, progress)
+
+    for r in range(tp):
+        write_json(tmp_out / rank_dir(r, tp) / INDEX_NAME, {"metadata": {}, "weight_map": weight_maps[r]})
+    for name in SIDE_FILES:
+        if (src.folder / name).is_file():
+            shutil.copyfile(src.folder / name, tmp_out / name)
+    write_json(tmp_out / "config.json", config)
+    manifest = {
+        "tool": "tuckerize",
+        "version": __version__,
+        "tp": tp,
+        "layout": layout,
+        "source": {
+            "path": str(Path(tucker).resolve()),
+            "manifest_sha256": sha256_file(src.folder / MANIFEST_NAME),
+            "model": src.manifest.get("source", {}).get("model"),
+        },
+        "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
+        # each rank's Tucker expert tensors, as stored (quantised factors stay quantised), per MoE layer
+        "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
+                                   for r in range(tp)],
+        "splits": splits,
+    }
+    if choice is not None:
+        manifest["layout_choice"] = choice
+    if assignment:
+        manifest["expert_assignment"] = {str(L): a for L, a in assignment.items()}
+    write_json(tmp_out / SHARD_MANIFEST, manifest)
+    tmp_out.rename(out)
+    manifest["out"] = str(out.resolve())
+    return manifest
+
+
+def _fresh_output(out: Path, overwrite: bool) -> Path:
+    """The temporary folder the shard set is written into (renamed to ``out`` when complete),
+    after refusing an ``out`` that is not a shard set, or one that is without ``overwrite``."""
     if out.exists():
         ours = (out / SHARD_MANIFEST).is_file() or any(out.glob("rank-*-of-*"))
         if any(out.iterdir()) and not ours:
@@ -81,7 +118,12 @@ def shard_checkpoint(
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
+    return tmp_out
 
+
+def _write_ranks(src: TuckerCheckpoint, plans: list[dict[str, Any]], tmp_out: Path, tp: int, progress: Progress):
+    """Each rank's slices of every source file, one file per source unit: ``(weight maps,
+    files with sha256 and bytes, splits)`` per rank."""
     files = src.tensors.files
     progress.start("shard", len(files))
     weight_maps: list[dict[str, str]] = [{} for _ in range(tp)]
@@ -116,37 +158,7 @@ def shard_checkpoint(
         del full
         progress.advance("shard", file=filename)
     progress.finish("shard")
-
-    for r in range(tp):
-        write_json(tmp_out / rank_dir(r, tp) / INDEX_NAME, {"metadata": {}, "weight_map": weight_maps[r]})
-    for name in SIDE_FILES:
-        if (src.folder / name).is_file():
-            shutil.copyfile(src.folder / name, tmp_out / name)
-    write_json(tmp_out / "config.json", config)
-    manifest = {
-        "tool": "tuckerize",
-        "version": __version__,
-        "tp": tp,
-        "layout": layout,
-        "source": {
-            "path": str(Path(tucker).resolve()),
-            "manifest_sha256": sha256_file(src.folder / MANIFEST_NAME),
-            "model": src.manifest.get("source", {}).get("model"),
-        },
-        "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
-        # each rank's Tucker expert tensors, as stored (quantised factors stay quantised), per MoE layer
-        "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
-                                   for r in range(tp)],
-        "splits": splits,
-    }
-    if choice is not None:
-        manifest["layout_choice"] = choice
-    if assignment:
-        manifest["expert_assignment"] = {str(L): a for L, a in assignment.items()}
-    write_json(tmp_out / SHARD_MANIFEST, manifest)
-    tmp_out.rename(out)
-    manifest["out"] = str(out.resolve())
-    return manifest
+    return weight_maps, rank_files, splits
 
 
 class _Stored:
