@@ -12,7 +12,8 @@ the same items give the same accuracy through ``--tasks-jsonl`` and ``--tasks``:
   context moves to the start of the continuation, ``context + continuation`` is encoded whole
   and the continuation is what follows the context's own encoding; strings are encoded with
   the tokenizer's default special tokens unless they already start with the prefix token's
-  text (``HFLM.tok_encode``); an empty context is the prefix token (BOS, else EOS);
+  text (``HFLM.tok_encode``); an empty context is the prefix token (BOS, else EOS); a
+  context of whitespace only is refused (lm-eval fails on it);
 * the log-likelihood is the sum of the continuation tokens' log-probabilities after
   ``(context + continuation)[-(max_length + 1):][:-1]`` (left truncation to the model's
   ``max_length``: ``n_positions``, ``max_position_embeddings`` or ``n_ctx`` of its config,
@@ -110,13 +111,16 @@ def _rows(path: Path, limit: int | None) -> list[tuple[str, list[str], int, str]
     if not rows:
         raise InputError(f"task file {path} has no examples")
     out = []
-    for row in rows:
+    for n, row in enumerate(rows, 1):
         try:
             choices = [str(c) for c in row["choices"]]
             out.append((str(row["context"]), choices, int(row["label"]),
                         str(row.get("target_delimiter", TARGET_DELIMITER))))
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{path}: each line needs context, choices and label") from None
+        if out[-1][0] and not out[-1][0].strip():
+            raise InputError(f"{path}: example {n} has a context of whitespace only, which lm-eval cannot score; "
+                             "leave it empty or give it text")
     return out
 
 
