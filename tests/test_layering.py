@@ -7,7 +7,7 @@ counts as an import of ``pkg.name`` when that is a module, else of ``pkg`` (its
 ``__init__``). Imports of third-party packages (torch, vllm, transformers, lm_eval) are not
 looked at. The same floors are listed in README.md's Layout section, checked here too.
 
-Also checked: no function longer than 120 lines and no module longer than 600 lines in
+Also checked: every module has a docstring (saying what it owns); no function longer than 120 lines and no module longer than 600 lines in
 ``tuckerize/``, ``bench/`` and ``scripts/`` (the files of :data:`OVERSIZE` excepted, each
 with its owner's reason; an exception that is no longer needed fails, so the list only
 shrinks); only the integrations and the CLI import ``tuckerize.integrations``.
@@ -105,6 +105,11 @@ def _imports(module: str) -> list[tuple[int, str]]:
 
 
 EDGES = {m: _imports(m) for m in MODULES}
+
+
+def test_every_module_says_what_it_owns():
+    missing = [str(MODULES[m].relative_to(ROOT)) for m, tree in TREES.items() if not ast.get_docstring(tree)]
+    assert not missing, f"modules without a docstring saying what they own: {missing}"
 
 
 def test_every_module_has_a_floor():
