@@ -32,6 +32,8 @@ import torch
 
 from tuckerize.errors import BackendError, InputError
 from tuckerize.parallel import ParallelContext
+from tuckerize.runtime.loader import TensorSource
+from tuckerize.runtime.model import CausalLM, native_supported
 
 #: Runtimes that tuckerize's own integrations provide: name -> the module registering it.
 INTEGRATION_RUNTIMES = {"vllm": "tuckerize.integrations.vllm.evaluate"}
@@ -101,9 +103,6 @@ def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str
 def _load_local(path: str, parallel: ParallelContext, device, dtype, *, runtime: str, verify: bool = True,
                 **_: object) -> EvalModel:
     """The built-in runtimes: ``native``, ``hf``, or ``auto`` (native where it covers the architecture)."""
-    from tuckerize.runtime.loader import TensorSource
-    from tuckerize.runtime.model import CausalLM, native_supported
-
     source = TensorSource.open(path, parallel, verify=verify)
     native = native_supported(source.spec.arch.name)
     if runtime == "native" and not native:
