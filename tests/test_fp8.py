@@ -288,7 +288,7 @@ def test_native_runtime_reads_fp8(layout, fp8_models):
     model of the reference-dequantised weights (the Tucker one with the factors' dense experts)."""
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM
-    from tuckerize.runtime.parallel import ParallelContext
+    from tuckerize.parallel import ParallelContext
 
     fp8, deq, tucker = fp8_models("qwen3_moe", layout)
     ids = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,9 @@ One module per concern (each says what it owns):
 ``weights``  statistics -> weights of the decomposition (:class:`WhitenOptions`,
              :func:`mode_weights`, :func:`expert_weights`)
 
-The layer-by-layer runner is :mod:`tuckerize.runtime.layerwise`; the maths the statistics
+Floors (tests/test_layering.py): ``stats`` and ``store`` are formats, below the runtime (the
+runtime's layout rule reads the routed-token counts of the file: :func:`store.expert_load`);
+``tokens``, ``weights`` and ``collect`` sit above the runtime. The layer-by-layer runner is :mod:`tuckerize.runtime.layerwise`; the maths the statistics
 feed is in :mod:`tuckerize.decompose` (``whiten``, ``expert_weighted``, ``refit``).
 Import the submodules (this package imports nothing, so ``import tuckerize.calibration``
 stays cheap).

@@ -11,7 +11,7 @@ from typing import Callable, TypeVar
 
 import typer
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.errors import TuckerizeError
 
 app = typer.Typer(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.allocate import dense_params, tucker_params
 from tuckerize.arch import FACTORS, PROJECTIONS, MoESpec
 from tuckerize.format import FORMAT_VERSION
