@@ -14,7 +14,7 @@ instead of the ranks (``configs/method.yaml`` lists them all)::
       als_iters: 3          # alternation sweeps of whitening: expert
       expert_hidden: false  # expert with each expert's own hidden covariance (E x H x H)
       alloc_damp: null      # ridge of the spectra that --ratio/--params allocation compares (null: 10)
-      refit_damp: 0.01      # ridge of the per-expert core refit (--refit)
+      refit_damp: 0.01      # ridge of the per-expert core refit (refit: true)
       iters: 0              # HOOI sweeps after ST-HOSVD
       tol: 0.0001           # HOOI stopping tolerance
       refit: false          # refit each expert's core to its own routed calibration data

@@ -14,7 +14,7 @@ divided by :func:`tuckerize.compress.distribute.assign_units`, each rank reading
 units' tensors and recording its files in its own journal; after all ranks finish, rank 0
 writes config, index, side files and the manifest. A
 :class:`~tuckerize.errors.TuckerizeError` on any rank is raised on every rank
-(:func:`tuckerize.parallel.agreed`). ``--sequential`` and ``--refit`` (each layer's inputs
+(:func:`tuckerize.parallel.agreed`). ``method.sequential`` and ``method.refit`` (each layer's inputs
 come from the layer before) are refused under torchrun.
 """
 
