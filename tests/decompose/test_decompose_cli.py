@@ -29,6 +29,8 @@ def test_decompose_help_fits_one_screen():
     assert sorted(set(listed) - {"--help"}) == sorted(p.opts[0] for p in options)
     for research in ("--refit", "--sequential", "--expert-rank", "--stats"):
         assert research not in listed
+    narrow = CliRunner().invoke(app, ["decompose", "--help"], env={"COLUMNS": "80"}).output
+    assert len(narrow.splitlines()) <= 50, narrow  # one 80 x 50 terminal
 
 
 def test_method_yaml_lists_every_setting():

@@ -10,7 +10,7 @@ import typer
 from tuckerize.cli import app, run_or_exit
 from tuckerize.cli.ui import RichProgress, bytes_line, console, print_json
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder. Default: the embedded demo model.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder; demo: the embedded demo model.")]
 
 
 class DecomposeProgress(RichProgress):
@@ -44,19 +44,19 @@ class DecomposeProgress(RichProgress):
 def decompose(
     model: Model = "demo",
     ranks: Annotated[Optional[str], typer.Option(help="r_E,r_H,r_I for every MoE layer and projection, e.g. 64,512,256.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks allocated per layer and projection.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks allocated per layer.")] = None,
     params: Annotated[Optional[int], typer.Option(help="Routed-expert parameters to keep (instead of --ratio).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML rank plan and/or 'method:' research settings (refit, sequential, expert_rank, ...: configs/method.yaml).")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="Calibration text (file, folder of .txt, .jsonl, hf:DATASET[:CONFIG[:SPLIT]], 'demo') or saved statistics (calibration_stats.safetensors or the folder holding it).")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML rank plan and/or 'method:' settings (refit, sequential, ...: configs/method.yaml).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Text (file, folder, .jsonl, hf:DATASET[:CONFIG[:SPLIT]], demo) or saved statistics (a folder holding calibration_stats.safetensors).")] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-    factor_dtype: Annotated[Optional[str], typer.Option(help="Storage of factors: float32, bf16, fp16, fp8, int8, int4, or per factor ('int8,core=int4'). Default: the source's dtype.")] = None,
+    factor_dtype: Annotated[Optional[str], typer.Option(help="float32, bf16, fp16, fp8, int8, int4 or per factor ('int8,core=int4'). Default: the source's dtype.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <model>-tucker-<ranks>.")] = None,
-    save_config: Annotated[Optional[Path], typer.Option(help="Also write an allocated rank plan here (it is always in the output folder as rank_plan.yaml).")] = None,
+    save_config: Annotated[Optional[Path], typer.Option(help="Also write an allocated rank plan here (always written to OUT/rank_plan.yaml).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an output folder tuckerize wrote (deletes only the files it recorded).")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core.
 
