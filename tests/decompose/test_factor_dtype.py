@@ -142,3 +142,26 @@ def test_mixed_dtype_sources(tiny_factory, tmp_path):
     assert "factor_storage" not in tiny_models.read_config(tmp_path / "o2")["tucker"]
     E, H, I, L = shapes(src)
     assert m["bytes"]["experts_source"] == 3 * E * H * I * 2 + 3 * E * H * I * 4  # one layer each
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_runtime_reads_half_precision_factors(tiny_factory, tmp_path, dtype):
+    """The native runtime on a checkpoint whose factors are stored in the source's half
+    precision equals transformers' model (float32) with the dense experts rebuilt from those
+    stored factors in float64."""
+    import model_refs as M
+    import tucker_refs as R
+
+    from tuckerize.parallel import ParallelContext
+    from tuckerize.runtime.loader import TensorSource
+    from tuckerize.runtime.model import CausalLM
+
+    src = tiny_factory("qwen3_moe", dtype=dtype)
+    out = R.decompose_tiny(src, tmp_path / "tucker")
+    assert load_file(str(out / "model-00001-of-00003.safetensors"))["model.layers.0.mlp.experts.up.core"].dtype == dtype
+    ids = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = M.hf_logits(src, ids, tucker=out)
+    with torch.no_grad():
+        got = CausalLM(TensorSource.open(out, parallel=ParallelContext()), dtype=torch.float32).eval()(ids)
+    assert float(ref.std()) > 0.1
+    assert R.rel_err(ref, got) < 1e-4
