@@ -456,3 +456,25 @@ def test_unsharded_checkpoint_under_several_ranks_takes_the_shard_plan(tucker_fa
     layout, _, assignment = layout_plan(source.config, 2, "expert", load={L: [9.0] * 2 + [1.0] * (E - 2)
                                                                           for L in source.spec.moe_layers})
     assert layout == "expert" and all(a["assigned"] for a in assignment.values())
+
+
+@pytest.mark.parametrize("layout", ["intermediate", "expert"])
+def test_shard_bytes_against_source_and_bf16(tucker_factory, tmp_path, layout):
+    """The shard manifest's ``bytes`` and the CLI's line: all ranks' expert tensors as written
+    (read back from the rank files here) against the float32 source's experts and against
+    bf16 dense experts, both counted from the source's tensor shapes."""
+    src, tucker = tucker_factory("qwen3_moe")
+    out = tmp_path / "s"
+    result = cli("shard", str(tucker), "--tp", "2", "--layout", layout, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    b = json.loads((out / SHARD_MANIFEST).read_text())["bytes"]
+    written = [sum(t.numel() * t.element_size() for n, t in _read_all(out / f"rank-{r:05d}-of-00002").items()
+                   if ".mlp.experts." in n) for r in range(2)]
+    dense = [t for n, t in _read_all(src).items() if ".mlp.experts." in n]
+    assert all(t.dtype == torch.float32 for t in dense)
+    source = sum(t.numel() * 4 for t in dense)
+    assert b["experts_stored_per_rank"] == written and b["experts_stored"] == sum(written)
+    assert (b["experts_source"], b["experts_dense_bf16"]) == (source, source // 2)
+    assert b["ratio_to_source"] == pytest.approx(sum(written) / source)
+    assert b["ratio_to_bf16_dense"] == pytest.approx(2 * sum(written) / source)
+    assert f"{b['ratio_to_source']:.1%} of the source's" in result.stderr.replace("\n", " ")

@@ -6,7 +6,7 @@ One module per concern (each says what it owns):
              :mod:`tuckerize.text`, shared with ``eval``)
 ``stats``    what is accumulated per MoE layer (:class:`LayerStats`, float64) and why
 ``collect``  running the model layer by layer to fill them (:func:`collect_statistics`)
-             and the per-expert accumulation of ``--refit`` (:class:`RefitCollector`)
+             and the per-expert accumulation of ``method.refit`` (:class:`RefitCollector`)
 ``store``    the statistics on disk and what they depend on (:class:`CalibrationStats`,
              :class:`CalibrationSettings`, the streaming safetensors writer)
 ``weights``  statistics -> weights of the decomposition (:class:`WhitenOptions`,

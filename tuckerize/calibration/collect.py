@@ -3,7 +3,7 @@
 :func:`collect_statistics`: every MoE layer's :class:`~tuckerize.calibration.stats.LayerStats`
 from the original model's hidden states (the dense stream), streamed to the statistics
 file one layer at a time (:mod:`tuckerize.calibration.store`).
-:class:`RefitCollector`: the per-expert sums that ``--refit`` solves
+:class:`RefitCollector`: the per-expert sums that ``method.refit`` solves
 (:func:`tuckerize.decompose.refit.refit_cores`), given a layer's shared factors.
 Both run the layers through :class:`tuckerize.runtime.layerwise.LayerwiseRunner`.
 """

@@ -14,7 +14,7 @@ and materialised one at a time with our routed experts in place of transformers'
 at a time, reporting each expert's inputs to an optional statistics sink (duck-typed:
 ``add_tokens``/``add_expert`` of :class:`tuckerize.calibration.stats.LayerStats`).
 
-Used by calibration (:mod:`tuckerize.calibration.collect`), ``--sequential`` and ``--refit``.
+Used by calibration (:mod:`tuckerize.calibration.collect`), ``method.sequential`` and ``method.refit``.
 """
 
 from __future__ import annotations

@@ -93,6 +93,7 @@ def shard_checkpoint(
         "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
                                    for r in range(tp)],
         "splits": splits,
+        "bytes": shard_bytes(src, [sum(f["expert_bytes"] for f in rank_files[r].values()) for r in range(tp)]),
     }
     if choice is not None:
         manifest["layout_choice"] = choice
@@ -159,6 +160,24 @@ def _write_ranks(src: TuckerCheckpoint, plans: list[dict[str, Any]], tmp_out: Pa
         progress.advance("shard", file=filename)
     progress.finish("shard")
     return weight_maps, rank_files, splits
+
+
+def shard_bytes(src: TuckerCheckpoint, per_rank: list[int]) -> dict[str, Any]:
+    """The shard manifest's ``bytes``: the routed experts' bytes all ranks store together
+    (factors a layout replicates count once per rank), against the source's experts as
+    stored (from the Tucker manifest; absent for checkpoints written before it was
+    recorded) and against bf16 dense experts (from the shapes)."""
+    E, H, I = src.spec.shape
+    stored = sum(per_rank)
+    dense = 3 * E * H * I * 2 * len(src.spec.moe_layers)
+    tucker = src.manifest.get("bytes") or {}
+    out: dict[str, Any] = {"experts_stored": stored, "experts_stored_per_rank": list(per_rank),
+                           "experts_unsharded": tucker.get("experts_stored"),
+                           "experts_dense_bf16": dense, "ratio_to_bf16_dense": stored / dense}
+    if tucker.get("experts_source"):
+        out.update(experts_source=tucker["experts_source"], ratio_to_source=stored / tucker["experts_source"],
+                   source_dtype=tucker.get("source_dtype"))
+    return out
 
 
 class _Stored:
