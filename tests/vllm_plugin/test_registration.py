@@ -18,15 +18,17 @@ QWEN = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "nu
         "num_experts": 4, "num_experts_per_tok": 2, "hidden_size": 8, "moe_intermediate_size": 4}
 
 
-def test_version_outside_the_pinned_range_is_one_line():
-    from tuckerize.integrations.vllm import check_vllm_version
+def test_version_outside_the_supported_series_is_one_line():
+    from tuckerize.integrations.vllm import SUPPORTED_VLLM, check_vllm_version
 
-    assert check_vllm_version("0.32.0") == "0.32.0"
-    assert check_vllm_version("0.32.1+cpu") == "0.32.1+cpu"
-    for bad in ("0.31.2", "0.33.0", "1.0.0"):
+    assert SUPPORTED_VLLM == ("0.32", "0.33", "0.34")
+    for good in ("0.32.0", "0.32.1+cpu", "0.33.0", "0.34.0", "0.34.2.post1"):
+        assert check_vllm_version(good) == good
+    for bad in ("0.31.2", "0.35.0", "1.0.0", "dev"):
         with pytest.raises(BackendError) as err:
             check_vllm_version(bad)
-        assert "\n" not in str(err.value) and bad in str(err.value) and ">=0.32.0,<0.33.0" in str(err.value)
+        msg = str(err.value)
+        assert "\n" not in msg and bad in msg and ">=0.32.0,<0.35.0" in msg and "vllm==0.34.0" in msg
 
 
 def test_tucker_names_resolve_and_older_checkpoints_still_load():
