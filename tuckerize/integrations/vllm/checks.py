@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from tuckerize.arch import TUCKER_CLASS_PREFIX, TUCKER_TYPE_PREFIX, resolve_architecture
 from tuckerize.errors import InputError, TuckerizeError, UnsupportedArchitectureError
+from tuckerize.integrity import verify_checkpoint
 
 #: Environment variable: ``0`` (or false/no/off) skips the sha256 check inside vLLM.
 VERIFY_ENV = "TUCKERIZE_VERIFY"
@@ -137,8 +138,6 @@ def check_loading(vllm_config: Any, supported: Mapping[str, tuple], not_yet: Map
     """Inside vLLM, first in a Tucker model class's constructor: the config's tucker section and
     architecture, then the checkpoint's files against its manifest (sizes; sha256s unless
     ``TUCKERIZE_VERIFY=0``). A problem is logged at ERROR and raised as one line."""
-    from tuckerize.integrity import verify_checkpoint
-
     model = str(vllm_config.model_config.model)
     folder = Path(model)
     where = str(folder / "config.json") if folder.is_dir() else f"the config of {model}"

@@ -28,6 +28,8 @@ from tuckerize.errors import BackendError, InputError, UnsupportedArchitectureEr
 from tuckerize.integrations.vllm import CI_VLLM, SUPPORTED_VLLM, check_vllm_version
 from tuckerize.integrations.vllm.checks import RECORD, VERIFY_ENV, check_tucker_config, unavailable_message
 from tuckerize.integrations.vllm.models import NOT_YET, SUPPORTED
+from tuckerize.integrations.vllm.moe import serving_layout
+from tuckerize.integrity import verify_checkpoint
 from tuckerize.progress import Progress
 
 #: vLLM options that set what ``tuckerize serve`` checks: name -> (its aliases, takes a value)
@@ -124,9 +126,6 @@ def check_servable(folder: str | Path, *, tp: int | None = None, vllm_args: Sequ
                    progress: Progress | None = None) -> ServePlan:
     """Check that vLLM can serve the Tucker checkpoint ``folder`` with ``vllm_args`` (the
     options of ``vllm serve``); the :class:`ServePlan`, or a one-line error."""
-    from tuckerize.integrations.vllm.moe import serving_layout
-    from tuckerize.integrity import verify_checkpoint
-
     folder = Path(folder)
     if str(folder).startswith("-"):
         raise InputError(f"{folder} is an option where the checkpoint goes: tuckerize serve CHECKPOINT [--tp N] "
