@@ -90,8 +90,9 @@ def _installed_spec() -> str | None:
 
 @needs_vllm
 def test_record_matches_installed_vllm():
-    """The installed build is in the record, its files have the recorded sha256s, and every
-    recorded function has the recorded parameters (inspect.signature on the imported object)."""
+    """The installed build is in the record, its files have the recorded sha256s, every
+    recorded function has the recorded parameters (inspect.signature on the imported object)
+    and every recorded class-level field is in the imported class's annotations."""
     spec = _installed_spec()
     assert spec in RECORD["releases"], f"installed {spec} is not in checked_api.json; {RERUN}"
     release = RECORD["releases"][spec]
@@ -102,8 +103,13 @@ def test_record_matches_installed_vllm():
             installed[str(f)] = base64.urlsafe_b64decode(f.hash.value + "==").hex()
     for rel, digest in release["files"].items():
         assert installed.get(rel) == digest, f"{rel}: installed file differs from the recorded {spec}"
-    checked = 0
+    checked = fields = 0
     for name, info in release["definitions"].items():
+        if info["kind"] == "field":  # a class-level field: in the imported class's annotations
+            owner, _, attr = name.rpartition(".")
+            cls = _import(owner)
+            assert any(attr in vars(c).get("__annotations__", {}) for c in cls.__mro__), name
+            fields += 1
         if "params" not in info:
             continue
         obj = _import(name)
@@ -111,7 +117,7 @@ def test_record_matches_installed_vllm():
                   for p in inspect.signature(obj).parameters.values()]
         assert params == info["params"], f"{name}: installed {params}, recorded {info['params']}"
         checked += 1
-    assert checked >= 10
+    assert checked >= 10 and fields >= 5
 
 
 def _import(name: str):

@@ -284,7 +284,7 @@ class Resolver:
 
     def _record(self, obj: Obj, qualname: str, args: ast.arguments | None, returns: ast.AST | None) -> dict:
         sig = None if args is None else f"({ast.unparse(args)})" + (f" -> {ast.unparse(returns)}" if returns else "")
-        entry = {"name": f"{obj.module}:{qualname}", "at": self.tree.where(obj)}
+        entry = {"name": f"{obj.module}:{qualname}", "at": self.tree.where(obj), "kind": obj.kind}
         if sig is not None:
             entry["signature"] = sig
             entry["params"] = [a.arg for a in [*args.posonlyargs, *args.args]] + \
@@ -353,7 +353,7 @@ class Resolver:
                 if not (isinstance(target, ast.Attribute) and target.attr == attr and
                         isinstance(target.value, ast.Name) and target.value.id == "self"):
                     continue
-                self._record(Obj("field", module=cls.module, node=node), f"{cls.name}.{attr}", None, None)
+                self._record(Obj("attribute", module=cls.module, node=node), f"{cls.name}.{attr}", None, None)
                 if isinstance(node, ast.AnnAssign):
                     return self.annot(cls.module, node.annotation, cls)
                 if assigned is None:
