@@ -69,13 +69,16 @@ def verify_files(
     error: type[TuckerizeError] = IntegrityError,
     cache_path: Path | None = None,
     progress: Progress | None = None,
+    skip_hint: str = "--no-verify skips this check",
 ) -> None:
     """Check ``folder/<name>`` against ``entries[name] = {"bytes": int | None, "sha256": str}``.
 
     ``manifest_name`` names the file the entries come from and ``fix`` says what to do, both
     for the error message; ``error`` is the exception type raised. Sizes always (where
     recorded); sha256s when ``verify``, cached in ``cache_path`` (default
-    ``folder/.tuckerize-verified.json``; see the module docstring).
+    ``folder/.tuckerize-verified.json``; see the module docstring). ``skip_hint`` ends a
+    sha256 mismatch's message: how to skip the check where the caller runs (a flag, or an
+    environment variable inside vLLM).
     """
     folder = Path(folder)
     progress = ensure(progress)
@@ -103,7 +106,7 @@ def verify_files(
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise error(f"{path} is corrupted: its sha256 does not match the one recorded in {manifest_name} "
-                        f"(damaged or replaced); {fix}; --no-verify skips this check")
+                        f"(damaged or replaced); {fix}; {skip_hint}")
         if _stat_key(path) == before:  # not written to while it was hashed
             cache[name] = {"sha256": digest, "stat": before}
             changed = True
@@ -118,7 +121,8 @@ def manifest_sha256(folder: str | Path) -> str:
     return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
-def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Progress | None = None,
+                      skip_hint: str = "--no-verify skips this check") -> dict[str, Any]:
     """Check an unsharded Tucker checkpoint against its manifest; returns the manifest.
 
     Every file in the manifest's ``files`` (the safetensors; plus ``side_files`` where a
@@ -140,5 +144,6 @@ def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Prog
             if not (isinstance(info, dict) and "bytes" in info and "sha256" in info):
                 raise IntegrityError(f"{folder / MANIFEST_NAME} is damaged (entry {name} has no bytes/sha256); {fix}")
             entries[str(info.get("file", name))] = info
-    verify_files(folder, entries, verify=verify, manifest_name=MANIFEST_NAME, fix=fix, progress=progress)
+    verify_files(folder, entries, verify=verify, manifest_name=MANIFEST_NAME, fix=fix, progress=progress,
+                 skip_hint=skip_hint)
     return manifest
