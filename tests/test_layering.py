@@ -50,8 +50,11 @@ FLOORS: list[tuple[str, list[str]]] = [
                    "tuckerize.evaluate.scoring", "tuckerize.evaluate.tasks", "tuckerize.evaluate.inputs",
                    "tuckerize.evaluate.report", "tuckerize.evaluate.run"]),
     ("integrations", ["tuckerize.integrations", "tuckerize.integrations.vllm", "tuckerize.integrations.vllm.moe",
-                      "tuckerize.integrations.vllm.models", "tuckerize.integrations.vllm.evaluate"]),
-    ("cli", ["tuckerize.cli", "tuckerize.cli.ui", "tuckerize.cli.decompose", "tuckerize.cli.shard", "tuckerize.cli.eval",
+                      "tuckerize.integrations.vllm.models", "tuckerize.integrations.vllm.evaluate",
+                      "tuckerize.integrations.vllm.api_uses", "tuckerize.integrations.vllm.api_check",
+                      "tuckerize.integrations.vllm.checks", "tuckerize.integrations.vllm.cpu_dist",
+                      "tuckerize.integrations.vllm.serve"]),
+    ("cli", ["tuckerize.cli", "tuckerize.cli.ui", "tuckerize.cli.decompose", "tuckerize.cli.shard", "tuckerize.cli.eval", "tuckerize.cli.serve",
              "tuckerize.__main__"]),
 ]
 FLOOR = {m: i for i, (_, mods) in enumerate(FLOORS) for m in mods}
