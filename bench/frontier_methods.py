@@ -128,7 +128,7 @@ class Lab:
 def grid_of(spec: str):
     """``int4`` (symmetric, the factor codec), ``a3`` / ``a2`` (asymmetric, packed), ``g``-suffixed
     group sizes (``int4g64``); None for ``bf16``."""
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
 
     if spec == "bf16":
         return None
@@ -153,7 +153,7 @@ def grid_bytes(shape, grid) -> int:
 
 def base_only(lab: Lab, L: int, p: str, kind: str, bits: int, group: int):
     from tuckerize.decompose.gptq import gptq, rtn
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.decompose.residual import base_orientation
     from tuckerize.quant_packed import packed_bytes
 
@@ -203,7 +203,7 @@ def tucker(lab: Lab, L: int, p: str, rank, dtypes: dict, method: str):
 
 def residual(lab: Lab, L: int, p: str, bits: int, group: int, rank, dtypes: dict, rounds: int, init: str,
              factor_method: str = "gptq"):
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.decompose.residual import fit_quantised
     from tuckerize.quant_packed import packed_bytes
 

@@ -21,7 +21,7 @@ def stored_layer(E: int = 4, H: int = 16, I: int = 24, forms=FORMS, seed: int = 
     """Every stored tensor of one layer in ``forms`` (bases packed, residual factors plain or int4)."""
     from tuckerize.decompose.factor_quant import stored_codes
     from tuckerize.decompose.gptq import rtn
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.quant import encode
     from tuckerize.quant_packed import encode as encode_packed
 

@@ -9,7 +9,7 @@ import torch
 
 from tuckerize.decompose.gptq import rtn
 from tuckerize.decompose.factor_quant import stored_codes
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid
 from tuckerize.quant_packed import decode, dequantize_rows, encode, pack, packed_bytes, slice_stored, unpack
 
 

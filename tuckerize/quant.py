@@ -40,8 +40,7 @@ from typing import Any, Mapping
 import torch
 
 from tuckerize import quant_packed
-from tuckerize.decompose.gptq import rtn
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid, round_to_grid
 from tuckerize.errors import InputError
 
 FACTOR_KINDS = ("U_E", "U_H", "U_I", "core")
@@ -149,10 +148,8 @@ def encode(name: str, x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -
 
 def _encode_packed(name: str, x: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
     """Round to nearest on the asymmetric clipped grid, packed (:mod:`tuckerize.quant_packed`)."""
-    m = x.float().reshape(-1, x.shape[-1]) if x.dim() > 1 else x.float().reshape(1, -1)
-    q = rtn(m, Grid(bits=bits, group=group))
-    return quant_packed.encode(name, q.codes.reshape(x.shape), q.scale.reshape(*x.shape[:-1], -1),
-                               q.zero.reshape(*x.shape[:-1], -1), bits, group)
+    codes, scale, zero, _ = round_to_grid(x.float(), Grid(bits=bits, group=group))
+    return quant_packed.encode(name, codes, scale, zero, bits, group)
 
 
 def encode_codes(name: str, q: Any, dtype: str) -> dict[str, torch.Tensor]:

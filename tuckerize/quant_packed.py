@@ -11,7 +11,7 @@ four tensors instead of ``X``, keeping its leading axes::
     X.qzero   float16  [*lead, ceil(cols / g)]
     X.qshape  int64    [len(S) + 2]                 S, then g, then b
 
-and ``X = (code - zero) * scale`` per group (:mod:`tuckerize.decompose.grid`). Each row
+and ``X = (code - zero) * scale`` per group (:mod:`tuckerize.quant_grid`). Each row
 starts on a byte, so any leading axis slices like the tensor itself (experts, output rows);
 a range of the last axis slices when it starts on a group boundary that is also a byte
 boundary (``start * b % 8 == 0``). Bytes: ``rows ceil(cols b / 8) + 4 rows ceil(cols / g) +

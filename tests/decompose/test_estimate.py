@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tuckerize.decompose.estimate import energy_table, grid_noise
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid
 
 
 def test_energy_table_is_the_hosvd_kept_energy():

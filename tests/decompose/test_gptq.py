@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tuckerize.decompose.gptq import gptq, output_error, rtn
-from tuckerize.decompose.grid import Grid, codes, dequantize, fit
+from tuckerize.quant_grid import Grid, codes, dequantize, fit
 
 
 def _cov(n: int, seed: int, tokens: int = 200) -> torch.Tensor:

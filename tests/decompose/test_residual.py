@@ -10,7 +10,7 @@ import torch
 
 from tuckerize.decompose.expert_weighted import weighted_objective
 from tuckerize.decompose.factor_quant import quantise_tucker
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid
 from tuckerize.decompose.residual import fit_base_residual, fit_quantised
 from tuckerize.decompose.tucker import TuckerTensor, tucker
 

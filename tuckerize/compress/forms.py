@@ -105,7 +105,7 @@ def rank_grid(dim: int, steps: int) -> list[int]:
 
 
 def _grids(dtypes: Mapping[str, str]):
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.quant import PACKED
 
     out = {}
@@ -136,7 +136,7 @@ def _base_cov(layer_stats: Mapping[str, torch.Tensor], proj: str) -> torch.Tenso
 
 def _gptq_base(T: torch.Tensor, layer_stats, proj: str, bits: int, group: int, damp: float):
     from tuckerize.decompose.gptq import gptq
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.decompose.residual import base_orientation
 
     to_s, from_s = base_orientation("I" if proj == "down" else "H")
@@ -214,7 +214,7 @@ def realise(T: torch.Tensor, option: Option, *, proj: str, layer_stats, A, B, de
     from tuckerize.decompose import TuckerTensor
     from tuckerize.decompose.expert_weighted import weighted_objective
     from tuckerize.decompose.factor_quant import quantise_tucker, stored_codes
-    from tuckerize.decompose.grid import Grid
+    from tuckerize.quant_grid import Grid
     from tuckerize.decompose.residual import fit_quantised
     from tuckerize.quant_packed import encode as encode_packed
 

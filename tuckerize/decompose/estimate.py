@@ -23,7 +23,7 @@ import functools
 
 import torch
 
-from tuckerize.decompose.grid import Grid, fake_quantize
+from tuckerize.quant_grid import Grid, fake_quantize
 
 
 def energy_table(Tw: torch.Tensor, max_ranks: tuple[int, int] | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ from typing import Mapping
 import torch
 
 from tuckerize.decompose.gptq import DEFAULT_DAMP, Quantised, gptq, rtn
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid
 
 
 @dataclass

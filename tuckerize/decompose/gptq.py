@@ -16,7 +16,7 @@ block of columns. The result equals a direct solve of each step's constrained le
 (the test compares the two in float64).
 
 Groups: ``group_axis="in"`` (GPTQ's own): scale and zero per group of ``g`` consecutive input
-columns of each row, fitted (:func:`tuckerize.decompose.grid.fit`) from the updated values
+columns of each row, fitted (:func:`tuckerize.quant_grid.fit`) from the updated values
 when the group's first column is reached; ``scale [..., out, n_groups]``.
 ``group_axis="out"``: scale and zero per group of ``g`` consecutive rows of each input
 column, fitted from that column's updated values when it is reached;
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from tuckerize.decompose.expert_weighted import ridge
-from tuckerize.decompose.grid import Grid, codes, dequantize, fit
+from tuckerize.quant_grid import Grid, codes, dequantize, fit, groups, round_to_grid
 
 #: Ridge of the covariance relative to its mean eigenvalue (GPTQ's ``percdamp``).
 DEFAULT_DAMP = 0.01
@@ -56,17 +56,6 @@ class Quantised:
     weight: torch.Tensor
     grid: Grid
     group_axis: str
-
-
-def _groups(x: torch.Tensor, g: int) -> torch.Tensor:
-    """``x [..., n]`` as ``[..., ceil(n/g), g]``; a short last group padded with its first value."""
-    n = x.shape[-1]
-    k = -(-n // g)
-    pad = k * g - n
-    if pad:
-        first = x[..., (k - 1) * g : (k - 1) * g + 1].expand(*x.shape[:-1], pad)
-        x = torch.cat([x, first], -1)
-    return x.reshape(*x.shape[:-1], k, g)
 
 
 def _upper_inverse_factor(C: torch.Tensor, damp: float) -> torch.Tensor:
@@ -114,7 +103,7 @@ def gptq(W: torch.Tensor, C: torch.Tensor, grid: Grid, *, group_axis: str = "in"
                     scale[..., k], zero[..., k] = s, z
                 q = dequantize(codes(w[..., None], s, z, grid), s, z)[..., 0]
             else:
-                gw = _groups(w, g)  # [..., n_groups, g]
+                gw = groups(w, g)  # [..., n_groups, g]
                 sc, zc = fit(gw, grid)
                 scale[..., col, :], zero[..., col, :] = sc, zc
                 q = dequantize(codes(gw, sc, zc, grid), sc, zc).reshape(*w.shape[:-1], -1)[..., :n_out]
@@ -143,19 +132,12 @@ def _codes_of(Q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: Gr
 
 def rtn(W: torch.Tensor, grid: Grid, *, group_axis: str = "in") -> Quantised:
     """Round to nearest on the same grids (no error feedback): the reference GPTQ improves on."""
-    n_out, n_in = W.shape[-2:]
     if group_axis == "in":
-        g = min(grid.group, n_in)
-        gv = _groups(W, g)
-        s, z = fit(gv, grid)
-        Q = dequantize(codes(gv, s, z, grid), s, z).reshape(*W.shape[:-1], -1)[..., :n_in]
+        q, s, z, Q = round_to_grid(W, grid)
     else:
-        g = min(grid.group, n_out)
-        gv = _groups(W.transpose(-1, -2), g)
-        s, z = fit(gv, grid)
-        Q = dequantize(codes(gv, s, z, grid), s, z).reshape(*W.shape[:-2], n_in, -1)[..., :n_out].transpose(-1, -2)
-    return Quantised(codes=_codes_of(Q, s, z, grid, group_axis, g), scale=s, zero=z, weight=Q.contiguous(),
-                     grid=grid, group_axis=group_axis)
+        q, s, z, Q = round_to_grid(W.transpose(-1, -2), grid)
+        q, Q = q.transpose(-1, -2), Q.transpose(-1, -2)
+    return Quantised(codes=q.contiguous(), scale=s, zero=z, weight=Q.contiguous(), grid=grid, group_axis=group_axis)
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor, C: torch.Tensor) -> float:

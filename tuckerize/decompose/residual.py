@@ -41,7 +41,7 @@ import torch
 from tuckerize.decompose.expert_weighted import expert_weighted_tucker, weighted_objective
 from tuckerize.decompose.factor_quant import QuantisedTucker, StoredCodes, quantise_tucker, stored_codes
 from tuckerize.decompose.gptq import DEFAULT_DAMP, gptq
-from tuckerize.decompose.grid import Grid
+from tuckerize.quant_grid import Grid
 from tuckerize.decompose.tucker import TuckerTensor
 
 

@@ -13,7 +13,9 @@ with ``clip`` shrunk by the factor of :data:`CLIP_GRID` that gives the smallest 
 error of that group (the MSE search of GPTQ's reference and of HQQ's initialisation: at
 2 and 3 bits the outliers of a group cost more range than they are worth).
 Scale and zero are rounded to float16 before the codes are chosen, so a reader of the
-stored float16 values reconstructs exactly ``x_hat``. Pure tensor maths, any float dtype.
+stored float16 values reconstructs exactly ``x_hat``. Pure tensor maths, any float dtype; the
+storage of the codes is :mod:`tuckerize.quant_packed` (asymmetric) and :mod:`tuckerize.quant`
+(symmetric), the error feedback that chooses them :mod:`tuckerize.decompose.gptq`.
 """
 
 from __future__ import annotations
@@ -109,20 +111,32 @@ def fit(x: torch.Tensor, grid: Grid, weight: torch.Tensor | None = None) -> tupl
     return scale, zero
 
 
-def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
-    """``x [rows, cols]`` quantised in groups of ``grid.group`` along the last axis and
-    dequantised (round to nearest on the fitted grid; the last group may be shorter)."""
-    rows, cols = x.shape
-    g = min(grid.group, cols)
-    n = -(-cols // g)
-    pad = n * g - cols
-    xp = torch.cat([x, x.new_zeros(rows, pad)], 1) if pad else x
-    gv = xp.reshape(rows, n, g)
-    if pad:  # the padding must not widen the last group's range: repeat its own first value
-        gv = gv.clone()
-        gv[:, -1, g - pad:] = gv[:, -1, :1]
+def groups(x: torch.Tensor, g: int) -> torch.Tensor:
+    """``x [..., n]`` as ``[..., ceil(n/g), g]``; a short last group is padded with its own
+    first value (the padding widens no range)."""
+    n = x.shape[-1]
+    k = -(-n // g)
+    pad = k * g - n
+    if pad:
+        first = x[..., (k - 1) * g : (k - 1) * g + 1].expand(*x.shape[:-1], pad)
+        x = torch.cat([x, first], -1)
+    return x.reshape(*x.shape[:-1], k, g)
+
+
+def round_to_grid(x: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Round to nearest in groups of ``grid.group`` along the last axis of ``x [..., cols]``:
+    ``(codes [..., cols], scale [..., n_groups], zero [..., n_groups], x_hat [..., cols])``."""
+    cols = x.shape[-1]
+    gv = groups(x, min(grid.group, cols))
     s, z = fit(gv, grid)
-    return dequantize(codes(gv, s, z, grid), s, z).reshape(rows, n * g)[:, :cols]
+    q = codes(gv, s, z, grid)
+    flat = (*x.shape[:-1], -1)
+    return q.reshape(flat)[..., :cols], s, z, dequantize(q, s, z).reshape(flat)[..., :cols]
 
 
-__all__ = ["Grid", "CLIP_GRID", "fit", "codes", "dequantize", "fake_quantize"]
+def fake_quantize(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``x`` rounded to nearest on ``grid`` along its last axis and dequantised."""
+    return round_to_grid(x, grid)[3]
+
+
+__all__ = ["Grid", "CLIP_GRID", "fit", "codes", "dequantize", "groups", "round_to_grid", "fake_quantize"]
