@@ -104,7 +104,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...] 
     n = scale.shape[-1]
     g = group or math.ceil(cols / n)
     grouped, _ = group_view(codes.float(), g)
-    out = (grouped * scale.float()[..., None]).view(rows, -1)[:, :cols]
+    out = (grouped * scale.float()[..., None]).reshape(rows, grouped.shape[1] * grouped.shape[2])[:, :cols]
     return out.reshape(tuple(shape)).contiguous()
 
 
@@ -129,7 +129,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     lo = (packed & 0x0F).to(torch.int8) - 8
     hi = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([lo, hi], -1).view(packed.shape[0], -1)[:, :cols]
+    return torch.stack([lo, hi], -1).view(packed.shape[0], 2 * packed.shape[1])[:, :cols]
 
 
 # -- the layout -------------------------------------------------------------------------------

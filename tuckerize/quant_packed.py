@@ -99,7 +99,10 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     """Packed rows ``[*lead, nbytes]`` with their ``scale``/``zero`` ``[*lead, n_groups]`` ->
     ``[*lead, cols]`` in ``dtype``: what the runtime does for the experts a call touches."""
     lead = codes.shape[:-1]
-    codes, scale, zero = codes.reshape(-1, codes.shape[-1]), scale.reshape(-1, scale.shape[-1]), zero.reshape(-1, zero.shape[-1])
+    rows = math.prod(lead)
+    if rows == 0 or cols == 0:  # an empty slice (a rank that holds none of this axis)
+        return torch.zeros(*lead, cols, dtype=dtype, device=codes.device)
+    codes, scale, zero = codes.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
     q = unpack(codes, bits, cols).to(dtype)
     n = scale.shape[-1]
     g = group
@@ -154,7 +157,7 @@ def slice_stored(stored: Mapping[str, torch.Tensor], name: str, axis: int, rows:
         codes = codes[..., start * bits // 8 : math.ceil(stop * bits / 8)]
         scale, zero = scale[..., start // g : math.ceil(stop / g)], zero[..., start // g : math.ceil(stop / g)]
         new_shape = [*shape[:-1], stop - start]
-        g = min(g, stop - start)
+        g = min(g, stop - start) if stop > start else g  # an empty slice keeps its group
     return {f"{name}.qcodes": codes.contiguous(), f"{name}.qscale": scale.contiguous(),
             f"{name}.qzero": zero.contiguous(), f"{name}.qshape": torch.tensor([*new_shape, g, bits], dtype=torch.int64)}
 

@@ -13,6 +13,7 @@ how the budget is spent (the manifest's ``bytes["budget"]`` and the decompose re
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +39,38 @@ class BytesPlan:
     def option(self, layer: int, proj: str) -> Option:
         return self.choice.options[(layer, proj)]
 
-    def ranks(self, layer: int, proj: str) -> tuple[int, int, int] | None:
+    def ranks_for(self, layer: int, proj: str) -> tuple[int, int, int] | None:
+        """The Tucker ranks of ``proj`` in ``layer`` (None: a base alone)."""
         return self.option(layer, proj).ranks
+
+    def layer_ranks(self) -> dict[str, dict[str, list[int] | None]]:
+        """``{"layer": {projection: [r_E, r_H, r_I] | None}}`` (the fingerprint's and config's ranks)."""
+        out: dict[str, dict[str, list[int] | None]] = {}
+        for (layer, proj), o in self.choice.options.items():
+            out.setdefault(str(layer), {})[proj] = list(o.ranks) if o.ranks is not None else None
+        return out
+
+    def forms(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """``{"layer": {projection: {"form", "base", "storage"}}}``: what the config records
+        beside the ranks (the reader builds each layer's experts from it)."""
+        from tuckerize.compress.forms import storage_dtypes
+
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for (layer, proj), o in self.choice.options.items():
+            entry: dict[str, Any] = {"form": o.form}
+            if o.base is not None:
+                entry["base"] = {"bits": o.base[0], "group": o.base[1]}
+            if o.storage is not None:
+                entry["storage"] = storage_dtypes(o.storage)
+            out.setdefault(str(layer), {})[proj] = entry
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's ``rank_plan`` of a ``--bytes`` run: every projection's chosen option."""
+        layers: dict[str, dict[str, Any]] = {}
+        for (layer, proj), o in self.choice.options.items():
+            layers.setdefault(str(layer), {})[proj] = o.to_dict()
+        return {"source": "bytes", "budget": self.fraction, "layers": layers}
 
     def info(self) -> dict[str, Any]:
         """The manifest's ``bytes["budget"]``: the budget, what was used, the smallest
@@ -60,6 +91,22 @@ class BytesPlan:
 
 def _fraction_text(dense: int):
     return lambda b: f"{b / dense:.4f} of the bf16 dense experts' bytes ({b:,} bytes)"
+
+
+def check_bytes_budget(spec, fraction: float, method) -> None:
+    """Refuse, before any work, a budget below the smallest storable form (from the shapes:
+    :func:`tuckerize.compress.forms.smallest_bytes` of every projection)."""
+    from tuckerize.compress.forms import smallest_bytes
+    from tuckerize.errors import RankError
+
+    d = dense_bytes(spec)
+    minimum = len(spec.moe_layers) * sum(smallest_bytes(spec.shape, p, method) for p in PROJECTIONS)
+    budget = int(fraction * d)
+    if budget < minimum:
+        unit = _fraction_text(d)
+        raise RankError(f"--bytes {fraction:g}: a budget of {unit(budget)} is below the smallest storable form of "
+                        f"the routed experts; the smallest feasible budget is --bytes {math.ceil(minimum / d * 1e4) / 1e4:g} "
+                        f"({minimum:,} bytes)")
 
 
 def allocate_bytes_plan(request, source, fraction: float, cal_stats, progress, device, method,

@@ -1,8 +1,7 @@
 """The stored forms of one projection under a byte budget: candidates with estimated errors,
 and the chosen one computed and encoded.
 
-:class:`BytesMethod` is the ``method:`` settings of ``--bytes`` (which forms, base bits and
-groups, Tucker storages, rank grid, the residual fit). :func:`projection_options` lists the
+:func:`projection_options` lists the
 candidate :class:`~tuckerize.allocate_bytes.Option` s of one stacked projection ``T [E, H, I]``
 with their exact stored bytes and estimated relative output errors
 (:mod:`tuckerize.decompose.estimate`; the base by GPTQ with the statistics, measured).
@@ -14,59 +13,24 @@ with their exact stored bytes and estimated relative output errors
 * ``base``: GPTQ of every expert (gate/up: the routed hidden covariance; down: each expert's
   own down-input covariance), packed (:mod:`tuckerize.quant_packed`) as ``<prefix>.<p>.base``;
 * ``base+tucker``: the alternation of :mod:`tuckerize.decompose.residual`, both encoded.
+
+The settings (which forms, bits, groups, storages, the rank grid, the residual fit) are
+:class:`tuckerize.compress.method.BytesMethod`, the config's ``method: bytes:``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
-from tuckerize.allocate_bytes import FORMS, Option
+from tuckerize.allocate_bytes import Option
+from tuckerize.compress.method import BytesMethod
 from tuckerize.errors import RankError
 
 #: Storage of every factor of a Tucker part: U_E is the identity (r_E = E), kept exact in bf16.
 U_E_DTYPE = "bf16"
-
-
-@dataclass(frozen=True)
-class BytesMethod:
-    """``method:`` settings of ``--bytes`` (defaults measured on the demo models' selection
-    split, BENCHMARKS.md)."""
-
-    forms: tuple[str, ...] = FORMS
-    base_bits: tuple[int, ...] = (2, 3, 4)
-    base_groups: tuple[int, ...] = (32, 64, 128)
-    tucker_storages: tuple[str, ...] = ("int4", "int8,core=int4")
-    residual_storage: str = "int4"
-    rank_steps: int = 16
-    residual_max: float = 0.5
-    residual_rounds: int = 2
-    residual_init: str = "base"
-    gptq_damp: float = 0.01
-
-    def check(self, where: str = "method") -> None:
-        from tuckerize.quant import parse_factor_dtype
-
-        bad = [f for f in self.forms if f not in FORMS]
-        if bad or not self.forms:
-            raise RankError(f"{where}.bytes_forms {list(self.forms)}: each must be one of {', '.join(FORMS)}")
-        if any(not 1 <= b <= 8 for b in self.base_bits) or any(g < 1 for g in self.base_groups):
-            raise RankError(f"{where}.base_bits {list(self.base_bits)} / base_groups {list(self.base_groups)}: "
-                            "bits 1 to 8, groups of at least 1 value")
-        for s in (*self.tucker_storages, self.residual_storage):
-            parse_factor_dtype(s)
-        if not 0 < self.residual_max <= 1:
-            raise RankError(f"{where}.residual_max {self.residual_max}: the largest residual rank as a fraction "
-                            "of each mode, in (0, 1]")
-        if self.residual_init not in ("base", "tucker") or self.residual_rounds < 1 or self.rank_steps < 1:
-            raise RankError(f"{where}: residual_init {self.residual_init!r} (base or tucker), residual_rounds "
-                            f"{self.residual_rounds} and rank_steps {self.rank_steps} (at least 1)")
-        if not (self.gptq_damp > 0 and math.isfinite(self.gptq_damp)):
-            raise RankError(f"{where}.gptq_damp {self.gptq_damp} must be a positive ridge, e.g. 0.01")
 
 
 def storage_dtypes(storage: str) -> dict[str, str]:
@@ -143,6 +107,22 @@ def _gptq_base(T: torch.Tensor, layer_stats, proj: str, bits: int, group: int, d
     q = gptq(to_s(T.to(torch.float64)).contiguous(), _base_cov(layer_stats, proj).to(T.device), Grid(bits, group),
              damp=damp)
     return q, from_s(q.weight)
+
+
+def smallest_bytes(shape, proj: str, method: BytesMethod) -> int:
+    """The bytes of the cheapest candidate of :func:`projection_options` for a projection of
+    ``shape`` (known from the shapes alone: a budget below their sum is refused before any work)."""
+    E, H, I = shape
+    rH, rI = rank_grid(H, method.rank_steps)[0], rank_grid(I, method.rank_steps)[0]
+    sizes = []
+    if "tucker" in method.forms:
+        sizes += [tucker_bytes(shape, rH, rI, s) for s in method.tucker_storages]
+    if "base" in method.forms:
+        sizes += [base_bytes(shape, proj, b, g) for b in method.base_bits for g in method.base_groups]
+    if "base+tucker" in method.forms:
+        sizes += [base_bytes(shape, proj, b, g) + tucker_bytes(shape, rH, rI, method.residual_storage)
+                  for b in method.base_bits for g in method.base_groups]
+    return min(sizes)
 
 
 def projection_options(T: torch.Tensor, layer_stats: Mapping[str, torch.Tensor], proj: str, method: BytesMethod,
@@ -251,12 +231,5 @@ def realise(T: torch.Tensor, option: Option, *, proj: str, layer_stats, A, B, de
     return tensors, record
 
 
-def bytes_method_from(data: Mapping[str, Any]) -> BytesMethod:
-    """:class:`BytesMethod` from the ``method:`` keys that name it (lists become tuples)."""
-    known = {f.name for f in dataclasses.fields(BytesMethod)}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
-    return BytesMethod(**kw)
-
-
-__all__ = ["BytesMethod", "projection_options", "realise", "storage_dtypes", "tucker_bytes", "base_bytes",
-           "base_shape", "rank_grid", "bytes_method_from", "U_E_DTYPE"]
+__all__ = ["BytesMethod", "projection_options", "smallest_bytes", "realise", "storage_dtypes", "tucker_bytes", "base_bytes",
+           "base_shape", "rank_grid", "U_E_DTYPE"]

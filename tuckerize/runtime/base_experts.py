@@ -62,7 +62,7 @@ class PackedBase(nn.Module):
 
     def __init__(self, experts: int, out: int, inp: int, bits: int, group: int, device=None):
         super().__init__()
-        self.bits, self.group, self.inp = int(bits), int(min(group, max(inp, 1))), int(inp)
+        self.bits, self.group, self.inp = int(bits), int(min(group, inp) if inp else group), int(inp)
         n = math.ceil(inp / self.group) if inp else 0
         self.register_buffer("codes", torch.zeros(experts, out, math.ceil(inp * bits / 8), dtype=torch.uint8,
                                                   device=device))
