@@ -58,10 +58,11 @@ class Lab:
 
         from tuckerize.checkpoint import Checkpoint, load_config
         from tuckerize.arch import moe_spec
-        from tuckerize.evaluate import load_model, score_baseline, token_windows
+        from tuckerize.evaluate.runtimes import load_model
+        from tuckerize.evaluate.scoring import score_baseline, token_windows
         from tuckerize.experts import stack_projection
         from tuckerize.progress import ensure
-        from tuckerize.runtime.parallel import ParallelContext
+        from tuckerize.parallel import ParallelContext
 
         self.key, self.folder = key, Path(folder or MODELS[key])
         self.spec = moe_spec(load_config(self.folder))
@@ -108,7 +109,7 @@ class Lab:
 
     def score(self, recon: dict) -> dict:
         """Selection-split scores with every projection's experts replaced by ``recon[(L, p)]``."""
-        from tuckerize.evaluate import score_tucker
+        from tuckerize.evaluate.scoring import score_tucker
 
         blocks = self.model.moe_blocks
         saved = {}
@@ -311,6 +312,51 @@ def run_bytes(lab: Lab, variants, budgets, out: Path, log) -> None:
                 fh.write(json.dumps(row) + "\n")
 
 
+def run_product(lab: Lab, budgets, out: Path, log) -> None:
+    """``decompose_checkpoint(bytes_budget=B)`` (the product, with this model's statistics) at
+    every budget, each checkpoint loaded by the native runtime and scored on the selection split."""
+    import shutil
+
+    from tuckerize.compress import decompose_checkpoint
+    from tuckerize.evaluate.runtimes import load_model
+    from tuckerize.evaluate.scoring import score_tucker
+    from tuckerize.parallel import ParallelContext
+
+    from tuckerize.calibration.store import STATS_META, STATS_NAME
+
+    work = OUT / "frontier" / lab.key
+    stats = work / "product_stats"  # the product's own statistics (same text and windows), collected once
+    for fraction in budgets:
+        folder = work / f"bytes{fraction:g}"
+        t = time.time()
+        where = {"stats": stats} if (stats / STATS_NAME).is_file() else {"calibration": "demo", "samples": SAMPLES,
+                                                                         "seqlen": SEQLEN}
+        manifest = decompose_checkpoint(str(lab.folder), folder, bytes_budget=fraction, overwrite=True, **where)
+        if "calibration" in where:
+            stats.mkdir(parents=True, exist_ok=True)
+            for name in (STATS_NAME, STATS_META):
+                shutil.copyfile(folder / name, stats / name)
+        fit_s = time.time() - t
+        model = load_model(str(folder), ParallelContext(), torch.device("cpu"), torch.float32)
+        r = score_tucker(model, lab.windows, lab.base, torch.device("cpu"), 0, lab.progress)
+        b = manifest["bytes"]
+        forms: dict = {}
+        for p in b["projections"]:
+            key = (f"int{p['base']['bits']} g{p['base']['group']} base" if p["base"] else "") + \
+                  (" + " if p["base"] and p["ranks"] else "") + (f"Tucker {p['storage']}" if p["ranks"] else "")
+            forms[key] = forms.get(key, 0) + 1
+        row = {"model": lab.key, "method": f"decompose --bytes {fraction:g}", "budget": fraction,
+               "bytes": b["experts_stored"], "bytes_ratio": b["ratio_to_bf16_dense"], "original_ppl": lab.base_ppl,
+               "ppl": math.exp(float(r["nll"].mean())), "kl": float(r["kl"].mean()),
+               "top1": float(r["agree"].mean()), "fit_seconds": round(fit_s, 1), "split": "select", "forms": forms,
+               "variant": "product"}
+        log(f"[{lab.key}] {row['method']}: {row['bytes_ratio']:.2%} ppl {row['ppl']:.3f} "
+            f"({row['ppl'] / lab.base_ppl - 1:+.2%}) kl {row['kl']:.4f} top1 {row['top1']:.3f} (fit {fit_s:.0f} s) {forms}")
+        with open(out, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        shutil.rmtree(folder)
+
+
 def run_method(lab: Lab, name: str, fn, log) -> dict:
     t = time.time()
     recon, nbytes = {}, 0
@@ -400,6 +446,8 @@ def main() -> None:
     ap.add_argument("--table", type=Path, default=None, help="print the table of a result file and exit")
     ap.add_argument("--bytes", default=None, help="allocator variants to run (all, base, base+residual, tucker)")
     ap.add_argument("--budgets", default=",".join(map(str, BYTES_BUDGETS)))
+    ap.add_argument("--product", action="store_true",
+                    help="run `decompose --bytes B` (the library call) at every budget and score the checkpoints")
     args = ap.parse_args()
     if args.table is not None:
         table(args.table)
@@ -414,8 +462,12 @@ def main() -> None:
         t = time.time()
         lab = Lab(key)
         log(f"[{key}] loaded, statistics and baseline in {time.time() - t:.0f} s; original ppl {lab.base_ppl:.3f}")
+        budgets = [float(b) for b in args.budgets.split(",")]
+        if args.product:
+            run_product(lab, budgets, args.out, log)
+            continue
         if args.bytes:
-            run_bytes(lab, args.bytes.split(","), [float(b) for b in args.budgets.split(",")], args.out, log)
+            run_bytes(lab, args.bytes.split(","), budgets, args.out, log)
             continue
         for family in args.methods.split(","):
             for name, fn in plans(family, lab):

@@ -13,6 +13,7 @@ how the budget is spent (the manifest's ``bytes["budget"]`` and the decompose re
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -112,12 +113,13 @@ def check_bytes_budget(spec, fraction: float, method) -> None:
 def allocate_bytes_plan(request, source, fraction: float, cal_stats, progress, device, method,
                         parallel=None) -> BytesPlan:
     """The :class:`BytesPlan` of ``fraction`` (module docstring). ``method``:
-    :class:`tuckerize.compress.forms.BytesMethod`; ``request``: the
+    :class:`tuckerize.compress.method.BytesMethod`; ``request``: the
     :class:`~tuckerize.compress.request.DecomposeRequest` (its ``method.alloc_damp``)."""
     import dataclasses
 
     from tuckerize.allocate_bytes import choose
     from tuckerize.calibration.weights import mode_weights
+    from tuckerize.compress.distribute import per_projection
     from tuckerize.compress.forms import projection_options
     from tuckerize.decompose.whiten import DEFAULT_ALLOC_DAMP
     from tuckerize.experts import stack_projection
@@ -125,31 +127,17 @@ def allocate_bytes_plan(request, source, fraction: float, cal_stats, progress, d
     spec = source.spec
     damp = request.method.alloc_damp if request.method.alloc_damp is not None else DEFAULT_ALLOC_DAMP
     metric = dataclasses.replace(request.whiten_options, method="pooled", damp=damp, expert_weight=False)
-    layers = list(spec.moe_layers)
-    if parallel is not None and parallel.world > 1:
-        from tuckerize.compress.distribute import assign_units, unit_work
+    layer_stats = functools.lru_cache(maxsize=1)(lambda layer: cal_stats.layers[layer])  # read once per layer
 
-        owner = assign_units(unit_work(source), parallel.world)
-        layers = [layer for layer in layers if owner[layer + 1] == parallel.rank]
-    options: dict[tuple[int, str], list[Option]] = {}
-    progress.start("allocate", len(layers) * len(PROJECTIONS))
-    for layer in layers:
-        stats = cal_stats.layers[layer]
-        for proj in PROJECTIONS:
-            T = stack_projection(source.ckpt, spec, layer, proj).to(device)
-            stats_dev = {k: v.to(device) for k, v in stats.items() if k in ("hidden_routed", "inter_expert")}
-            options[(layer, proj)] = projection_options(T, stats_dev, proj, method, mode_weights(stats, proj, metric))
-            del T
-            progress.advance("allocate", 1, layer=layer, projection=proj)
-    progress.finish("allocate")
-    if parallel is not None and parallel.world > 1:
-        import torch.distributed as dist
+    def options(layer: int, proj: str) -> list[Option]:
+        stats = layer_stats(layer)
+        T = stack_projection(source.ckpt, spec, layer, proj).to(device)
+        on_device = {k: v.to(device) for k, v in stats.items() if k in ("hidden_routed", "inter_expert")}
+        return projection_options(T, on_device, proj, method, mode_weights(stats, proj, metric))
 
-        parts: list = [None] * parallel.world
-        dist.all_gather_object(parts, options, group=parallel.group)
-        options = {k: v for part in parts for k, v in part.items()}
+    found = per_projection(source, options, progress, parallel)
     d = dense_bytes(spec)
-    choice = choose(options, int(fraction * d), what=f"--bytes {fraction:g}", unit=_fraction_text(d))
+    choice = choose(found, int(fraction * d), what=f"--bytes {fraction:g}", unit=_fraction_text(d))
     return BytesPlan(choice=choice, fraction=fraction, dense=d)
 
 

@@ -26,7 +26,7 @@ instead of the ranks (``configs/method.yaml`` lists them all)::
         forms: [tucker, base, base+tucker]
         base_bits: [2, 3, 4]          # bits of a GPTQ-quantised base (1 to 8)
         base_groups: [32, 64, 128]    # its group sizes along the input axis
-        tucker_storages: [int4, int4,core=int3, int8,core=int4]   # of a Tucker-only form
+        tucker_storages: [int4, "int8,core=int4"]   # of a Tucker-only form
         residual_storage: int4        # of the Tucker residual beside a base
         rank_steps: 16                # ranks tried per mode (about dim / 16 apart)
         residual_max: 0.5             # largest residual rank, as a fraction of the mode
@@ -119,7 +119,7 @@ class BytesMethod:
     forms: tuple[str, ...] = FORMS
     base_bits: tuple[int, ...] = (2, 3, 4)
     base_groups: tuple[int, ...] = (32, 64, 128)
-    tucker_storages: tuple[str, ...] = ("int4", "int4,core=int3", "int8,core=int4")
+    tucker_storages: tuple[str, ...] = ("int4", "int8,core=int4")
     residual_storage: str = "int4"
     rank_steps: int = 16
     residual_max: float = 0.5
