@@ -282,6 +282,7 @@ BYTES_VARIANTS = {
     "all+1bit": {"base_bits": (1, 2, 3, 4)},
     "all+1bit+int3core": {"base_bits": (1, 2, 3, 4), "tucker_storages": ("int4", "int4,core=int3", "int8,core=int4")},
     "base+1bit": {"forms": ("base",), "base_bits": (1, 2, 3, 4)},
+    "all@tucker-init": {"residual_init": "tucker"},
     "all+1bit@d1": {"base_bits": (1, 2, 3, 4), "alloc_damp": 1.0},
     "all+1bit@d0.1": {"base_bits": (1, 2, 3, 4), "alloc_damp": 0.1},
     "all+1bit@d0.01": {"base_bits": (1, 2, 3, 4), "alloc_damp": 0.01},
