@@ -386,7 +386,7 @@ def _factors(spec: str) -> dict:
 
 #: The settings of each family: (bits, group) of a base, Tucker ranks (r_H, r_I), factor storage.
 FAMILIES = {
-    "rtn": [("rtn", b, g) for b in (2, 3) for g in (128, 64, 32)],
+    "rtn": [("rtn", b, g) for b in (2, 3, 4) for g in (128, 64, 32)],
     "rtn-clip": [("rtn-clip", b, g) for b in (2, 3) for g in (128, 64, 32)],
     "gptq": [("gptq", b, g) for b in (2, 3, 4) for g in (128, 64, 32)],
     "gptq1": [("gptq", 1, g) for g in (128, 64, 32)],
@@ -438,6 +438,48 @@ def table(path: Path) -> None:
                   f"| {r['kl']:.4f} | {r['top1']:.3f} |")
 
 
+def _load(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _cell(r: dict | None) -> str:
+    if r is None:
+        return " | "
+    return f"{r['ppl']:.2f} ({r['ppl'] / r['original_ppl'] - 1:+.1%}) | {r['kl']:.4f}"
+
+
+def markdown(results: Path) -> None:
+    """BENCHMARKS.md's tables of the frontier section, from the result files in ``results``."""
+    methods = _load(results / "frontier_methods.jsonl")
+    by = {(r["model"], r["method"]): r for r in methods}
+    names = sorted({r["method"] for r in methods}, key=lambda n: (min(r["bytes_ratio"] for r in methods
+                                                                      if r["method"] == n), n))
+    print("| method | expert bytes (of bf16) | qwen3 perplexity | qwen3 KL | mixtral perplexity | mixtral KL |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for n in names:
+        rq, rm = by.get(("qwen3", n)), by.get(("mixtral", n))
+        print(f"| {n} | {(rq or rm)['bytes_ratio']:.2%} | {_cell(rq)} | {_cell(rm)} |")
+    alloc = _load(results / "frontier_bytes.jsonl")
+    shown = ("base", "base+residual", "all", "all+1bit", "all+1bit+int3core", "all@tucker-init", "all+1bit@d1",
+             "all+1bit@d0.1")
+    for model in ("qwen3", "mixtral"):
+        variants = [v for v in shown if any(r["variant"] == v and r["model"] == model for r in alloc)]
+        budgets = sorted({r["budget"] for r in alloc if r["model"] == model})
+        get = {(r["variant"], r["budget"]): r for r in alloc if r["model"] == model}
+        print(f"\n{model}: KL (perplexity) of the allocator's variants per budget\n")
+        print("| budget | " + " | ".join(variants) + " |")
+        print("|---:|" + "---:|" * len(variants))
+        for b in budgets:
+            cells = [f"{get[(v, b)]['kl']:.4f} ({get[(v, b)]['ppl']:.2f})" if (v, b) in get else "-" for v in variants]
+            print(f"| {b:.0%} | " + " | ".join(cells) + " |")
+    print("\n| model | --bytes | expert bytes | perplexity | KL | top-1 | forms chosen (12 projections) |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for r in _load(results / "frontier_product.jsonl"):
+        forms = ", ".join(f"{n} {k}" for k, n in sorted(r["forms"].items(), key=lambda kv: -kv[1]))
+        print(f"| {r['model']} | {r['budget']:g} | {r['bytes_ratio']:.2%} | {r['ppl']:.2f} "
+              f"({r['ppl'] / r['original_ppl'] - 1:+.2%}) | {r['kl']:.4f} | {r['top1']:.3f} | {forms} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="qwen3,mixtral")
@@ -445,6 +487,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="only settings whose name contains this")
     ap.add_argument("--out", type=Path, default=OUT / "frontier_methods.jsonl")
     ap.add_argument("--table", type=Path, default=None, help="print the table of a result file and exit")
+    ap.add_argument("--markdown", type=Path, default=None,
+                    help="print BENCHMARKS.md's tables from the result files in this folder (bench/results) and exit")
     ap.add_argument("--bytes", default=None, help="allocator variants to run (all, base, base+residual, tucker)")
     ap.add_argument("--budgets", default=",".join(map(str, BYTES_BUDGETS)))
     ap.add_argument("--product", action="store_true",
@@ -452,6 +496,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.table is not None:
         table(args.table)
+        return
+    if args.markdown is not None:
+        markdown(args.markdown)
         return
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
