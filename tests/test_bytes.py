@@ -25,10 +25,30 @@ BUDGET = 0.17  # below int3 everywhere: a mix of Tucker, bases and (here) a resi
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The CLI's run (its report kept for the test of the table), the manifest it wrote."""
     out = tmp_path_factory.mktemp("bytes") / "b"
-    manifest = decompose_checkpoint(str(DEMO), out, bytes_budget=BUDGET, calibration="demo", samples=SAMPLES,
-                                    seqlen=SEQLEN)
-    return out, manifest
+    r = cli("--model", str(DEMO), "--bytes", str(BUDGET), "--calibration", "demo", "--samples", str(SAMPLES),
+            "--seqlen", str(SEQLEN), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    return out, json.loads((out / "tuckerize_manifest.json").read_text()), r.stderr  # the console writes to stderr
+
+
+def test_report_says_how_the_budget_was_spent(run):
+    report = run[2]
+    assert "stored as" in report and " base" in report
+    flat = " ".join(report.split())  # the console wraps at its width
+    assert "--bytes 0.17:" in flat and "bytes budgeted" in flat and "smallest storable form" in flat
+    assert "projections stored as" in flat
+
+
+def test_library_call_takes_bytes_budget(tmp_path):
+    """decompose_checkpoint(bytes_budget=B) is the call the CLI makes: the same refusal of a
+    conflicting option, before any work."""
+    from tuckerize.errors import RankError
+
+    with pytest.raises(RankError, match="drop --ratio"):
+        decompose_checkpoint(str(DEMO), tmp_path / "o", bytes_budget=0.2, ratio=0.5, calibration="demo")
+    assert not (tmp_path / "o").exists()
 
 
 def _expert_bytes(folder: Path) -> int:
@@ -45,7 +65,7 @@ def _expert_bytes(folder: Path) -> int:
 
 
 def test_budget_kept_and_spending_recorded(run):
-    out, manifest = run
+    out, manifest, _ = run
     b = manifest["bytes"]
     assert b["experts_stored"] <= BUDGET * DENSE
     assert b["experts_stored"] == _expert_bytes(out)  # codes, scales, zeros, shapes: all counted
@@ -91,7 +111,7 @@ def test_native_runtime_equals_float64_reference(run):
     from tuckerize.runtime.base_experts import BaseResidualExperts
     from tuckerize.runtime.loader import TensorSource, build_moe_block
 
-    out, _ = run
+    out, _, _ = run
     source = TensorSource.open(out)
     x = torch.randn(20, 128, generator=torch.Generator().manual_seed(0))
     seen = set()
@@ -110,7 +130,7 @@ def test_native_runtime_equals_float64_reference(run):
 def test_eval_runs_the_stored_forms(run):
     from tuckerize.evaluate import evaluate
 
-    out, _ = run
+    out, _, _ = run
     report = evaluate(str(out), text="demo", seqlen=64, max_windows=4, use_cache=False)
     assert math.isfinite(report["tucker_result"]["perplexity"])
     assert 0 < report["fidelity"]["kl_mean"] < 1.0 and len(report["fidelity"]["layer_relative_error"]) == 4
@@ -130,7 +150,7 @@ def test_shard_tp2_round_trip_keeps_the_base_packed(run, tmp_path, layout):
     from tuckerize.runtime.loader import TensorSource, build_moe_block
     from tuckerize.shard import shard_checkpoint
 
-    out, _ = run
+    out, _, _ = run
     shards = tmp_path / "tp2"
     shard_checkpoint(str(out), 2, layout=layout, out=shards)
     full = Checkpoint.open(out)
@@ -165,7 +185,7 @@ def test_vllm_plugin_refuses_a_base_in_one_line(run):
     from tuckerize.errors import InputError
     from tuckerize.integrations.vllm.checks import check_tucker_config
 
-    out, _ = run
+    out, _, _ = run
     config = json.loads((out / "config.json").read_text())
     with pytest.raises(InputError, match=r"stores \w+ as a packed int\d base") as e:
         check_tucker_config(config, "config.json", {}, {})
