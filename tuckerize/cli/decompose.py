@@ -149,10 +149,11 @@ def summary_lines(manifest: dict) -> list[str]:
         lines.append(f"rank plan written to {Path(manifest['out']) / PLAN_NAME}" + (f" and {also}" if also else "")
                      + " (reuse with --config)")
     p = manifest["params"]
-    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "
+    b = manifest["bytes"]
+    what = "stored values (a base's codes and Tucker parameters)" if "budget" in b else "parameters"
+    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} {what} "
                  f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
                  f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s")
-    b = manifest["bytes"]
     if "budget" in b:
         lines += [budget_line(b), f"{bytes_line(b)}", f"written to {manifest['out']}"]
         return lines
