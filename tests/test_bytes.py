@@ -118,8 +118,10 @@ def test_native_runtime_equals_float64_reference(run):
     for layer in range(4):
         block = build_moe_block(source, layer, dtype=torch.float64)
         seen.add(type(block.experts).__name__)
-        if isinstance(block.experts, BaseResidualExperts):
-            assert block.experts.down.base.codes.dtype == torch.uint8 if hasattr(block.experts.down, "base") else True
+        if isinstance(block.experts, BaseResidualExperts):  # every base held packed, as stored
+            for p in PROJECTIONS:
+                if hasattr(getattr(block.experts, p), "base"):
+                    assert getattr(block.experts, p).base.codes.dtype == torch.uint8
         top_w, top_i = block.gate(x.double())
         got = block.experts(x.double(), top_i, top_w)
         ref = reference_moe(_reference_weights(out, layer), x, top_i, top_w)

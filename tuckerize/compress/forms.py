@@ -222,8 +222,7 @@ def realise(T: torch.Tensor, option: Option, *, proj: str, layer_stats, A, B, de
         tensors.update(encode_packed(base_name, out.base.codes, out.base.scale, out.base.zero, bits, group))
         tensors.update(_encode_tucker(names, out.quantised, dtypes))
         recon = out.reconstruction()
-    nbytes = sum(t.numel() * t.element_size() for n, t in tensors.items() if not n.endswith(".qshape"))
-    nbytes += sum(8 * t.numel() for n, t in tensors.items() if n.endswith(".qshape"))
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())  # every tensor written
     f0 = weighted_objective(T64, A, B)
     rel = float(torch.linalg.norm(T64 - recon) / torch.linalg.norm(T64))
     record = {**option.to_dict(), "bytes": nbytes, "relative_error": rel,
