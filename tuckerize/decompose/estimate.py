@@ -14,7 +14,8 @@ weighted ALS reaches. A quantised base ``Q`` leaves ``T - Q``; a Tucker residual
 
 Quantising the kept Tucker model adds noise: :func:`grid_noise` is the relative squared error
 round to nearest makes on Gaussian values with a grid (a property of the grid alone,
-computed once), charged on the kept energy. Pure tensor maths, float64.
+computed once), charged on the kept energy. Pure tensor maths; sums and eigensolves in
+float64, products in the tensor's dtype.
 """
 
 from __future__ import annotations
@@ -31,16 +32,16 @@ def energy_table(Tw: torch.Tensor, max_ranks: tuple[int, int] | None = None) -> 
     HOSVD at ranks ``(E, a, b)`` (``[0, :]`` and ``[:, 0]`` are 0), for ranks up to ``max_ranks``
     (default ``(H, I)``; smaller maxima cost proportionally less: only the leading
     eigenvectors rotate the tensor)."""
-    T = Tw.to(torch.float64)
+    T = Tw if Tw.dtype in (torch.float32, torch.float64) else Tw.float()
     E, H, I = T.shape
     a_max, b_max = max_ranks if max_ranks is not None else (H, I)
     a_max, b_max = min(a_max, H), min(b_max, I)
-    GH = torch.einsum("ehi,egi->hg", T, T)
-    GI = torch.einsum("ehi,ehj->ij", T, T)
-    VH = torch.linalg.eigh(0.5 * (GH + GH.T))[1].flip(1)[:, :a_max]  # descending eigenvalues
-    VI = torch.linalg.eigh(0.5 * (GI + GI.T))[1].flip(1)[:, :b_max]
+    GH = torch.einsum("ehi,egi->hg", T, T).double()  # Grams in the tensor's dtype, eigensolves in float64
+    GI = torch.einsum("ehi,ehj->ij", T, T).double()
+    VH = torch.linalg.eigh(0.5 * (GH + GH.T))[1].flip(1)[:, :a_max].to(T.dtype)  # descending eigenvalues
+    VI = torch.linalg.eigh(0.5 * (GI + GI.T))[1].flip(1)[:, :b_max].to(T.dtype)
     R = torch.matmul(VH.T, torch.matmul(T, VI))  # [E, a_max, b_max]
-    sq = (R * R).sum(0)
+    sq = (R.double() ** 2).sum(0)
     out = torch.zeros(a_max + 1, b_max + 1, dtype=torch.float64, device=T.device)
     out[1:, 1:] = sq.cumsum(0).cumsum(1)
     return out.cpu()
