@@ -207,6 +207,10 @@ def _change(ratio: float) -> str:
     return f"{ratio - 1:+.2%}" if math.isfinite(ratio) else "overflowed"
 
 
+#: safetensors dtype names as the summary line says them (others, e.g. F8_E4M3, as they are)
+_STORED_NAMES = {"F32": "float32", "BF16": "bf16", "F16": "float16"}
+
+
 def summary_line(report: dict) -> str:
     """The one line a newcomer reads: the routed experts' bytes the Tucker checkpoint stores
     (what stays on disk) against bf16 dense experts and against the original as stored, the
@@ -222,9 +226,9 @@ def summary_line(report: dict) -> str:
     stored_s, dense_s, src_s = _in_unit(stored, dense, src or dense)
     source = ""
     if src:
-        dtype = ((nb.get("source_dtype") or {}).get("dtype") or "").replace("bfloat16", "bf16")
-        source = (f"; {src_s} as the {dtype + ' ' if dtype else ''}original stores them" if src != dense
-                  else "; the original stores them in bf16")
+        stored_as = "/".join(_STORED_NAMES.get(d, d) for d in (nb.get("source_dtype") or {}).get("stored", []))
+        source = ("; the original stores them in bf16" if stored_as == "bf16"
+                  else f"; {src_s} as the {stored_as + ' ' if stored_as else ''}original stores them")
     line = (f"summary: the Tucker checkpoint's routed experts take {stored_s} instead of {dense_s} in bf16 "
             f"({nb['ratio_to_bf16_dense']:.1%}{source}), {ppl}")
     sb = report.get("shard_bytes")
