@@ -52,7 +52,8 @@ def eval_(
             report = run_or_exit(lambda: evaluate(
                 model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, skip_windows=skip_windows,
                 backend=backend, dtype=dtype, runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens,
-                tasks_jsonl=tasks_jsonl, tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
+                tasks_jsonl=tasks_jsonl, tasks=[t for t in tasks.split(",") if t] if tasks else None,
+                task_limit=task_limit,
                 use_cache=not no_cache, verify=not no_verify, allow_baseline_mismatch=allow_baseline_mismatch,
                 on_note=(lambda line: progress.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)) if rank0
                 else None, progress=progress),
@@ -148,8 +149,8 @@ def _bytes_rows(report: dict) -> list[tuple[str, str, str]]:
     if b:
         src, dense = b.get("experts_source"), b["experts_dense_bf16"]
         stored_as = "/".join((b.get("source_dtype") or {}).get("stored", []))
-        rows.append(("expert bytes stored (checkpoint)",
-                     f"{size(src)}" + (f" ({stored_as})" if stored_as else "") if src else "", size(b["experts_stored"])))
+        original = f"{size(src)}" + (f" ({stored_as})" if stored_as else "") if src else ""
+        rows.append(("expert bytes stored (checkpoint)", original, size(b["experts_stored"])))
         if src:
             rows.append(("  against the original as stored", "100%", f"{b['ratio_to_source']:.1%}"))
         rows.append((f"  against bf16 dense ({size(dense)})", f"{src / dense:.1%}" if src else "",

@@ -137,12 +137,12 @@ def evaluate(
     inputs = check_inputs(model, baseline, text=text, seqlen=seqlen, dtype=dtype, runtime=runtime, verify=verify,
                           allow_baseline_mismatch=allow_baseline_mismatch, tasks_jsonl=tasks_jsonl, tasks=tasks,
                           note=note, skip_windows=skip_windows, max_windows=max_windows)
+    windows = read_windows(inputs)  # a window range the text cannot give is said before any model file is read
     parallel, device = init_from_env(backend, flag="--backend")
     if inputs.lm_tasks and parallel.world > 1:
         raise BackendError("--tasks (lm-eval) runs in one process; start without torchrun")
     # Every rank checks its own files; all agree before any collective work starts.
     agreed(parallel, lambda: TensorSource.open(inputs.model, parallel, verify=verify))
-    windows = read_windows(inputs)
     note.release()
 
     base, base_cached = _baseline_scores(inputs, windows, parallel, device, kl_topk, use_cache, note, progress)
