@@ -21,6 +21,8 @@ def main():
     from tuckerize.integrations.vllm.models import tensor_shapes  # importable by every worker
 
     extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
+    if args.get("custom_ops"):  # e.g. ["-rotary_embedding"]: that vLLM op's native torch path
+        extra["compilation_config"] = {"custom_ops": list(args["custom_ops"])}
     llm = LLM(model=args["model"], dtype=args.get("dtype", "float32"), tensor_parallel_size=tp, max_model_len=args.get("max_model_len", 256),
               max_num_seqs=8,
               enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1,
