@@ -159,6 +159,7 @@ class DeepseekTuckerMoE(_SharedTuckerMoE):
         self.gate.e_score_correction_bias = None
         if self.router.kind == "deepseek_v3":
             self.gate.e_score_correction_bias = nn.Parameter(torch.empty(E, dtype=torch.float32), requires_grad=False)
+        _warn_cpu_rotary(config)
         self.n_shared_experts = int(getattr(config, "n_shared_experts", None) or 0)
         if self.n_shared_experts > 0:
             self.shared_experts = DeepseekV2MLP(
@@ -183,6 +184,24 @@ class DeepseekTuckerMoE(_SharedTuckerMoE):
     def shared_output(self, x: torch.Tensor) -> torch.Tensor:
         out = self.shared(x)
         return out / self.router.routed_scaling_factor if self._fp16_guard(x) else out
+
+
+def _warn_cpu_rotary(config: Any) -> None:
+    """vLLM 0.32's CPU rotary kernel (``ops.rotary_embedding``) gives wrong values for a
+    [tokens, heads > 1, dim] query, the layout DeepSeek's attention passes (dense DeepSeek
+    models on vLLM CPU are affected as much; tests/vllm_plugin/test_families.py pins it). Say
+    so once, with the way round it (vLLM's torch path of the op)."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+    from vllm.logger import init_logger
+    from vllm.model_executor.layers.rotary_embedding import RotaryEmbedding
+    from vllm.platforms import current_platform
+
+    heads = int(config.num_attention_heads) // get_tensor_model_parallel_world_size()
+    if current_platform.is_cpu() and heads > 1 and RotaryEmbedding.enabled():
+        init_logger("vllm.tuckerize").warning_once(
+            "tuckerize: vLLM's CPU rotary kernel is wrong for DeepSeek's query layout with %d heads per rank; "
+            "serve with compilation_config={'custom_ops': ['-rotary_embedding']} "
+            "(vllm serve ... -cc '{\"custom_ops\": [\"-rotary_embedding\"]}')", heads)
 
 
 def load_routed_factors(model: nn.Module, weights, load_rest):
