@@ -289,3 +289,60 @@ def test_vllm_cpu_rotary_kernel_is_wrong_for_deepseeks_query_layout():
         got, _ = rope.forward_cpu(pos, q.clone(), k.clone())
         err[heads] = float((got.float() - ref.float()).abs().max())
     assert err[1] < 0.05 and err[2] > 1.0, err
+
+
+@pytest.mark.slow  # two more engines and a decomposition (about 2 minutes on 2 cores)
+def test_block_fp8_deepseek_v3_keeps_vllms_fp8_layers(tmp_path):
+    """DeepSeek-V3 as released: block-FP8 (128 x 128) linear weights with their scales and the
+    quantization_config. Its Tucker checkpoint keeps attention, the dense first layer and the
+    shared experts FP8, served by vLLM's own FP8 layers around the Tucker experts. vLLM's FP8
+    needs a 16-bit dtype: the check is statistical, as for Qwen3-MoE
+    (test_vllm_plugin.test_fp8_source_served_with_vllm_fp8_layers): against the float32
+    reference of the same factors (FP8 dequantised at load), the served log-probabilities differ
+    no more than those of the same model with the FP8 weights dequantised on disk.
+
+    vLLM 0.32's CPU block-FP8 kernels need AMX (Sapphire Rapids or newer): without it only the
+    checkpoint is checked (what stays FP8, with its scales), and the serving part is skipped.
+    (Channel FP8 does not get further: vLLM's CPU MLA fails dequantising an FP8 kv_b_proj.)"""
+    from safetensors import safe_open
+    from test_fp8 import write_fp8
+
+    from tuckerize.compress import decompose_checkpoint
+
+    dtype, overrides = T.VLLM_FAMILIES["deepseek_v3"]
+    dims = dict(hidden_size=128, q_lora_rank=128, moe_intermediate_size=128, intermediate_size=256)
+    src = M.build_exact_tucker("deepseek_v3", tmp_path / "src", RANKS, seed=2, **{**overrides, **dims})
+    fp8, deq = write_fp8(src, tmp_path / "m", "block", block=(128, 128))
+    diffs = {}
+    for name, folder in (("fp8", fp8), ("dequantised", deq)):
+        fam = Family.__new__(Family)  # the reference machinery of Family on this checkpoint
+        fam.name, fam.dtype, fam._reference = "deepseek_v3", dtype, None
+        fam.tucker = tmp_path / f"{name}-tucker"
+        decompose_checkpoint(str(folder), fam.tucker, ranks=RANKS["gate"])
+        if name == "fp8":
+            stored = {}
+            for f in fam.tucker.glob("*.safetensors"):
+                with safe_open(str(f), "pt") as h:
+                    stored.update({k: h.get_slice(k).get_dtype() for k in h.keys()})
+            for w in ("model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
+                      "model.layers.1.self_attn.kv_b_proj.weight"):
+                assert stored[w] == "F8_E4M3" and w + "_scale_inv" in stored, w
+            assert not any(".mlp.experts." in k and stored[k] == "F8_E4M3" for k in stored)
+            if "amx_tile" not in Path("/proc/cpuinfo").read_text():
+                pytest.skip("vLLM 0.32's CPU block-FP8 kernels need AMX; the checkpoint was checked")
+        got = run_vllm(tmp_path, fam.tucker, PROMPTS, no_tokenizer=True, dtype=dtype, max_tokens=NEW_TOKENS,
+                       custom_ops=CUSTOM_OPS["deepseek_v3"])
+        rows = fam.reference()
+        diffs[name] = _stats([abs(float(rows(p + t)[i - 1, (p + t)[i]]) - lp[i - 1])
+                              for p, t, lp in zip(PROMPTS, got["tokens"], got["logprobs"]) for i in range(1, len(p + t))])
+        if name == "fp8":
+            config = json.loads((fam.tucker / "config.json").read_text())
+            assert config["quantization_config"]["quant_method"] == "fp8"
+            names = [n for r in got["shapes"] for n, _ in r]
+            for layer in ("model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.shared_experts.gate_up_proj",
+                          "model.layers.1.self_attn.kv_b_proj"):
+                assert any(n.startswith(layer) and "scale" in n for n in names), layer
+            assert not any(".mlp.experts." in n and "scale" in n for n in names)
+    print(f"\nFP8 DeepSeek-V3: {diffs}")
+    for k in ("mean", "q90"):
+        assert diffs["fp8"][k] <= 1.5 * diffs["dequantised"][k] + 0.05, diffs
