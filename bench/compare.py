@@ -22,7 +22,7 @@ Baselines are written as modified dense checkpoints in the demo's own format (pr
 experts and router rows; merging writes the merged weights under every member's name, which
 computes exactly what a router remapped to the merged expert computes; RTN and SVD write
 the dequantised / low-rank-reconstructed weights) and every row is scored by the product's
-evaluation code (``tuckerize.evaluate.load_model`` / ``score_baseline`` / ``score_tucker``:
+evaluation code (``tuckerize.evaluate.runtimes.load_model`` / ``scoring.score_baseline`` / ``score_tucker``:
 native runtime, float32, perplexity, KL(original || row) on the original's top-256 plus a
 rest bucket, top-1 agreement). Bytes are counted as the row would store them.
 
@@ -84,9 +84,10 @@ class Scorer:
     def __init__(self, folder: Path):
         from transformers import AutoTokenizer
 
-        from tuckerize.evaluate import load_model, score_baseline, token_windows
+        from tuckerize.evaluate.runtimes import load_model
+        from tuckerize.evaluate.scoring import score_baseline, token_windows
         from tuckerize.progress import ensure
-        from tuckerize.runtime.parallel import ParallelContext
+        from tuckerize.parallel import ParallelContext
 
         self.folder = folder
         self.parallel, self.device, self.progress = ParallelContext.current(), torch.device("cpu"), ensure(None)
@@ -101,7 +102,8 @@ class Scorer:
         return {"ppl": math.exp(float(self.base[split]["nll"].mean())), "kl": 0.0, "top1": 1.0}
 
     def __call__(self, folder: Path, split: str = "report") -> dict:
-        from tuckerize.evaluate import load_model, score_tucker
+        from tuckerize.evaluate.runtimes import load_model
+        from tuckerize.evaluate.scoring import score_tucker
 
         model = load_model(str(folder), self.parallel, self.device, torch.float32)
         r = score_tucker(model, self.splits[split], self.base[split], self.device, 0, self.progress)
@@ -131,11 +133,11 @@ class StatsExperts(torch.nn.Module):
 
     def __init__(self, w: dict, act: str):
         super().__init__()
-        from tuckerize.runtime.tucker_experts import ACTIVATIONS
+        from tuckerize.parallel import activation
 
         self.w = {p: t.float() for p, t in w.items()}
         E, H, I = self.w["gate"].shape
-        self.num_experts, self.act = E, ACTIVATIONS[act]
+        self.num_experts, self.act = E, activation(act)
         self.freq = torch.zeros(E, dtype=torch.float64)
         self.reap = torch.zeros(E, dtype=torch.float64)
         self.cov_h = torch.zeros(E, H, H, dtype=torch.float64)

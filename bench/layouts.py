@@ -3,7 +3,7 @@
 Part 1 (no processes): per rank and per token, one MoE layer with Qwen3-30B-A3B shapes
 (E=128, H=2048, I=768, top-8), the slowest rank's multiply-adds and the values a rank
 sends, for dense tensor parallelism and every Tucker layout, N = 1, 2, 4, 8, computed by
-``tuckerize.runtime.plan.layer_costs`` from the shapes of the modules each rank builds
+``tuckerize.runtime.layout.layer_costs`` from the shapes of the modules each rank builds
 (on the meta device). ``vs /N`` is the layout's MACs over (single-device Tucker)/N.
 
 Part 2 (``--measure``): real gloo processes (``--tp``, default 2) on this machine's
@@ -35,7 +35,7 @@ RANK_SETS = ((64, 512, 256), (128, 1024, 512))
 
 def table(rank_sets=RANK_SETS, worlds=(1, 2, 4, 8)) -> list[dict]:
     from tuckerize.parallel import LAYOUTS
-    from tuckerize.runtime.plan import layer_costs
+    from tuckerize.runtime.layout import layer_costs
 
     rows = []
     for ranks in rank_sets:

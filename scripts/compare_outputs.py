@@ -6,10 +6,13 @@ and with the working tree, and compare the sha256 of every file written.
 
 The revision is checked out into a temporary ``git worktree``; both runs use the same copy
 of the demo models, the same working directory and the same output paths, one after the
-other, so paths recorded in manifests agree. JSON files are compared with their timing
-fields (``seconds``, ``wall_seconds``, ``collect_seconds``) removed, and manifests
-without the top-level keys added after 88067da (:data:`ADDED`: the checksums of the
-non-layer files); every other file by its bytes. Tiny calibration (8 x 64 tokens) keeps the whole comparison to about a minute.
+other, so paths recorded in manifests agree. Each run is one call of the library's
+``decompose_checkpoint`` with the keyword arguments of :data:`RUNS` (the library's keywords
+outlive command-line options moved into a config's ``method:``). JSON files are compared
+with their timing fields (``seconds``, ``wall_seconds``, ``collect_seconds``) removed, and
+manifests without the keys added deliberately since (:data:`ADDED`, :data:`ADDED_BYTES`);
+every other file by its bytes. Tiny calibration (8 x 64 tokens) keeps the whole comparison
+to about a minute. The ``int8`` run needs a revision with ``factor_dtype`` (issue 11).
 """
 
 from __future__ import annotations
@@ -28,15 +31,20 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMINGS = {"seconds", "wall_seconds", "collect_seconds"}
 #: Manifest keys added deliberately after 88067da: the non-layer files written and their checksums.
 ADDED = {"written", "side_files"}
-CAL = ["--calibration", "demo", "--samples", "8", "--seqlen", "64"]
-#: (name, arguments after ``decompose --model MODEL``); MODEL is the demo model unless the
-#: name starts with "mixtral".
+#: Keys of the manifest's ``bytes`` added with issue 20: the source's expert bytes and dtype.
+ADDED_BYTES = {"experts_source", "ratio_to_source", "source_dtype", "dtypes_from"}
+CAL = {"calibration": "demo", "samples": 8, "seqlen": 64}
+#: (name, keyword arguments of ``decompose_checkpoint`` besides model and out); the model is
+#: the demo model unless the name starts with "mixtral".
 RUNS = [
-    ("plain", ["--ranks", "8,64,32"]),
-    ("ratio", [*CAL, "--ratio", "0.75"]),
-    ("refit", [*CAL, "--ranks", "16,64,32", "--refit"]),
-    ("mixtral", ["--ranks", "4,48,32"]),
+    ("plain", {"ranks": "8,64,32"}),
+    ("ratio", {**CAL, "ratio": 0.75, "save_config": "plans/ratio.yaml"}),
+    ("refit", {**CAL, "ranks": "16,64,32", "refit": True}),
+    ("int8", {"ranks": "8,64,32", "factor_dtype": "int8,core=int4"}),
+    ("mixtral", {"ranks": "4,48,32"}),
 ]
+DRIVER = ("import json, sys; from tuckerize.compress import decompose_checkpoint; "
+          "decompose_checkpoint(**json.loads(sys.argv[1]))")
 
 
 def _strip(data):
@@ -56,6 +64,7 @@ def digest(path: Path) -> str:
         else:
             if path.name == "tuckerize_manifest.json":
                 data = {k: v for k, v in data.items() if k not in ADDED}
+                data["bytes"] = {k: v for k, v in data.get("bytes", {}).items() if k not in ADDED_BYTES}
             return "json:" + hashlib.sha256(json.dumps(_strip(data), sort_keys=True).encode()).hexdigest()
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -71,13 +80,13 @@ def run_all(code: Path, models: Path, work: Path) -> dict[str, str]:
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop("TUCKERIZE_DEBUG", None)
-    for name, args in RUNS:
+    for name, kwargs in RUNS:
         model = models / ("mixtral" if name.startswith("mixtral") else "model")
-        cmd = [sys.executable, "-m", "tuckerize", "decompose", "--model", str(model), *args,
-               "--out", f"out/{name}", "--json"]
+        call = json.dumps({"model": str(model), "out": f"out/{name}", **kwargs})
+        cmd = [sys.executable, "-c", DRIVER, call]
         done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
         if done.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed with the code at {code}:\n{done.stderr[-2000:]}")
+            sys.exit(f"decompose_checkpoint(**{call}) failed with the code at {code}:\n{done.stderr[-2000:]}")
     return snapshot(work)
 
 

@@ -21,7 +21,7 @@ def moe_output_errors(model_folder: str | Path, tucker_folders, tokens: torch.Te
     from tuckerize.runtime.layerwise import CollectingExperts, LayerwiseRunner
     from tuckerize.runtime.loader import TensorSource, build_moe_block
 
-    from tuckerize.runtime.parallel import ParallelContext
+    from tuckerize.parallel import ParallelContext
 
     source = TensorSource.open(model_folder, parallel=ParallelContext())
     spec = source.spec

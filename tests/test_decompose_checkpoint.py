@@ -310,7 +310,7 @@ def test_half_precision_sources(tiny_factory, tmp_path, dtype):
     src_folder = tiny_factory("qwen3_moe", dtype=dtype)
     src = load_tensors(src_folder)
     assert src["model.layers.0.mlp.experts.0.up_proj.weight"].dtype == dtype
-    manifest = run(src_folder, tmp_path / "low")
+    manifest = run(src_folder, tmp_path / "low", factor_dtype="float32")  # the default, the source's: tests/decompose
     errors = check_factors_against_source(src_folder, tmp_path / "low", manifest)
     assert all(e > 0.2 for e in errors)  # and within the HOSVD bounds (check_factors_against_source)
     out = load_tensors(tmp_path / "low")
@@ -319,7 +319,7 @@ def test_half_precision_sources(tiny_factory, tmp_path, dtype):
             assert same_bytes(tensor, out[name]), name
     # Full ranks: exact with respect to the half-precision values (float32 holds them exactly).
     cfg = read_cfg(src_folder)
-    manifest = run(src_folder, tmp_path / "full", ranks=shape_of(cfg))
+    manifest = run(src_folder, tmp_path / "full", ranks=shape_of(cfg), factor_dtype="float32")
     assert max(check_factors_against_source(src_folder, tmp_path / "full", manifest)) < 1e-5
 
 

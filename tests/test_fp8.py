@@ -288,7 +288,7 @@ def test_native_runtime_reads_fp8(layout, fp8_models):
     model of the reference-dequantised weights (the Tucker one with the factors' dense experts)."""
     from tuckerize.runtime.loader import TensorSource
     from tuckerize.runtime.model import CausalLM
-    from tuckerize.runtime.parallel import ParallelContext
+    from tuckerize.parallel import ParallelContext
 
     fp8, deq, tucker = fp8_models("qwen3_moe", layout)
     ids = torch.randint(0, tiny_models.VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -378,3 +378,38 @@ def test_fused_fp8_experts_equal_reference(tmp_path):
         for p in PROJECTIONS:
             want = stack_projection(Checkpoint.open(deq), spec, layer, p)
             assert R.rel_err(want, stack_projection(Checkpoint.open(fp8), spec, layer, p)) < 1e-7, (layer, p)
+
+
+@pytest.mark.parametrize("named, want", [("bfloat16", "bf16"), ("float16", "fp16"), ("float32", "float32"),
+                                         (None, "bf16")])
+def test_fp8_factors_take_the_compute_dtype(named, want, fp8_models, tmp_path):
+    """FP8 experts: factors are stored in the dtype the config says the model computes in
+    (bf16 where it names none, as the releases compute); the source bytes are the e4m3
+    weights plus their float32 block scales, counted here from the shapes."""
+    from safetensors import safe_open
+
+    fp8, _, _ = fp8_models("qwen3_moe", "block")
+    src = tmp_path / "src"
+    shutil.copytree(fp8, src)
+    config = json.loads((src / "config.json").read_text())
+    config.pop("torch_dtype", None)
+    config.pop("dtype", None)
+    if named is not None:
+        config["dtype"] = named
+    (src / "config.json").write_text(json.dumps(config))
+    R.decompose_tiny(src, tmp_path / "tucker")
+    b = json.loads((tmp_path / "tucker" / "tuckerize_manifest.json").read_text())["bytes"]
+    assert b["dtypes"] == {f: want for f in ("U_E", "U_H", "U_I", "core")} and b["dtypes_from"] == "source"
+    assert b["source_dtype"]["dtype"] == want and b["source_dtype"]["stored"] == ["F8_E4M3"]
+    assert ("names no dtype" if named is None else f"config dtype {named}") in b["source_dtype"]["reason"]
+    want_source = 0
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for name in f.keys():
+            if ".mlp.experts." in name:
+                shape = f.get_slice(name).get_shape()
+                want_source += int(np.prod(shape)) * (1 if name.endswith(".weight") else 4)
+    assert b["experts_source"] == want_source
+    assert b["ratio_to_source"] == pytest.approx(b["experts_stored"] / want_source)
+    fp8_entry = tiny_models.read_config(tmp_path / "tucker")["tucker"]["fp8"]
+    assert fp8_entry["experts"] == ("dequantised to float32 factors" if want == "float32"
+                                    else f"dequantised to float32, decomposed, factors stored as {want}")

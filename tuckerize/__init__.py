@@ -5,9 +5,7 @@ callback (see :mod:`tuckerize.progress`). Heavy imports (torch) happen inside
 the functions that need them so that ``tuckerize --help`` stays instant.
 """
 
-__version__ = "0.1.0"
-
-from tuckerize.errors import (  # noqa: E402
+from tuckerize.errors import (
     BackendError,
     CalibrationError,
     InputError,
@@ -18,6 +16,7 @@ from tuckerize.errors import (  # noqa: E402
     TuckerizeError,
     UnsupportedArchitectureError,
 )
+from tuckerize.version import __version__
 
 __all__ = [
     "__version__",

@@ -52,7 +52,7 @@ def dense_params(shape: Sequence[int]) -> int:
 
 def check_expert_rank(mode: str) -> None:
     if mode not in ("full", "auto"):
-        raise RankError(f"--expert-rank {mode} is not 'full' (r_E = number of experts) or 'auto'")
+        raise RankError(f"expert rank {mode!r} is not 'full' (r_E = number of experts) or 'auto'")
 
 
 def check_budget(ratio: float | None, params: int | None) -> None:

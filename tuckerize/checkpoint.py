@@ -280,6 +280,11 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self._entry(name).dtype
 
+    def nbytes(self, name: str) -> int:
+        """Bytes ``name`` takes in its file, as stored (from the header; nothing is read)."""
+        e = self._entry(name)
+        return e.stop - e.start
+
     def get(self, name: str, dequantize: bool = False, device: "Any" = None) -> "Any":
         """One tensor, read now, in its stored dtype; with ``dequantize``, an FP8 weight
         comes back in float32 multiplied out by its scale tensor, on ``device``

@@ -10,6 +10,12 @@ A Tucker checkpoint is a folder::
     model.safetensors.index.json      tensor name -> file
     tuckerize_manifest.json           written last: provenance, ranks, errors, sizes
 
+This module owns those names, the config section (:func:`tucker_config`), the manifest
+reader (:func:`load_manifest`, one-line errors for a missing or damaged manifest, shared
+with the shard-set format, :mod:`tuckerize.shardset`) and read access
+(:class:`TuckerCheckpoint`). Checking files against the manifest's sha256s is
+:mod:`tuckerize.integrity`.
+
 Factor names say layer, projection and factor, after the experts prefix of the
 source architecture, e.g. ``model.layers.3.mlp.experts.gate.U_H``. Shapes:
 ``U_E [E, r_E]``, ``U_H [H, r_H]``, ``U_I [I, r_I]``, ``core [r_E, r_H, r_I]``,
@@ -18,6 +24,7 @@ the same semantic axes for gate, up and down.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +41,25 @@ from tuckerize.arch import (
     original_names,
 )
 from tuckerize.checkpoint import Checkpoint, load_config
-from tuckerize.errors import InputError
+from tuckerize.errors import InputError, IntegrityError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "tuckerize_manifest.json"
 JOURNAL_NAME = ".tuckerize-journal.json"
 CONFIG_KEY = "tucker"
+
+
+def load_manifest(path: Path, fix: str) -> dict[str, Any]:
+    """A manifest file's JSON object; one-line errors when it is missing or not valid JSON."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path} is missing; {fix}") from None
+    except (OSError, ValueError) as exc:
+        raise IntegrityError(f"{path} is damaged (not valid JSON: {exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path} is damaged (not a JSON object); {fix}")
+    return data
 
 
 def factor_name(experts_prefix: str, projection: str, factor: str) -> str:
@@ -93,8 +113,6 @@ class TuckerCheckpoint:
         config = load_config(folder)
         if CONFIG_KEY not in config:
             raise InputError(f"{folder}/config.json has no '{CONFIG_KEY}' section; rerun `tuckerize decompose`")
-        from tuckerize.integrity import load_manifest
-
         manifest = load_manifest(manifest_path, "rerun `tuckerize decompose`")
         return cls(folder=folder, config=config, tensors=Checkpoint.open(folder), manifest=manifest)
 

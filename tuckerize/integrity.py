@@ -1,6 +1,7 @@
 """Integrity of checkpoints on load: every file against the size and sha256 its manifest records.
 
-Public API (stable: the CLI, the runtime loader, the shard writer and the vLLM plugin call it):
+Public API (stable: the CLI, the runtime loader, the shard writer and the vLLM plugin call it;
+a shard set's own checks, built on :func:`verify_files`, are in :mod:`tuckerize.shardset`):
 
 * :func:`verify_checkpoint` checks an unsharded Tucker checkpoint folder against
   ``tuckerize_manifest.json``'s ``files`` (``{filename: {"bytes": int, "sha256": str}}``).
@@ -26,7 +27,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from tuckerize.checkpoint import sha256_file, write_json
-from tuckerize.errors import InputError, IntegrityError, OutputError, ShardError, TuckerizeError
+from tuckerize.errors import IntegrityError, OutputError, TuckerizeError
+from tuckerize.format import MANIFEST_NAME, load_manifest
 from tuckerize.progress import Progress, ensure
 
 #: Hash cache written beside the files it covers (a file of ours, like the manifest).
@@ -67,13 +69,16 @@ def verify_files(
     error: type[TuckerizeError] = IntegrityError,
     cache_path: Path | None = None,
     progress: Progress | None = None,
+    skip_hint: str = "--no-verify skips this check",
 ) -> None:
     """Check ``folder/<name>`` against ``entries[name] = {"bytes": int | None, "sha256": str}``.
 
     ``manifest_name`` names the file the entries come from and ``fix`` says what to do, both
     for the error message; ``error`` is the exception type raised. Sizes always (where
     recorded); sha256s when ``verify``, cached in ``cache_path`` (default
-    ``folder/.tuckerize-verified.json``; see the module docstring).
+    ``folder/.tuckerize-verified.json``; see the module docstring). ``skip_hint`` ends a
+    sha256 mismatch's message: how to skip the check where the caller runs (a flag, or an
+    environment variable inside vLLM).
     """
     folder = Path(folder)
     progress = ensure(progress)
@@ -101,7 +106,7 @@ def verify_files(
         digest = sha256_file(path)
         if digest != info["sha256"]:
             raise error(f"{path} is corrupted: its sha256 does not match the one recorded in {manifest_name} "
-                        f"(damaged or replaced); {fix}; --no-verify skips this check")
+                        f"(damaged or replaced); {fix}; {skip_hint}")
         if _stat_key(path) == before:  # not written to while it was hashed
             cache[name] = {"sha256": digest, "stat": before}
             changed = True
@@ -111,27 +116,13 @@ def verify_files(
         _write_cache(cache_path, cache)
 
 
-def load_manifest(path: Path, fix: str) -> dict[str, Any]:
-    """A manifest file's JSON object; one-line errors when it is missing or not valid JSON."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{path} is missing; {fix}") from None
-    except (OSError, ValueError) as exc:
-        raise IntegrityError(f"{path} is damaged (not valid JSON: {exc}); {fix}") from None
-    if not isinstance(data, dict):
-        raise IntegrityError(f"{path} is damaged (not a JSON object); {fix}")
-    return data
-
-
 def manifest_sha256(folder: str | Path) -> str:
     """Identity of a Tucker checkpoint: the sha256 of its ``tuckerize_manifest.json``."""
-    from tuckerize.format import MANIFEST_NAME
-
     return sha256_file(Path(folder) / MANIFEST_NAME)
 
 
-def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Progress | None = None,
+                      skip_hint: str = "--no-verify skips this check") -> dict[str, Any]:
     """Check an unsharded Tucker checkpoint against its manifest; returns the manifest.
 
     Every file in the manifest's ``files`` (the safetensors; plus ``side_files`` where a
@@ -140,8 +131,6 @@ def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Prog
     Raises :class:`~tuckerize.errors.IntegrityError` naming the first damaged file, or
     :class:`~tuckerize.errors.InputError` if ``folder`` is not a finished Tucker checkpoint.
     """
-    from tuckerize.format import MANIFEST_NAME
-
     folder = Path(folder)
     fix = "rerun `tuckerize decompose` into a new folder (or restore the file)"
     manifest = load_manifest(folder / MANIFEST_NAME,
@@ -155,58 +144,6 @@ def verify_checkpoint(folder: str | Path, *, verify: bool = True, progress: Prog
             if not (isinstance(info, dict) and "bytes" in info and "sha256" in info):
                 raise IntegrityError(f"{folder / MANIFEST_NAME} is damaged (entry {name} has no bytes/sha256); {fix}")
             entries[str(info.get("file", name))] = info
-    verify_files(folder, entries, verify=verify, manifest_name=MANIFEST_NAME, fix=fix, progress=progress)
+    verify_files(folder, entries, verify=verify, manifest_name=MANIFEST_NAME, fix=fix, progress=progress,
+                 skip_hint=skip_hint)
     return manifest
-
-
-# -- shard sets -------------------------------------------------------------------------------
-_SHARD_FIX = "run `tuckerize shard` again (with --overwrite)"
-
-
-def check_shard_manifest(path: Path) -> dict[str, Any]:
-    """A shard set's ``shard_manifest.json``, its structure checked: one-line errors if damaged."""
-    path = Path(path)
-    if not path.is_file():
-        raise ShardError(f"{path.parent} has no {path.name}: not a finished shard set; {_SHARD_FIX}")
-    manifest = load_manifest(path, _SHARD_FIX)
-    try:
-        tp = int(manifest["tp"])
-        str(manifest["layout"])
-        ranks = manifest["ranks"]
-        ok = isinstance(ranks, list) and len(ranks) == tp and all(
-            isinstance(r, dict) and isinstance(r["dir"], str) and isinstance(r["files"], dict)
-            and all(isinstance(i, dict) and "bytes" in i and "sha256" in i for i in r["files"].values())
-            for r in ranks)
-        if not ok or not isinstance(manifest.get("source", {}), dict):
-            raise ValueError
-    except (KeyError, TypeError, ValueError):
-        raise IntegrityError(f"{path} is damaged (missing or malformed tp, layout, ranks or files); {_SHARD_FIX}") from None
-    return manifest
-
-
-def verify_shard_rank(shard_folder: str | Path, rank_entry: Mapping[str, Any], *, verify: bool = True,
-                      progress: Progress | None = None) -> None:
-    """Check one rank's files of a shard set against ``shard_manifest.json`` (see :func:`verify_files`)."""
-    from tuckerize.shard.sharding import SHARD_MANIFEST
-
-    verify_files(Path(shard_folder) / rank_entry["dir"], rank_entry["files"], verify=verify,
-                 manifest_name=SHARD_MANIFEST, fix=_SHARD_FIX, error=ShardError, progress=progress)
-
-
-def shard_source_manifest(shard_folder: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The Tucker manifest of the checkpoint a shard set was cut from, checked against the
-    identity the shard set recorded (the sha256 of that manifest). None when the source folder
-    is gone; an :class:`IntegrityError` when it now holds another decomposition."""
-    from tuckerize.format import MANIFEST_NAME
-
-    source = manifest.get("source") or {}
-    path = Path(str(source.get("path", ""))) / MANIFEST_NAME
-    if not source.get("path") or not path.is_file():
-        return None
-    recorded = source.get("manifest_sha256")
-    if recorded and sha256_file(path) != recorded:
-        raise IntegrityError(
-            f"shard set {shard_folder} was cut from {source['path']}, which now holds another decomposition "
-            f"(its {MANIFEST_NAME} changed); reshard with `tuckerize shard {source['path']} --overwrite`, "
-            "or pass --baseline to evaluate the shard set as it is")
-    return load_manifest(path, "rerun `tuckerize decompose`")

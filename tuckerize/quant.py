@@ -21,8 +21,9 @@ three tensors instead of ``X``::
     X.qshape    int64   [len(S) + 1]           S, then g
 
 and ``X = codes * scale`` (per group), returned as float32. The code type is read from
-``qweight``'s dtype, so a reader needs nothing else. ``bf16`` stores ``X`` itself as
-bfloat16; ``float32`` (the default, format version 1) as float32. Checkpoints without any
+``qweight``'s dtype, so a reader needs nothing else. ``bf16`` and ``fp16`` store ``X`` itself
+as bfloat16 / float16; ``float32`` (format version 1) as float32. Which dtype a decomposition
+stores by default is the source checkpoint's (:meth:`tuckerize.compress.source.SourceModel.factor_dtype`). Checkpoints without any
 ``.qweight`` tensor are read exactly as before.
 """
 
@@ -36,12 +37,14 @@ import torch
 from tuckerize.errors import InputError
 
 FACTOR_KINDS = ("U_E", "U_H", "U_I", "core")
-DTYPES = ("float32", "bf16", "fp8", "int8", "int4")
+DTYPES = ("float32", "bf16", "fp16", "fp8", "int8", "int4")
+#: Stored as the tensor itself (no codes and scales), with its torch dtype.
+PLAIN = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTISED = ("fp8", "int8", "int4")
 DEFAULT_GROUP = 128
 SUFFIXES = (".qweight", ".qscale", ".qshape")
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
-_BITS = {"float32": 32, "bf16": 16, "fp8": 8, "int8": 8, "int4": 4}
+_BITS = {"float32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
 SCALE_BYTES = 2  # float16
 
 
@@ -98,10 +101,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...] 
 
 def fake_quantize(x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> torch.Tensor:
     """``dequantize(quantize(x))``: what a reader of the stored tensor gets back (float32)."""
-    if dtype == "float32":
-        return x.float()
-    if dtype == "bf16":
-        return x.to(torch.bfloat16).float()
+    if dtype in PLAIN:
+        return x.to(PLAIN[dtype]).float()
     codes, scale = quantize(x, dtype, group)
     return dequantize(codes, scale, tuple(x.shape), min(group, x.shape[-1]))
 
@@ -123,10 +124,8 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
 # -- the layout -------------------------------------------------------------------------------
 def encode(name: str, x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> dict[str, torch.Tensor]:
     """The stored tensors of ``x`` under ``name`` for ``dtype`` (see the module docstring)."""
-    if dtype == "float32":
-        return {name: x.float().contiguous()}
-    if dtype == "bf16":
-        return {name: x.to(torch.bfloat16).contiguous()}
+    if dtype in PLAIN:
+        return {name: x.to(PLAIN[dtype]).contiguous()}
     codes, scale = quantize(x, dtype, group)
     if dtype == "int4":
         codes = pack_int4(codes)
@@ -194,11 +193,13 @@ def read_dequantised(ckpt: Any, name: str) -> torch.Tensor:
 
 
 # -- per-factor choice --------------------------------------------------------------------------
-def parse_factor_dtype(spec: str) -> dict[str, str]:
+def parse_factor_dtype(spec: str, default: str = "float32") -> dict[str, str]:
     """``"int8"`` (every factor) or ``"int8,core=int4"`` / ``"U_E=bf16,U_H=int8,U_I=int8,core=int4"``
-    (a default first, then per-factor overrides) -> ``{factor: dtype}`` for U_E, U_H, U_I, core."""
+    (a default first, then per-factor overrides) -> ``{factor: dtype}`` for U_E, U_H, U_I, core;
+    factors the spec leaves out (``"core=int4"``) take ``default`` (the decomposition passes
+    the source's dtype)."""
     out: dict[str, str] = {}
-    default = None
+    default_given = None
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         key, _, value = part.partition("=")
         if not value:
@@ -206,14 +207,14 @@ def parse_factor_dtype(spec: str) -> dict[str, str]:
         if value not in DTYPES:
             raise InputError(f"--factor-dtype {spec}: '{value}' is not one of {', '.join(DTYPES)}")
         if not key:
-            default = value
+            default_given = value
         elif key in FACTOR_KINDS:
             out[key] = value
         else:
             raise InputError(f"--factor-dtype {spec}: '{key}' is not one of {', '.join(FACTOR_KINDS)}")
-    if default is None and len(out) < len(FACTOR_KINDS):
-        default = "float32"
-    return {f: out.get(f, default) for f in FACTOR_KINDS}  # type: ignore[misc]
+    if default_given is None:
+        default_given = default
+    return {f: out.get(f, default_given) for f in FACTOR_KINDS}
 
 
 # -- bytes --------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def tensor_bytes(shape: tuple[int, ...] | list[int], dtype: str, group: int = DE
     ``qshape`` (8 bytes per axis, plus 8) is counted too)."""
     cols = shape[-1]
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
-    if dtype in ("float32", "bf16"):
+    if dtype in PLAIN:
         return rows * cols * _BITS[dtype] // 8
     g = min(group, cols)
     codes = rows * (math.ceil(cols / 2) if dtype == "int4" else cols)

@@ -59,24 +59,30 @@ def test_allocated_plan_meets_budget_and_round_trips_through_config(demo_runs, t
     assert 495_000 <= by_params["params"]["experts_after"] <= 500_000
 
 
-def test_default_config_path_under_configs(demo_runs, tmp_path, monkeypatch):
-    """The CLI keeps an allocated plan under configs/ of the working directory; the library
-    only returns it (manifest and out/rank_plan.yaml) unless asked where to save it."""
-    monkeypatch.chdir(tmp_path)
-    r = cli("--ratio", "0.9", "--stats", str(demo_runs["white"]), "--out", str(tmp_path / "o"), "--json")
+def test_plan_stays_in_the_output_folder(demo_runs, tmp_path, monkeypatch):
+    """Without --save-config an allocated plan is written to the output folder only
+    (rank_plan.yaml): nothing lands in the working directory."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    r = cli("--ratio", "0.9", "--calibration", str(demo_runs["white"]), "--out", str(tmp_path / "o"))
     assert r.exit_code == 0, r.output
-    m = json.loads(r.stdout)
-    assert m["allocation"]["config"] == "configs/demo-keep0.9.yaml"
-    plan = load_plan(tmp_path / "configs" / "demo-keep0.9.yaml")
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "o"]
+    assert f"rank plan written to {(tmp_path / 'o' / 'rank_plan.yaml').resolve()} (reuse with --config)" in r.stderr
+    m = json.loads((tmp_path / "o" / "tuckerize_manifest.json").read_text())
+    assert m["allocation"]["config"] is None
+    plan = load_plan(tmp_path / "o" / "rank_plan.yaml")
     assert [list(plan.ranks_for(t["layer"], t["projection"])) for t in m["tensors"]] == [t["ranks"] for t in m["tensors"]]
-    assert (tmp_path / "configs" / "demo-keep0.9.yaml").read_text() == (tmp_path / "o" / "rank_plan.yaml").read_text()
-    lib = decompose_checkpoint(str(DEMO), tmp_path / "lib", ratio=0.9, stats=demo_runs["white"])
-    assert lib["allocation"]["config"] is None and lib["rank_plan"] == m["rank_plan"]
-    assert sorted(p.name for p in (tmp_path / "configs").iterdir()) == ["demo-keep0.9.yaml"]
+    # the default output folder is made in the working directory, and holds the plan too
+    r = cli("--ratio", "0.9", "--calibration", str(demo_runs["white"]))
+    assert r.exit_code == 0, r.output
+    assert [p.name for p in cwd.iterdir()] == ["model-tucker-keep0.9"]
+    assert (cwd / "model-tucker-keep0.9" / "rank_plan.yaml").read_text() == (tmp_path / "o" / "rank_plan.yaml").read_text()
 
 
 def test_cli_allocates_from_saved_statistics(tmp_path, demo_runs):
-    r = cli("--ratio", "0.7", "--stats", str(demo_runs["white"]), "--out", str(tmp_path / "p"),
+    r = cli("--ratio", "0.7", "--calibration", str(demo_runs["white"]), "--out", str(tmp_path / "p"),
             "--save-config", str(tmp_path / "p.yaml"), "--json")
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)

@@ -5,7 +5,7 @@ sha256; the manifest without its timings and ``out``); a calibrated run with its
 divided among 2 processes must equal one process up to summation order (same plan,
 factors within 1e-6); a rank killed mid-run, then the run resumed with another number of
 processes, must give the same bytes with no lock or journal left. Plus the pure
-layer-to-rank assignment and the one-line refusal of --refit under torchrun.
+layer-to-rank assignment and the one-line refusal of method.refit under torchrun.
 """
 
 from __future__ import annotations
@@ -151,13 +151,14 @@ def test_rank_killed_then_resumed_with_other_world(single, tmp_path):
 
 def test_refit_refused_under_torchrun(tmp_path):
     out = tmp_path / "out"
+    (tmp_path / "refit.yaml").write_text("method:\n  refit: true\n")
     r = decompose(2, ["--model", str(DEMOS["qwen3"]), "--ranks", RANKS, "--out", str(out), "--calibration", "demo",
-                      "--samples", "4", "--seqlen", "16", "--refit"], tmp_path)
+                      "--samples", "4", "--seqlen", "16", "--config", str(tmp_path / "refit.yaml")], tmp_path)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
     # the same line from each rank (torchrun may stop the second rank before it prints)
     assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, r.stderr[-3000:]
-    assert "--refit" in lines[0] and "without torchrun" in lines[0]
+    assert "method.refit" in lines[0] and "without torchrun" in lines[0]
     assert "tuckerize/" not in r.stderr  # no traceback of ours (torchrun prints its own ChildFailedError)
 
 

@@ -15,11 +15,8 @@ import tucker_refs as R
 @pytest.fixture(autouse=True)
 def eval_cache(tmp_path, monkeypatch) -> Path:
     """A fresh baseline cache folder for each test (never the user's ~/.cache)."""
-    import tuckerize.evaluate as ev
-
     root = tmp_path / "tuckerize-cache"
     monkeypatch.setenv("TUCKERIZE_CACHE", str(root))
-    monkeypatch.setattr(ev, "CACHE_DIR", root / "baselines")
     return root / "baselines"
 
 

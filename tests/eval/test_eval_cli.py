@@ -157,14 +157,18 @@ def _jsonl_rows(n: int, seed: int, shuffled: bool) -> list[dict]:
 
 @torch.no_grad()
 def _reference_choice_scores(model, tokenizer, row: dict) -> list[float]:
-    """Summed log-probability of each choice's tokens after the context (transformers)."""
-    ctx = tokenizer(row["context"], add_special_tokens=False)["input_ids"]
+    """Summed log-probability of each choice after the context (transformers), as lm-eval
+    scores a multiple-choice request (written out here: continuation " " + choice, the
+    context's trailing whitespace moved to it, the pair encoded whole and split after the
+    context's own encoding; the demo tokenizers add no special tokens)."""
+    context = row["context"].rstrip()
     scores = []
     for choice in row["choices"]:
-        cont = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        ids = torch.tensor([ctx + cont])
-        logp = model(ids).logits[0].double().log_softmax(-1)
-        scores.append(sum(float(logp[len(ctx) - 1 + j, tok]) for j, tok in enumerate(cont)))
+        cont = row["context"][len(context):] + " " + choice
+        ids = tokenizer(context + cont)["input_ids"]
+        n_ctx = len(tokenizer(context)["input_ids"])
+        logp = model(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+        scores.append(sum(float(logp[j - 1, ids[j]]) for j in range(n_ctx, len(ids))))
     return scores
 
 

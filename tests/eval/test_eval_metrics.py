@@ -17,7 +17,8 @@ import torch
 
 import model_refs as M
 from tuckerize.demo import DEMO_DIR
-from tuckerize.evaluate import _coarse_kl, evaluate
+from tuckerize.evaluate import evaluate
+from tuckerize.evaluate.scoring import coarse_kl
 
 
 def _windows(folder: Path, text: str, seqlen: int, max_windows: int | None) -> torch.Tensor:
@@ -140,18 +141,18 @@ def test_coarse_kl_exact_when_topk_covers_vocab_and_lower_bound_otherwise():
     logq = (logp + 0.5 * torch.randn(T, V, generator=g, dtype=torch.float64)).log_softmax(-1)
     exact = (logp.exp() * (logp - logq)).sum(-1)
     lp, idx = logp.float().topk(V, dim=-1)
-    got = _coarse_kl(lp, idx.to(torch.int32), logq.float())
+    got = coarse_kl(lp, idx.to(torch.int32), logq.float())
     assert float((got.double() - exact).abs().max()) < 1e-5 * float(exact.abs().max())
     # Identical distributions: exactly 0 up to float32 rounding, not a rest-bucket artefact.
-    same = _coarse_kl(lp, idx.to(torch.int32), logp.float())
+    same = coarse_kl(lp, idx.to(torch.int32), logp.float())
     assert float(same.abs().max()) < 1e-7
     for k in (1, 5, 20, 49):
         lp, idx = logp.float().topk(k, dim=-1)
-        bound = _coarse_kl(lp, idx.to(torch.int32), logq.float()).double()
+        bound = coarse_kl(lp, idx.to(torch.int32), logq.float()).double()
         # log-sum inequality: merging the tail into one bucket never increases KL
         assert bool((bound <= exact + 1e-5).all()) and bool((bound >= -1e-6).all()), k
     lp, idx = logp.float().topk(45, dim=-1)
-    assert float(_coarse_kl(lp, idx.to(torch.int32), logq.float()).double().mean()) > 0.9 * float(exact.mean())
+    assert float(coarse_kl(lp, idx.to(torch.int32), logq.float()).double().mean()) > 0.9 * float(exact.mean())
 
 
 @pytest.mark.slow

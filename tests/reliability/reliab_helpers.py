@@ -95,12 +95,9 @@ def flip_byte(path: Path, from_end: int = 60) -> None:
 
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
-    """An empty baseline cache for this test (``TUCKERIZE_CACHE`` and eval's CACHE_DIR)."""
-    import tuckerize.evaluate as ev
-
+    """An empty baseline cache for this test (``TUCKERIZE_CACHE``, read by tuckerize.evaluate.cache when used)."""
     root = tmp_path / "tuckerize-cache"
     monkeypatch.setenv("TUCKERIZE_CACHE", str(root))
-    monkeypatch.setattr(ev, "CACHE_DIR", root / "baselines")
     return root / "baselines"
 
 

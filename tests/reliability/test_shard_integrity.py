@@ -40,19 +40,19 @@ def test_shard_set_records_source_identity(tiny, shards):
 def test_source_replaced_since_sharding_is_refused(tiny, shards, work_copy, tmp_path):
     """A shard set whose source folder now holds another decomposition: eval's default
     baseline and compression figures would come from the wrong manifest, so it is refused."""
-    from tuckerize.evaluate import _tucker_manifest
+    from tuckerize.shardset import tucker_manifest
 
     tucker = work_copy(tiny["tucker"], "tucker")
     shard = work_copy(shards, "tp2")
     m = json.loads((shard / "shard_manifest.json").read_text())
     m["source"]["path"] = str(tucker)
     (shard / "shard_manifest.json").write_text(json.dumps(m))
-    assert _tucker_manifest(shard)["source"]["path"] == str(tiny["src"])  # unchanged source: fine
+    assert tucker_manifest(shard)["source"]["path"] == str(tiny["src"])  # unchanged source: fine
     manifest = json.loads((tucker / "tuckerize_manifest.json").read_text())
     manifest["settings"]["hooi_iters"] = 99  # as if decomposed again with other settings
     (tucker / "tuckerize_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IntegrityError, match=rf"{tucker}.*another decomposition.*tuckerize shard"):
-        _tucker_manifest(shard)
+        tucker_manifest(shard)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "list", "no-ranks"])
@@ -68,7 +68,7 @@ def test_damaged_shard_manifest_one_line(damage, tiny, shards, work_copy, tmp_pa
         del m["ranks"]
         path.write_text(json.dumps(m))
     before = snapshot(shard)
-    from tuckerize.shard.sharding import ShardSet
+    from tuckerize.shardset import ShardSet
 
     with pytest.raises(IntegrityError, match=r"shard_manifest.json is damaged.*tuckerize shard"):
         ShardSet.open(shard)
@@ -112,7 +112,7 @@ def test_torchrun_one_rank_corrupt_every_rank_one_line(tiny, shards, work_copy, 
 
 def test_verify_shard_rank_caches(shards, work_copy, monkeypatch):
     import tuckerize.integrity as integrity
-    from tuckerize.shard.sharding import ShardSet
+    from tuckerize.shardset import ShardSet
 
     shard = work_copy(shards, "tp2")
     hashed = []

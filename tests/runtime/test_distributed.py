@@ -26,8 +26,7 @@ import dist_helpers
 import tucker_refs as R
 from tuckerize.demo import DEMO_DIR
 from tuckerize.runtime.loader import TensorSource, build_moe_block
-from tuckerize.runtime.parallel import ParallelContext
-from tuckerize.parallel import LAYOUTS
+from tuckerize.parallel import LAYOUTS, ParallelContext
 from tuckerize.shard import shard_checkpoint
 
 #: Tiny Qwen2-MoE (shared expert; I=18 splits unevenly over 4); the demo models cover Qwen3-MoE and Mixtral.

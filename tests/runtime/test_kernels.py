@@ -20,7 +20,7 @@ import tucker_refs as R
 from tuckerize.errors import InputError
 from tuckerize.runtime.kernels import ENV, DecodeDispatch, default_dispatch, install
 from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
-from tuckerize.runtime.parallel import ParallelContext
+from tuckerize.parallel import ParallelContext
 from tuckerize.runtime.tucker_experts import TuckerExperts
 
 TOL = 1e-5

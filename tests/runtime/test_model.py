@@ -19,10 +19,9 @@ import torch
 import dist_helpers
 import model_refs as M
 import tucker_refs as R
-from tuckerize.parallel import LAYOUTS
+from tuckerize.parallel import LAYOUTS, ParallelContext
 from tuckerize.runtime.loader import TensorSource
 from tuckerize.runtime.model import CausalLM
-from tuckerize.runtime.parallel import ParallelContext
 from tuckerize.shard import shard_checkpoint
 
 TOL = 1e-4

@@ -53,7 +53,7 @@ if INTERPRETING:
     import tucker_refs as R
     from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
     from tuckerize.runtime.kernels.triton_moe import pair_blocks, triton_partial
-    from tuckerize.runtime.parallel import ParallelContext
+    from tuckerize.parallel import ParallelContext
     from tuckerize.runtime.tucker_experts import TuckerExperts
 
 E, H, I = 8, 32, 24

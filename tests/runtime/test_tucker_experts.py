@@ -23,8 +23,7 @@ from tuckerize.errors import ShardError
 from tuckerize.format import TuckerCheckpoint
 from tuckerize.runtime import tucker_experts as te
 from tuckerize.runtime.loader import TensorSource, build_moe_block
-from tuckerize.runtime.parallel import ParallelContext, split_sizes
-from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS
+from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, split_sizes
 from tuckerize.runtime.tucker_experts import TuckerExperts, TuckerFactors
 
 TOL = 1e-5

@@ -1,7 +1,7 @@
 """``tuckerize shard``: every rank file against the unsharded Tucker checkpoint.
 
 The expected split of each tensor is derived here from the tensor's name and the
-config (heads, kv heads, sizes), independently of :mod:`tuckerize.shard.plan`; rank
+config (heads, kv heads, sizes), independently of :func:`tuckerize.runtime.plan.rank_splits`; rank
 files are read with safetensors directly and checksums with hashlib.
 """
 
@@ -18,10 +18,11 @@ from cli_helpers import assert_cli_error
 from safetensors.torch import load_file
 
 from tuckerize.errors import ShardError
-from tuckerize.parallel import LAYOUTS
+from tuckerize.parallel import LAYOUTS, ParallelContext
 from tuckerize.runtime.loader import TensorSource
-from tuckerize.runtime.parallel import ParallelContext
-from tuckerize.shard import SHARD_MANIFEST, ShardSet, shard_checkpoint
+from tuckerize.runtime.model import CausalLM
+from tuckerize.shard import shard_checkpoint
+from tuckerize.shardset import SHARD_MANIFEST, ShardSet
 
 #: Tiny Qwen3-MoE (4 q heads, 2 kv heads, E=8, I=16) and Qwen2-MoE with a shared expert
 #: (4 heads, 2 kv heads, attention biases, E=6, I=18 so that I splits unevenly over 4).
@@ -153,14 +154,17 @@ def test_rank_files_are_slices_of_the_whole(model, tp, layout, tmp_path):
     assert factor_splits == {"intermediate": {"U_I"}, "expert": {"U_E"}, "hybrid": {"U_E", "U_H"},
                              "hybrid-replicated-out": {"U_E", "U_H"}}[layout]
 
-    # The runtime loader slices an unsharded checkpoint exactly as the writer did.
+    # The runtime builds the same rank model from the unsharded checkpoint (sliced as it
+    # loads) and from the shard set (rank files taken as they are).
     for r in range(tp):
         src = TensorSource.open(tucker, parallel=ParallelContext(rank=r, world=tp), layout=layout)
         shard = TensorSource.open(out, parallel=ParallelContext(rank=r, world=tp))
         assert shard.kind == "shard" and shard.layout == layout
         assert Path(shard.tensors.folder) == out / f"rank-{r:05d}-of-{tp:05d}"
-        for name in whole:
-            assert torch.equal(src.local(name), shard.local(name)), (name, r)
+        built = [CausalLM(s, dtype=torch.float32, device="cpu").state_dict() for s in (src, shard)]
+        assert built[0].keys() == built[1].keys() and len(built[0]) > 20
+        for key, t in built[0].items():
+            assert torch.equal(t, built[1][key]), (key, r)
 
 
 def test_kv_heads_replicated_when_tp_exceeds_them(tucker_factory, tmp_path):
@@ -386,7 +390,7 @@ def test_cli_model_option_and_positional(tucker_factory, tmp_path):
 
 def test_cli_default_layout_is_chosen_by_the_arithmetic(tucker_factory, tmp_path):
 
-    from tuckerize.runtime.plan import layout_costs
+    from tuckerize.runtime.layout import layout_costs
 
     _, tucker = tucker_factory("qwen3_moe")
     result = cli("shard", "-m", str(tucker), "--tp", "2", "--out", str(tmp_path / "s"))
@@ -440,7 +444,7 @@ def test_layering_shard_imports_neither_torch_nn_nor_runtime():
 def test_unsharded_checkpoint_under_several_ranks_takes_the_shard_plan(tucker_factory):
     """An unsharded Tucker checkpoint opened by 2 ranks: the layout and load assignment that
     ``tuckerize shard`` would write (here the layout its rule picks; an explicit one is kept)."""
-    from tuckerize.runtime.plan import choose_layout, layout_plan
+    from tuckerize.runtime.layout import choose_layout, layout_plan
 
     _, tucker = tucker_factory("qwen3_moe")
     source = TensorSource.open(tucker, parallel=ParallelContext(rank=1, world=2))
@@ -452,3 +456,25 @@ def test_unsharded_checkpoint_under_several_ranks_takes_the_shard_plan(tucker_fa
     layout, _, assignment = layout_plan(source.config, 2, "expert", load={L: [9.0] * 2 + [1.0] * (E - 2)
                                                                           for L in source.spec.moe_layers})
     assert layout == "expert" and all(a["assigned"] for a in assignment.values())
+
+
+@pytest.mark.parametrize("layout", ["intermediate", "expert"])
+def test_shard_bytes_against_source_and_bf16(tucker_factory, tmp_path, layout):
+    """The shard manifest's ``bytes`` and the CLI's line: all ranks' expert tensors as written
+    (read back from the rank files here) against the float32 source's experts and against
+    bf16 dense experts, both counted from the source's tensor shapes."""
+    src, tucker = tucker_factory("qwen3_moe")
+    out = tmp_path / "s"
+    result = cli("shard", str(tucker), "--tp", "2", "--layout", layout, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    b = json.loads((out / SHARD_MANIFEST).read_text())["bytes"]
+    written = [sum(t.numel() * t.element_size() for n, t in _read_all(out / f"rank-{r:05d}-of-00002").items()
+                   if ".mlp.experts." in n) for r in range(2)]
+    dense = [t for n, t in _read_all(src).items() if ".mlp.experts." in n]
+    assert all(t.dtype == torch.float32 for t in dense)
+    source = sum(t.numel() * 4 for t in dense)
+    assert b["experts_stored_per_rank"] == written and b["experts_stored"] == sum(written)
+    assert (b["experts_source"], b["experts_dense_bf16"]) == (source, source // 2)
+    assert b["ratio_to_source"] == pytest.approx(sum(written) / source)
+    assert b["ratio_to_bf16_dense"] == pytest.approx(2 * sum(written) / source)
+    assert f"{b['ratio_to_source']:.1%} of the source's" in result.stderr.replace("\n", " ")

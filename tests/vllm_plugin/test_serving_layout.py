@@ -10,7 +10,7 @@ import torch
 from tuckerize.errors import InputError
 from tuckerize.integrations.vllm.moe import LAYOUT_ENV, serving_layout
 from tuckerize.parallel import LAYOUTS, assign_experts
-from tuckerize.runtime.plan import choose_layout
+from tuckerize.runtime.layout import choose_layout
 
 E = 16
 

@@ -224,7 +224,7 @@ def test_quantised_checkpoint_auto_layout_experts_by_load(prompts, tmp_path):
     from safetensors.torch import load_file, save_file
 
     from tuckerize.compress import decompose_checkpoint
-    from tuckerize.runtime.plan import choose_layout
+    from tuckerize.runtime.layout import choose_layout
     from tuckerize.shard import shard_checkpoint
 
     folder = tmp_path / "int4"

@@ -3,7 +3,7 @@
 :func:`collect_statistics`: every MoE layer's :class:`~tuckerize.calibration.stats.LayerStats`
 from the original model's hidden states (the dense stream), streamed to the statistics
 file one layer at a time (:mod:`tuckerize.calibration.store`).
-:class:`RefitCollector`: the per-expert sums that ``--refit`` solves
+:class:`RefitCollector`: the per-expert sums that ``method.refit`` solves
 (:func:`tuckerize.decompose.refit.refit_cores`), given a layer's shared factors.
 Both run the layers through :class:`tuckerize.runtime.layerwise.LayerwiseRunner`.
 """
@@ -21,6 +21,7 @@ from tuckerize.arch import PROJECTIONS
 from tuckerize.calibration.stats import LayerStats, stats_layout
 from tuckerize.calibration.store import STATS_NAME, CalibrationSettings, CalibrationStats, LazyLayers, StreamingSafetensors
 from tuckerize.errors import CalibrationError
+from tuckerize.parallel import activation
 from tuckerize.runtime.layerwise import CollectingExperts, LayerwiseRunner
 from tuckerize.runtime.routing import expert_groups, sorted_pairs
 
@@ -43,11 +44,9 @@ class RefitCollector(nn.Module):
     def __init__(self, stacked: Mapping[str, torch.Tensor], act: str, factors: Mapping[str, Mapping[str, torch.Tensor]],
                  projections: tuple[str, ...] = PROJECTIONS):
         super().__init__()
-        from tuckerize.runtime.tucker_experts import ACTIVATIONS
-
         self.w = dict(stacked)
         self.num_experts = self.w["gate"].shape[0]
-        self.act_fn = ACTIVATIONS[act]
+        self.act_fn = activation(act)
         self.projections = tuple(projections)
         device = self.w["gate"].device
         self.f = {p: {k: v.to(device, torch.float32) for k, v in factors[p].items()} for p in PROJECTIONS}
@@ -131,7 +130,7 @@ def collect_statistics(
     """
     from tuckerize.progress import ensure
     from tuckerize.runtime.loader import TensorSource
-    from tuckerize.runtime.parallel import ParallelContext, split_range
+    from tuckerize.parallel import ParallelContext, split_range
 
     t0 = time.time()
     progress = ensure(progress)

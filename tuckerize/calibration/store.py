@@ -256,7 +256,7 @@ class CalibrationStats:
         meta_path = path.with_name(STATS_META)
         if not path.is_file() or not meta_path.is_file():
             raise CalibrationError(f"calibration statistics {path} (with {STATS_META} beside it) do not exist; "
-                                   "pass the file written by a calibrated decompose, or drop --stats")
+                                   "pass the file written by a calibrated decompose, or calibration text")
         try:
             meta = json.loads(meta_path.read_text())
             settings = CalibrationSettings(**meta["settings"])

@@ -89,7 +89,8 @@ def expert_weights(layer_stats: Mapping[str, torch.Tensor], projection: str, dow
     if missing or (options.expert_hidden and "hidden_expert" not in layer_stats):
         raise CalibrationError("the calibration statistics lack per-expert fields "
                                f"({(missing or ['hidden_expert'])[0]}); they were written by an older tuckerize or "
-                               "without --expert-hidden: drop --stats (or delete them) to recollect")
+                               "without method.expert_hidden: pass --calibration TEXT instead of these statistics "
+                               "(and delete them from --out) to recollect")
     device = down.device if down is not None else torch.device("cpu")
     if solver_dtype(device) != torch.float64:  # formed in float64 on the CPU; the solver casts them
         device = torch.device("cpu")

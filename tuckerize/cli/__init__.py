@@ -11,12 +11,12 @@ from typing import Callable, TypeVar
 
 import typer
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.errors import TuckerizeError
 
 app = typer.Typer(
     name="tuckerize",
-    help="Tucker compression of Mixture-of-Experts checkpoints: decompose, shard, eval.",
+    help="Tucker compression of Mixture-of-Experts checkpoints: decompose, shard, eval, serve.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -69,3 +69,4 @@ def main(
 from tuckerize.cli import decompose as _decompose  # noqa: E402,F401
 from tuckerize.cli import shard as _shard  # noqa: E402,F401
 from tuckerize.cli import eval as _eval  # noqa: E402,F401
+from tuckerize.cli import serve as _serve  # noqa: E402,F401

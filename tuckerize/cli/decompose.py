@@ -8,9 +8,9 @@ from typing import Annotated, Optional
 import typer
 
 from tuckerize.cli import app, run_or_exit
-from tuckerize.cli.ui import RichProgress, console, print_json
+from tuckerize.cli.ui import RichProgress, bytes_line, console, print_json
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder. Default: the embedded demo model.")]
+Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder; demo: the embedded demo model.")]
 
 
 class DecomposeProgress(RichProgress):
@@ -44,32 +44,28 @@ class DecomposeProgress(RichProgress):
 def decompose(
     model: Model = "demo",
     ranks: Annotated[Optional[str], typer.Option(help="r_E,r_H,r_I for every MoE layer and projection, e.g. 64,512,256.")] = None,
-    ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks are allocated per layer and projection.")] = None,
+    ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks allocated per layer.")] = None,
     params: Annotated[Optional[int], typer.Option(help="Routed-expert parameters to keep (instead of --ratio).")] = None,
-    config: Annotated[Optional[Path], typer.Option(help="YAML with a rank plan (per-layer/projection ranks) and/or a 'method:' section of decomposition settings (configs/, README).")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="Calibration text: a text file, a folder of .txt files, a .jsonl with 'text', hf:DATASET[:CONFIG[:SPLIT]], or 'demo'. Enables weighted Tucker.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML rank plan and/or 'method:' settings (refit, sequential, ...: configs/method.yaml).")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="Text (file, folder, .jsonl, hf:DATASET[:CONFIG[:SPLIT]], demo) or saved statistics (a folder holding calibration_stats.safetensors).")] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
-    stats: Annotated[Optional[Path], typer.Option(help="Reuse saved calibration statistics (calibration_stats.safetensors or the output folder holding it).")] = None,
-    refit: Annotated[bool, typer.Option(help="Refit each expert's core to its own routed calibration data (needs --calibration; one more pass per layer).")] = False,
-    sequential: Annotated[bool, typer.Option(help="Calibrate each layer on the outputs of the already compressed layers.")] = False,
-    expert_rank: Annotated[str, typer.Option(help="With --ratio/--params: 'full' keeps r_E = number of experts, 'auto' allocates it too.")] = "full",
-    factor_dtype: Annotated[str, typer.Option(help="Storage of factors and cores: float32 (default), bf16, fp8, int8 or int4 (group-wise float16 scales), or per factor, e.g. 'int8,core=int4'.")] = "float32",
+    factor_dtype: Annotated[Optional[str], typer.Option(help="float32, bf16, fp16, fp8, int8, int4 or per factor ('int8,core=int4'). Default: the source's dtype.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder. Default: <model>-tucker-<ranks>.")] = None,
-    save_config: Annotated[Optional[Path], typer.Option(help="Where to write the allocated rank plan (default configs/<model>-keep<ratio>.yaml).")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Start over in an output folder written earlier by tuckerize (deletes only the files it recorded).")] = False,
+    save_config: Annotated[Optional[Path], typer.Option(help="Also write an allocated rank plan here (always written to OUT/rank_plan.yaml).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start over in an output folder tuckerize wrote (deletes only the files it recorded).")] = False,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision (branch, tag or commit).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda[:N] or npu[:N].")] = "cpu",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON instead of a table.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
 ) -> None:
     """Decompose each MoE layer's stacked experts (E x H x I per projection) into U_E, U_H, U_I and a core.
 
-    Under torchrun (``torchrun --nproc_per_node N -m tuckerize decompose ...``) the layers,
-    and the calibration windows, are divided among the processes; the result is the same."""
+    Under torchrun the layers and the calibration windows are divided among the processes; the result is the same.
+    """
     import os
 
     from tuckerize.cli.eval import _leave_process_group
-    from tuckerize.compress import decompose_checkpoint, default_plan_path, load_method
+    from tuckerize.compress import decompose_checkpoint, load_method
     from tuckerize.demo import resolve_demo
 
     model_path = resolve_demo(model)
@@ -82,13 +78,10 @@ def decompose(
         device = str(dev)
 
     def call():
-        method = load_method(config)
-        plan_path = save_config if save_config is not None else default_plan_path(model_path, ratio, params)
         return decompose_checkpoint(
             model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
-            seqlen=seqlen, stats=stats, sequential=sequential, expert_rank=expert_rank, method=method,
-            per_expert_stats=method.expert_hidden, save_config=plan_path, refit=refit, factor_dtype=factor_dtype,
+            seqlen=seqlen, method=load_method(config), save_config=save_config, factor_dtype=factor_dtype,
             parallel=parallel,
         )
 
@@ -118,15 +111,28 @@ def decompose(
         row += [f"{t['whitened_error']:.4f}"] if whitened else []
         table.add_row(*row, f"{t['params']:,}", f"{t['seconds']:.2f}")
     console.print(table)
+    for line in summary_lines(manifest):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def summary_lines(manifest: dict) -> list[str]:
+    """The closing lines of ``tuckerize decompose``: the plan, parameters, expert bytes
+    against the source as stored and against bf16, where it was written."""
+    from tuckerize.compress import PLAN_NAME
+
+    lines = []
     if "allocation" in manifest:
-        console.print(f"rank plan written to {manifest['allocation']['config']} (reuse with --config)")
+        also = manifest["allocation"].get("config")
+        lines.append(f"rank plan written to {Path(manifest['out']) / PLAN_NAME}" + (f" and {also}" if also else "")
+                     + " (reuse with --config)")
     p = manifest["params"]
-    console.print(
-        f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "
-        f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
-        f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s"
-    )
+    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "
+                 f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
+                 f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s")
     b = manifest["bytes"]
-    console.print(f"expert bytes: {b['experts_stored']:,} stored ({b['ratio_to_bf16_dense']:.1%} of the bf16 dense experts' "
-                  f"{b['experts_dense_bf16']:,}); factors {', '.join(f'{k} {v}' for k, v in b['dtypes'].items())}")
-    console.print(f"written to {manifest['out']}")
+    dtypes = sorted(set(b["dtypes"].values()))
+    stored_as = dtypes[0] if len(dtypes) == 1 else ", ".join(f"{k} {v}" for k, v in b["dtypes"].items())
+    why = "the source's dtype" if b.get("dtypes_from") == "source" else "as asked"
+    lines.append(f"{bytes_line(b)}; factors {stored_as} ({why})")
+    lines.append(f"written to {manifest['out']}")
+    return lines

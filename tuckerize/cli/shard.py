@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from tuckerize.cli import app, run_or_exit
-from tuckerize.cli.ui import RichProgress, console, print_json
+from tuckerize.cli.ui import RichProgress, bytes_line, console, print_json
 
 
 @app.command()
@@ -59,4 +59,6 @@ def shard(
     )
     console.print("Tucker experts per MoE layer, as stored: "
                   + ", ".join(f"rank {i} {b / 2**20:.2f} MiB" for i, b in enumerate(manifest["expert_bytes_per_layer"])))
+    console.print(bytes_line(manifest["bytes"], "expert bytes of all ranks together (a factor every rank holds "
+                             "counts on each)"), soft_wrap=True, markup=False, highlight=False)
     console.print(f"written to {manifest['out']}")

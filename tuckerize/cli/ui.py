@@ -75,6 +75,26 @@ class RichProgress:
         self.bar.update(self.tasks[task], info="")
 
 
+def size(n: float) -> str:
+    """Bytes as a short size: ``812.0 KiB``, ``3.00 MiB``, ``57.2 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
+
+
+def bytes_line(b: dict, what: str = "expert bytes") -> str:
+    """One line of a ``bytes`` record (the decompose manifest's, the shard manifest's):
+    the stored routed-expert bytes against the source as stored and against bf16 dense
+    experts; the source part is left out for checkpoints written before it was recorded."""
+    parts = [f"{what}: {size(b['experts_stored'])} stored"]
+    if b.get("experts_source"):
+        stored = "/".join((b.get("source_dtype") or {}).get("stored", [])) or "as stored"
+        parts.append(f"{b['ratio_to_source']:.1%} of the source's {size(b['experts_source'])} ({stored})")
+    parts.append(f"{b['ratio_to_bf16_dense']:.1%} of {size(b['experts_dense_bf16'])} as bf16 dense experts")
+    return parts[0] + ": " + ", ".join(parts[1:])
+
+
 def finite(data: Any) -> Any:
     """``data`` with every non-finite float (inf, -inf, nan) replaced by None: JSON has no
     Infinity or NaN, and strict parsers reject Python's bare ``Infinity``. Reports write null

@@ -7,7 +7,7 @@ it does not grow with the number of layers.
 One concept per module:
 
 * :mod:`~tuckerize.compress.request`: the request (ranks, calibration, weighting, output),
-  validated once; default output and plan paths.
+  validated once; the default output path; the factors' storage.
 * :mod:`~tuckerize.compress.method`: the research settings (the config's ``method:``).
 * :mod:`~tuckerize.compress.source`: the source model and its output units.
 * :mod:`~tuckerize.compress.output`: the output folder: claim, lock, cleanup, journal,
@@ -26,10 +26,10 @@ last and marks the folder complete.
 
 from tuckerize.compress.method import DEFAULT_ITERS, Method, load_method
 from tuckerize.compress.output import CALIBRATION_FILES, PLAN_NAME, OutputFolder
-from tuckerize.compress.request import DecomposeRequest, default_out, default_plan_path, model_stem
+from tuckerize.compress.request import DecomposeRequest, default_out, model_stem
 from tuckerize.compress.run import decompose_checkpoint, run
 
 __all__ = [
     "decompose_checkpoint", "run", "DecomposeRequest", "Method", "load_method", "OutputFolder", "default_out",
-    "default_plan_path", "model_stem", "DEFAULT_ITERS", "CALIBRATION_FILES", "PLAN_NAME",
+    "model_stem", "DEFAULT_ITERS", "CALIBRATION_FILES", "PLAN_NAME",
 ]

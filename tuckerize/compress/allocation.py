@@ -3,7 +3,7 @@ tensor, then :func:`tuckerize.allocate.allocate`.
 
 :func:`allocate_plan` returns the plan, the YAML header describing how it was made and the
 manifest's ``allocation`` record; writing the plan anywhere but the output folder is the
-caller's choice (``save_config``; the CLI's default is ``configs/<model>-keep<ratio>.yaml``).
+caller's choice (``save_config``, the CLI's ``--save-config``).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from tuckerize import __version__
+from tuckerize.version import __version__
 from tuckerize.allocate import dense_params, tucker_params
 from tuckerize.arch import FACTORS, PROJECTIONS, MoESpec
 from tuckerize.format import FORMAT_VERSION
@@ -49,6 +49,22 @@ def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[s
     return format_tucker_config(dict(src_config), section)
 
 
+def expert_bytes(counted: Mapping[str, Any], source_bytes: int | None, source_dtype: Mapping[str, Any] | None,
+                 factor_dtype: str | None) -> dict[str, Any]:
+    """The manifest's ``bytes``: the stored factors (:func:`tuckerize.quant.checkpoint_bytes`)
+    against the bf16 dense experts and against the source's experts as stored
+    (``experts_source``, ``ratio_to_source``), with where the factor dtypes came from
+    (``dtypes_from``: ``"source"`` or the ``factor_dtype`` given) and ``source_dtype``."""
+    out = dict(counted)
+    if source_bytes:
+        out["experts_source"] = source_bytes
+        out["ratio_to_source"] = out["experts_stored"] / source_bytes
+    if source_dtype is not None:
+        out["source_dtype"] = dict(source_dtype)
+        out["dtypes_from"] = "source" if factor_dtype is None else f"factor_dtype {factor_dtype}"
+    return out
+
+
 def build_manifest(
     *,
     source,  # tuckerize.checkpoint.ModelSource
@@ -66,10 +82,16 @@ def build_manifest(
     allocation: Mapping[str, Any] | None = None,
     factor_storage: Mapping[str, Any] | None = None,
     source_info: Mapping[str, Any] | None = None,
+    source_bytes: int | None = None,
+    source_dtype: Mapping[str, Any] | None = None,
+    factor_dtype: str | None = None,
 ) -> dict[str, Any]:
     """``files``: the journal's entries in unit order; ``model_params``: parameters of the
     source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written;
-    ``factor_storage``: how factors are stored (:func:`tuckerize.quant.storage`; None: float32)."""
+    ``factor_storage``: how factors are stored (:func:`tuckerize.quant.storage`; None: float32);
+    ``source_bytes``: the routed experts' bytes in the source as stored; ``source_dtype``: the
+    source's factor dtype and why (:meth:`tuckerize.compress.source.SourceModel.factor_dtype`);
+    ``factor_dtype``: the storage asked for (None: the source's dtype)."""
     from tuckerize.quant import DEFAULT_GROUP, checkpoint_bytes
 
     E, H, I = spec.shape
@@ -116,7 +138,9 @@ def build_manifest(
     for t in per_tensor:
         layers.setdefault(t["layer"], {})[t["projection"]] = {"ranks": t["ranks"]}
     fs = factor_storage or {}
-    manifest["bytes"] = checkpoint_bytes(spec, layers, fs.get("dtypes"), fs.get("group_size", DEFAULT_GROUP))
+    manifest["bytes"] = expert_bytes(checkpoint_bytes(spec, layers, fs.get("dtypes"),
+                                                      fs.get("group_size", DEFAULT_GROUP)),
+                                     source_bytes, source_dtype, factor_dtype)
     if calibration is not None:
         manifest["calibration"] = dict(calibration)
     if allocation is not None:

@@ -1,8 +1,8 @@
 """How a decomposition is computed (the research settings), read from a config's ``method:``.
 
-The command line keeps what a user chooses (model, ranks or budget, calibration text,
-output); the settings below live in the YAML given to ``--config``, next to or instead of
-the ranks::
+The command line keeps what a user chooses (model, ranks or budget, calibration, factor
+storage, output); the settings below live in the YAML given to ``--config``, next to or
+instead of the ranks (``configs/method.yaml`` lists them all)::
 
     method:
       whiten: true          # whiten by the calibration statistics (false: plain Tucker,
@@ -14,9 +14,14 @@ the ranks::
       als_iters: 3          # alternation sweeps of whitening: expert
       expert_hidden: false  # expert with each expert's own hidden covariance (E x H x H)
       alloc_damp: null      # ridge of the spectra that --ratio/--params allocation compares (null: 10)
-      refit_damp: 0.01      # ridge of the per-expert core refit (--refit)
+      refit_damp: 0.01      # ridge of the per-expert core refit (refit: true)
       iters: 0              # HOOI sweeps after ST-HOSVD
       tol: 0.0001           # HOOI stopping tolerance
+      refit: false          # refit each expert's core to its own routed calibration data
+                            # (needs --calibration text; one more pass per layer)
+      sequential: false     # calibrate each layer on the outputs of the compressed layers
+      expert_rank: full     # with --ratio/--params: full keeps r_E = number of experts,
+                            # auto allocates it too
 
 Every value shown is the default. :class:`Method` is validated once, here.
 """
@@ -49,9 +54,13 @@ class Method:
     refit_damp: float = 1e-2
     iters: int = DEFAULT_ITERS
     tol: float = 1e-4
+    refit: bool = False
+    sequential: bool = False
+    expert_rank: str = "full"
 
     def check(self, where: str = "method") -> None:
-        """One rule per setting: ridges > 0 and finite, sweeps >= 0, known names."""
+        """One rule per setting: ridges > 0 and finite, sweeps >= 0, switches true/false,
+        known names."""
         from tuckerize.calibration.weights import check_ridge
 
         for name in ("damp", "alloc_damp", "refit_damp"):
@@ -68,6 +77,12 @@ class Method:
                             "of HOOI sweeps")
         if not (isinstance(self.tol, (int, float)) and self.tol >= 0):
             raise RankError(f"{where}.tol {self.tol} must be a number >= 0")
+        for name in ("whiten", "expert_hidden", "refit", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise CalibrationError(f"{where}.{name} {getattr(self, name)!r} is not true or false")
+        if self.expert_rank not in ("full", "auto"):
+            raise RankError(f"{where}.expert_rank {self.expert_rank!r} is not 'full' (r_E = number of experts) "
+                            "or 'auto'")
 
     def whiten_options(self):
         """The :class:`tuckerize.calibration.weights.WhitenOptions` of these settings."""

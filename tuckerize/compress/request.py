@@ -1,9 +1,11 @@
 """What a decomposition is asked to do, validated once before any work.
 
-:class:`DecomposeRequest` gathers the four choices of a run (ranks or a budget, the
-calibration, the weighting method, the output) and :meth:`DecomposeRequest.validate`
-checks every rule that needs no model, in one place: a bad flag fails before a hub
-download, a hash of the source or a calibration pass.
+:class:`DecomposeRequest` gathers the choices of a run (ranks or a budget, the
+calibration, the research settings of ``method:``, the factors' storage, the output) and
+:meth:`DecomposeRequest.validate` checks every rule that needs no model, in one place: a
+bad flag fails before a hub download, a hash of the source or a calibration pass. Once the
+source is open, :meth:`DecomposeRequest.choose_storage` settles the factor dtypes (the
+source's unless ``factor_dtype`` says otherwise).
 """
 
 from __future__ import annotations
@@ -29,22 +31,19 @@ class DecomposeRequest:
     config: Path | None = None
     ratio: float | None = None
     params: int | None = None
-    expert_rank: str = "full"
     normalise: str = "relative"
     save_config: Path | None = None
-    # calibration
+    # calibration: text, or saved statistics (calibration_stats.safetensors or its folder)
     calibration: str | None = None
     samples: int = 128
     seqlen: int = 512
     stats: Path | None = None
-    sequential: bool = False
-    refit: bool = False
     calibration_batch: int = 8
-    # weighting method
+    # the research settings (refit, sequential, expert_rank among them)
     method: Method = field(default_factory=Method)
     whiten_options: Any = None  # tuckerize.calibration.weights.WhitenOptions
     per_expert_stats: bool = False
-    # storage of factors and cores (tuckerize.quant): e.g. "int8,core=int4"; None: float32
+    # storage of factors and cores (tuckerize.quant): e.g. "int8,core=int4"; None: the source's dtype
     factor_dtype: str | None = None
     # where
     revision: str | None = None
@@ -53,12 +52,27 @@ class DecomposeRequest:
     # filled by validate()
     plan: RankPlan | None = None
     calibration_text: tuple[str, str] | None = field(default=None, repr=False)
+    # filled by choose_storage() once the source is open
     factor_storage: dict[str, Any] | None = None
+    factor_dtypes: dict[str, str] | None = None
+    source_dtype: dict[str, Any] | None = None
 
     @property
     def calibrated(self) -> bool:
         """Statistics are used (collected from text or loaded)."""
         return self.calibration is not None or self.stats is not None
+
+    @property
+    def refit(self) -> bool:
+        return self.method.refit
+
+    @property
+    def sequential(self) -> bool:
+        return self.method.sequential
+
+    @property
+    def expert_rank(self) -> str:
+        return self.method.expert_rank
 
     @property
     def whitening_on(self) -> bool:
@@ -91,23 +105,29 @@ class DecomposeRequest:
             plan = uniform_plan(self.ranks)
         self.plan = plan
         self.method.check()
-        if self.sequential and self.calibration is None:
-            raise CalibrationError("--sequential needs --calibration TEXT (it runs calibration tokens through the "
-                                   "compressed layers)")
-        if self.refit and self.calibration is None:
-            raise CalibrationError("--refit needs --calibration TEXT (it runs the calibration tokens through each "
-                                   "layer)")
+        saved = saved_statistics(self.calibration)
+        if saved is not None:  # --calibration names saved statistics, not text
+            if self.stats is not None and Path(self.stats) != saved:
+                raise CalibrationError(f"two sets of calibration statistics given ({saved} and {self.stats}); "
+                                       "give one")
+            self.stats, self.calibration = saved, None
+        for name, does in (("sequential", "runs calibration tokens through the compressed layers"),
+                           ("refit", "runs the calibration tokens through each layer")):
+            if getattr(self.method, name) and self.calibration is None:
+                given = (f"; {saved} is saved statistics, which hold no tokens (statistics with the same text, "
+                         "--samples and --seqlen in --out are reused)") if saved is not None else ""
+                raise CalibrationError(f"method.{name} needs --calibration TEXT (it {does}){given}")
         if self.sequential and not self.method.whiten:
-            raise CalibrationError("--sequential only changes the whitening statistics; drop method.whiten: false "
-                                   "or --sequential")
+            raise CalibrationError("method.sequential only changes the whitening statistics; drop method.whiten: "
+                                   "false or method.sequential")
         if self.calibration is not None and (self.samples < 1 or self.seqlen < 2):
             raise CalibrationError(f"--samples {self.samples} --seqlen {self.seqlen}: need at least 1 sample of at "
                                    "least 2 tokens")
         check_budget(self.ratio, self.params)
         if self.factor_dtype is not None:
-            from tuckerize.quant import parse_factor_dtype, storage
+            from tuckerize.quant import parse_factor_dtype
 
-            self.factor_storage = storage(parse_factor_dtype(self.factor_dtype))
+            parse_factor_dtype(self.factor_dtype)  # a typo fails here; the source's dtype fills in later
         check_expert_rank(self.expert_rank)
         if self.whiten_options is None:
             self.whiten_options = self.method.whiten_options()
@@ -118,6 +138,16 @@ class DecomposeRequest:
 
             self.calibration_text = read_text(self.calibration, "calibration")
         return self
+
+    def choose_storage(self, source_dtype: dict[str, Any]) -> None:
+        """How factors are stored: ``factor_dtype`` as given, factors it leaves out (or all,
+        when not given) in the source's dtype (``source_dtype``:
+        :meth:`tuckerize.compress.source.SourceModel.factor_dtype`)."""
+        from tuckerize.quant import parse_factor_dtype, storage
+
+        self.source_dtype = dict(source_dtype)
+        self.factor_dtypes = parse_factor_dtype(self.factor_dtype or source_dtype["dtype"], source_dtype["dtype"])
+        self.factor_storage = storage(self.factor_dtypes)
 
     def settings(self) -> dict[str, Any]:
         """The decomposition settings recorded in the fingerprint and the manifest."""
@@ -137,6 +167,24 @@ class DecomposeRequest:
         return settings
 
 
+def saved_statistics(calibration: str | Path | None) -> Path | None:
+    """The statistics file ``--calibration`` names, or None when it names text: a
+    ``.safetensors`` file, or a folder holding ``calibration_stats.safetensors`` (the output
+    folder of a calibrated decompose)."""
+    if calibration is None:
+        return None
+    from tuckerize.calibration.store import STATS_META, STATS_NAME
+
+    path = Path(calibration).expanduser()
+    if path.suffix == ".safetensors":
+        return path
+    if path.name == STATS_META:
+        return path.with_name(STATS_NAME)
+    if path.is_dir() and (path / STATS_NAME).is_file():
+        return path / STATS_NAME
+    return None
+
+
 def model_stem(model: str) -> str:
     """A file-name-safe name of a model: a folder's name, or a hub id with ``/`` as ``--``."""
     return re.sub(r"[^\w.\-]+", "-", Path(model.rstrip("/")).name if Path(model).exists() else model.replace("/", "--"))
@@ -152,23 +200,3 @@ def default_out(model: str, plan: RankPlan | None, tag: str | None = None) -> Pa
     else:
         tag = Path(plan.source).stem if plan.source != "--ranks" else "custom"
     return Path(f"{stem}-tucker-{tag}")
-
-
-def plan_stem(model: str) -> str:
-    """Name of an allocated rank plan: ``demo``/``demo-mixtral`` for the embedded demo
-    models (whose folders are called model/ and mixtral/), else the model's name."""
-    from tuckerize.demo import DEMO_DIR
-
-    p = Path(model).resolve()
-    if p == DEMO_DIR.resolve():
-        return "demo"
-    if p.parent == DEMO_DIR.parent.resolve():
-        return f"demo-{p.name}"
-    return model_stem(model)
-
-
-def default_plan_path(model: str, ratio: float | None, params: int | None) -> Path | None:
-    """Where the CLI keeps an allocated plan: ``configs/<model>-keep<ratio>.yaml`` (or
-    ``-params<N>``) in the working directory; None without a budget."""
-    tag = DecomposeRequest(model=model, ratio=ratio, params=params).budget_tag
-    return None if tag is None else Path("configs") / f"{plan_stem(model)}-{tag}.yaml"

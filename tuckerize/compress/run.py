@@ -14,13 +14,14 @@ divided by :func:`tuckerize.compress.distribute.assign_units`, each rank reading
 units' tensors and recording its files in its own journal; after all ranks finish, rank 0
 writes config, index, side files and the manifest. A
 :class:`~tuckerize.errors.TuckerizeError` on any rank is raised on every rank
-(:func:`tuckerize.parallel.agreed`). ``--sequential`` and ``--refit`` (each layer's inputs
+(:func:`tuckerize.parallel.agreed`). ``method.sequential`` and ``method.refit`` (each layer's inputs
 come from the layer before) are refused under torchrun.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -55,13 +56,13 @@ def decompose_checkpoint(
     stats: str | Path | None = None,
     whiten: bool = True,
     whiten_options: Any = None,
-    sequential: bool = False,
-    expert_rank: str = "full",
+    sequential: bool | None = None,
+    expert_rank: str | None = None,
     normalise: str = "relative",
     save_config: str | Path | None = None,
     per_expert_stats: bool = False,
     calibration_batch: int = 8,
-    refit: bool = False,
+    refit: bool | None = None,
     alloc_damp: float | None = None,
     refit_damp: float = 1e-2,
     method: Method | None = None,
@@ -84,22 +85,28 @@ def decompose_checkpoint(
     device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
     calibration : calibration text (see :func:`tuckerize.text.read_text`);
         with it, ``samples`` windows of ``seqlen`` tokens are run through the model one
-        layer at a time and each projection is decomposed weighted by its statistics.
+        layer at a time and each projection is decomposed weighted by its statistics. Saved
+        statistics (a ``.safetensors`` file, or a folder holding
+        ``calibration_stats.safetensors``) are used as ``stats``.
     stats : saved statistics (``calibration_stats.safetensors`` or its folder) to use
         instead of collecting them; statistics found in ``out`` with matching settings
         are reused too.
-    sequential : feed each layer the hidden states of the already compressed layers.
-    refit : refit each expert's core to its own routed calibration data (needs
-        ``calibration``; only where r_E = E).
     method : the research settings (:class:`tuckerize.compress.method.Method`, the
         ``method:`` section of a config YAML). Without it they come from ``whiten``,
         ``whiten_options`` (:class:`tuckerize.calibration.weights.WhitenOptions`), ``iters``/``tol``
         (HOOI sweeps after ST-HOSVD), ``alloc_damp`` and ``refit_damp``;
         ``per_expert_stats`` also collects each expert's hidden covariance.
+    sequential, refit, expert_rank : when given, replace ``method``'s: feed each layer
+        the hidden states of the already compressed layers; refit each expert's core to its
+        own routed calibration data (needs calibration text; only where r_E = E); with a
+        budget, ``"full"`` keeps r_E = E, ``"auto"`` allocates it too.
     factor_dtype : storage of factors and cores (:func:`tuckerize.quant.parse_factor_dtype`:
-        ``float32`` (default), ``bf16``, ``fp8``, ``int8``, ``int4`` or per factor, e.g.
-        ``"int8,core=int4"``); quantised factors are written group-wise with their scales and
-        the core refitted to the quantised orthonormal factors (:mod:`tuckerize.quant`).
+        ``float32``, ``bf16``, ``fp16``, ``fp8``, ``int8``, ``int4`` or per factor, e.g.
+        ``"int8,core=int4"``). Default, and for factors it leaves out: the source's dtype
+        (:meth:`tuckerize.compress.source.SourceModel.factor_dtype`: bf16 for bf16 and FP8
+        releases, float32 for float32 checkpoints). Quantised factors are written group-wise
+        with their scales and the core refitted to the quantised orthonormal factors
+        (:mod:`tuckerize.quant`).
     parallel : the ranks sharing the run (torchrun; see the module docstring). Every rank
         calls with the same arguments (``device`` its own); all return the manifest.
 
@@ -111,12 +118,14 @@ def decompose_checkpoint(
         method = Method(whiten=whiten, iters=iters, tol=tol, alloc_damp=alloc_damp, refit_damp=refit_damp)
     elif whiten_options is None:
         per_expert_stats = per_expert_stats or method.expert_hidden
+    given = {"sequential": sequential, "refit": refit, "expert_rank": expert_rank}
+    method = dataclasses.replace(method, **{k: v for k, v in given.items() if v is not None})
     request = DecomposeRequest(
         model=model, out=Path(out) if out is not None else None, ranks=ranks,
-        config=Path(config) if config is not None else None, ratio=ratio, params=params, expert_rank=expert_rank,
+        config=Path(config) if config is not None else None, ratio=ratio, params=params,
         normalise=normalise, save_config=Path(save_config) if save_config is not None else None,
         calibration=calibration, samples=samples, seqlen=seqlen, stats=Path(stats) if stats is not None else None,
-        sequential=sequential, refit=refit, calibration_batch=calibration_batch, method=method,
+        calibration_batch=calibration_batch, method=method,
         whiten_options=whiten_options, per_expert_stats=per_expert_stats, revision=revision, device=device,
         overwrite=overwrite, factor_dtype=factor_dtype,
     )
@@ -136,13 +145,14 @@ def run(request: DecomposeRequest, progress: Progress | None = None,
     agreed(parallel, request.validate)
     if parallel.world > 1 and (request.sequential or request.refit):
         raise CalibrationError(
-            f"--{'sequential' if request.sequential else 'refit'} feeds each layer the outputs of the layer before "
-            "and runs in one process; run it without torchrun (calibration alone is shared across processes)")
+            f"method.{'sequential' if request.sequential else 'refit'} feeds each layer the outputs of the layer "
+            "before and runs in one process; run it without torchrun (calibration alone is shared across processes)")
     dev = resolve_device(request.device, flag="--device")
     # Calibration runs where float64 accumulation is available: CUDA, else the CPU.
     cal_device = dev if getattr(dev, "type", str(dev)) == "cuda" else "cpu"
 
     source = agreed(parallel, lambda: SourceModel.open(request.model, request.revision))
+    request.choose_storage(source.factor_dtype())
     spec = source.spec
     plan = request.plan
     if plan is not None:
@@ -300,7 +310,8 @@ def _finish(request, source, source_files, settings, folder, plan, ranks, finger
     folder.journal["files"] = files
     for name in side:
         copy_file(source.source.path / name, out / name)
-    write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage, source.tucker_fp8()))
+    write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage,
+                                                 source.tucker_fp8(request.factor_dtypes)))
     weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
     total_size = sum((out / e["file"]).stat().st_size for e in files.values())
     write_json(out / INDEX_NAME,
@@ -317,7 +328,8 @@ def _finish(request, source, source_files, settings, folder, plan, ranks, finger
         wall_seconds=round(time.time() - started, 3), side_files=side_files,
         calibration=cal.info if cal is not None else None,
         allocation=allocation.info if allocation is not None else None, factor_storage=request.factor_storage,
-        source_info=source.describe(),
+        source_info=source.describe(), source_bytes=source.expert_bytes(), source_dtype=request.source_dtype,
+        factor_dtype=request.factor_dtype,
     )
     folder.finish(manifest)
     return manifest

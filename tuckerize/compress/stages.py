@@ -5,11 +5,11 @@ Per output unit (unit 0: tensors outside decoder layers; unit L+1: decoder layer
 
     load        the unit's non-expert tensors from the source
     statistics  the layer's calibration statistics (loaded, or collected now by the
-                layer-by-layer runner with --sequential / --refit)
+                layer-by-layer runner with method.sequential / refit)
     decompose   each projection's stacked experts [E, H, I] -> U_E [E, r_E],
                 U_H [H, r_H], U_I [I, r_I], core [r_E, r_H, r_I], by the strategy
                 chosen once for the run (:func:`choose_strategy`)
-    refit       each expert's core refitted to its own routed data (--refit)
+    refit       each expert's core refitted to its own routed data (method.refit)
     write       the unit's safetensors file, atomically
     journal     the file's size, sha256, errors and tensors recorded in the journal
 
@@ -136,7 +136,7 @@ class LayerPipeline:
 
     ``source``: :class:`tuckerize.compress.source.SourceModel`; ``folder``:
     :class:`tuckerize.compress.output.OutputFolder`; ``runner``: the calibration layer
-    runner (None unless --sequential or --refit); ``cal_stats``: statistics of every layer
+    runner (None unless method.sequential or method.refit); ``cal_stats``: statistics of every layer
     (None when the runner collects them or without whitening).
     """
 
@@ -279,7 +279,7 @@ class LayerPipeline:
 
     def advance_runner(self, job: LayerJob) -> None:
         """Move the calibration stream through the layer (through its compressed experts
-        with --sequential)."""
+        with method.sequential)."""
         job.kept_weights = {}
         if self.runner is not None and job.layer >= 0:
             experts = self._tucker_experts(job.layer, job.tensors) if (job.is_moe and self.sequential) else None

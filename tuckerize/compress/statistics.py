@@ -1,7 +1,7 @@
 """Calibration statistics for a decomposition: reuse saved ones when they match, else collect.
 
 :func:`prepare_statistics` tokenises the calibration text, looks for statistics with the
-same model and settings (``--stats``, then the output folder) and otherwise streams new
+same model and settings (``--calibration STATS``, then the output folder) and otherwise streams new
 ones into the output folder layer by layer (:func:`tuckerize.calibration.collect.collect_statistics`).
 """
 
@@ -18,7 +18,7 @@ from tuckerize.errors import CalibrationError
 @dataclass
 class Statistics:
     """What the calibration stage hands on: settings, the dense statistics (None with
-    --sequential and a given plan), the token windows, and the manifest's record."""
+    method.sequential and a given plan), the token windows, and the manifest's record."""
 
     settings: Any = None  # tuckerize.calibration.store.CalibrationSettings
     stats: Any = None  # tuckerize.calibration.store.CalibrationStats
@@ -59,17 +59,18 @@ def prepare_statistics(request, source, source_files: dict[str, str], out: Path,
             if loaded.settings.version != STATS_VERSION:
                 if given:
                     raise CalibrationError(f"calibration statistics {cand} are format {loaded.settings.version}, "
-                                           f"this tuckerize reads format {STATS_VERSION}; drop --stats to recollect")
+                                           f"this tuckerize reads format {STATS_VERSION}; pass --calibration TEXT "
+                                           "to recollect")
                 continue
             if loaded.settings.model_sha256 != model_sha:
                 if given:
                     raise CalibrationError(f"calibration statistics {cand} were collected on another model or "
-                                           "checkpoint version; drop --stats or pass this model's")
+                                           "checkpoint version; pass this model's, or --calibration TEXT to recollect")
                 continue
             if result.settings is not None and loaded.settings.key() != result.settings.key():
                 if given:
                     raise CalibrationError(f"calibration statistics {cand} were collected with other settings "
-                                           "(text, --samples or --seqlen); drop --stats to recollect")
+                                           "(text, --samples or --seqlen); pass the text alone to recollect")
                 continue
             result.stats = loaded
             break

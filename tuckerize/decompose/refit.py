@@ -1,4 +1,4 @@
-"""Per-expert core refit (``--refit``): each expert's Tucker core re-solved on its own data.
+"""Per-expert core refit (``method.refit``): each expert's Tucker core re-solved on its own data.
 
 Given a projection's shared factors ``U_E`` [E, E] (square: r_E = E), ``U_H`` [H, r_H],
 ``U_I`` [I, r_I] and core [E, r_H, r_I], expert e's own core ``G_e = (U_E core)_e``

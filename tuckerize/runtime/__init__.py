@@ -1,6 +1,8 @@
 """The runtime: Tucker experts (``tucker_experts``), MoE blocks (``moe``), routers
 (``routing``), the native tensor-parallel model (``model``), loading (``loader``), the
-per-rank split plan asked of the layers (``plan``) and the transformers path (``hf``).
+layout choice and expert assignment from shapes (``layout``), the per-rank split plan asked
+of the layers (``plan``), the transformers path (``hf``), the one-layer-at-a-time runner of
+calibration (``layerwise``) and the decode kernels (``kernels``).
 
 ``from tuckerize.runtime import TuckerExperts`` works; torch is imported on first use.
 """

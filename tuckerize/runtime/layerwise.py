@@ -14,7 +14,7 @@ and materialised one at a time with our routed experts in place of transformers'
 at a time, reporting each expert's inputs to an optional statistics sink (duck-typed:
 ``add_tokens``/``add_expert`` of :class:`tuckerize.calibration.stats.LayerStats`).
 
-Used by calibration (:mod:`tuckerize.calibration.collect`), ``--sequential`` and ``--refit``.
+Used by calibration (:mod:`tuckerize.calibration.collect`), ``method.sequential`` and ``method.refit``.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from tuckerize.arch import PROJECTIONS
 from tuckerize.errors import CalibrationError
+from tuckerize.parallel import activation, attention_dims
 from tuckerize.runtime.routing import expert_groups, sorted_pairs
 
 
@@ -50,11 +51,9 @@ class CollectingExperts(nn.Module):
 
     def __init__(self, stacked: Mapping[str, torch.Tensor], act: str, stats: Any = None):
         super().__init__()
-        from tuckerize.runtime.tucker_experts import ACTIVATIONS
-
         self.w = dict(stacked)  # semantic [E, H, I] per projection, any float dtype
         self.num_experts = self.w["gate"].shape[0]
-        self.act_fn = ACTIVATIONS[act]
+        self.act_fn = activation(act)
         self.stats = stats
 
     def partial(self, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -95,7 +94,6 @@ class LayerwiseRunner:
         """``source``: a :class:`~tuckerize.runtime.loader.TensorSource` of whole tensors
         (``parallel=ParallelContext()``); ``tokens`` [N, S]; ``device``: where layers run."""
         from tuckerize.runtime.model import Rotary, native_supported, rope_theta
-        from tuckerize.shard.plan import attention_dims
 
         if source.parallel.world != 1:
             raise ValueError("LayerwiseRunner runs whole layers: open the source with ParallelContext() "

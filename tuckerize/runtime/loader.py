@@ -22,11 +22,13 @@ from tuckerize.checkpoint import Checkpoint, load_config
 from tuckerize.errors import ShardError
 from tuckerize.experts import stack_projection
 from tuckerize.format import CONFIG_KEY, MANIFEST_NAME, factor_name
+from tuckerize.integrity import verify_checkpoint
 from tuckerize.parallel import ParallelContext, Split, take
+from tuckerize.runtime.layout import layout_plan, with_assignment
 from tuckerize.runtime.moe import DenseExperts, MoEBlock
 from tuckerize.runtime.routing import RouterSpec
 from tuckerize.runtime.tucker_experts import TuckerExperts
-from tuckerize.shard.sharding import SHARD_MANIFEST, ShardSet
+from tuckerize.shardset import SHARD_MANIFEST, ShardSet
 
 
 def split_of(module: torch.nn.Module, name: str) -> Split | None:
@@ -58,7 +60,7 @@ class TensorSource:
         ``ParallelContext.current()``). A shard set brings its layout; an unsharded Tucker
         checkpoint opened by several ranks takes ``layout``, by default the one ``tuckerize
         shard`` would choose, with experts assigned by the saved calibration load
-        (:func:`tuckerize.runtime.plan.layout_plan`)."""
+        (:func:`tuckerize.runtime.layout.layout_plan`)."""
         folder = Path(folder)
         parallel = parallel or ParallelContext()
         if (folder / SHARD_MANIFEST).is_file():
@@ -70,12 +72,8 @@ class TensorSource:
         config = load_config(folder)
         kind = "tucker" if CONFIG_KEY in config and (folder / MANIFEST_NAME).is_file() else "original"
         if kind == "tucker":
-            from tuckerize.integrity import verify_checkpoint
-
             verify_checkpoint(folder, verify=verify)
             if parallel.world > 1 and layout is None:  # as its shard set would be (tuckerize shard's rule)
-                from tuckerize.runtime.plan import layout_plan, with_assignment
-
                 layout, _, assignment = layout_plan(config, parallel.world, None, folder)
                 config = with_assignment(config, parallel.world, layout, assignment)
         return cls(folder, config, Checkpoint.open(folder), kind, parallel, layout or "intermediate")
@@ -98,19 +96,6 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """``name`` as stored; FP8 weights dequantised with their scales (float32)."""
         return self.tensors.get(name, dequantize=True)
-
-    def local(self, name: str) -> torch.Tensor:
-        """This rank's part of ``name`` (sliced here if the file holds the whole tensor),
-        as the runtime's layers split it (:func:`tuckerize.runtime.plan.rank_splits`)."""
-        t = self.get(name)
-        if self.kind == "shard" or self.parallel.world == 1:
-            return t
-        if getattr(self, "_splits", None) is None:
-            from tuckerize.runtime.plan import rank_splits
-
-            self._splits = rank_splits(self.config, self.parallel.world, self.parallel.rank, self.layout,
-                                       names=self.tensors.keys())
-        return take(t, self._splits.get(name))
 
     def load(self, dst: torch.Tensor, name: str, split: Split | None = None) -> None:
         """Copy tensor ``name`` into ``dst``: this rank's ``split`` of a full tensor, or a

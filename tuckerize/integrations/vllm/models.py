@@ -31,6 +31,7 @@ from typing import Any
 
 from tuckerize.arch import ARCHITECTURES, TUCKER_CLASS_PREFIX, TUCKER_TYPE_PREFIX
 from tuckerize.errors import UnsupportedArchitectureError
+from tuckerize.integrations.vllm.checks import check_loading, not_yet_message, refuse, unavailable_message
 
 _MODELS = "vllm.model_executor.models."
 #: arch.name -> (vLLM module, model class, MoE block class replaced by a Tucker block)
@@ -68,18 +69,6 @@ def _rebound(module: Any, name: str, value: Any):
         yield
     finally:
         setattr(module, name, old)
-
-
-def _verify(vllm_config: Any) -> None:
-    """The checkpoint folder checked against its manifest's sizes and sha256s (cached per
-    file: :func:`tuckerize.integrity.verify_checkpoint`) before vLLM reads a tensor."""
-    from pathlib import Path
-
-    from tuckerize.integrity import verify_checkpoint
-
-    folder = Path(vllm_config.model_config.model)
-    if folder.is_dir():
-        verify_checkpoint(folder)
 
 
 def experts_summary(model: Any, factor_storage: Any = None) -> str:
@@ -128,7 +117,7 @@ def tucker_model_class(arch_name: str):
     block = _block_class(arch_name)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        _verify(vllm_config)
+        check_loading(vllm_config, SUPPORTED, NOT_YET)  # tucker section, architecture, files: one line
         register_op()
         with _rebound(module, block_name, block):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix)
@@ -151,12 +140,22 @@ def unsupported_model_class(arch_name: str):
     base = getattr(importlib.import_module(module_name), cls_name)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
-        raise UnsupportedArchitectureError(
-            f"tuckerize's vLLM plugin does not serve Tucker {cls_name} checkpoints yet; supported: "
-            f"{supported_list()} (use `tuckerize eval --runtime hf` for this one)"
-        )
+        raise refuse(UnsupportedArchitectureError(not_yet_message(cls_name, SUPPORTED)))
 
     return _publish(type(TUCKER_CLASS_PREFIX + cls_name, (base,), {"__init__": __init__}))
+
+
+def unavailable_model_class(module_name: str, cls_name: str, stand_in: type):
+    """For a vLLM release without ``module_name``: a class that refuses to be built, with one
+    line saying which releases serve it. It subclasses ``stand_in`` (a Tucker model class of
+    this release) only so that vLLM's registry can inspect it."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        import vllm
+
+        raise refuse(UnsupportedArchitectureError(unavailable_message(module_name, cls_name, vllm.__version__)))
+
+    return _publish(type(TUCKER_CLASS_PREFIX + cls_name, (stand_in,), {"__init__": __init__}))
 
 
 def _publish(cls: type) -> type:
@@ -234,10 +233,21 @@ def register_all() -> None:
 
     register_configs()
     supported = set(ModelRegistry.get_supported_archs())
+    built, missing = [], []
     for name in SUPPORTED:
         cls_name = TUCKER_CLASS_PREFIX + SUPPORTED[name][1]
         if cls_name not in supported:
-            ModelRegistry.register_model(cls_name, tucker_model_class(name))
+            try:
+                built.append(tucker_model_class(name))
+            except ModuleNotFoundError:  # this vLLM release has no such model module (0.34: olmoe)
+                missing.append(name)
+                continue
+            ModelRegistry.register_model(cls_name, built[-1])
+    for name in missing:
+        if built:
+            module_name, cls_name = SUPPORTED[name][:2]
+            ModelRegistry.register_model(TUCKER_CLASS_PREFIX + cls_name,
+                                         unavailable_model_class(module_name, cls_name, built[0]))
     for name in NOT_YET:
         cls_name = TUCKER_CLASS_PREFIX + NOT_YET[name][1]
         if cls_name not in supported:

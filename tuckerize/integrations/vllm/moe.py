@@ -14,7 +14,7 @@ section). Its children:
   tensor-parallel rank's factors and the per-expert cores ``G_e = U_E[e] x core`` formed
   once at load, in the layout :func:`serving_layout` chooses: the one with the fewest
   multiply-adds per rank for this checkpoint and ``--tensor-parallel-size``
-  (:func:`tuckerize.runtime.plan.choose_layout`, as ``tuckerize shard`` chooses), or
+  (:func:`tuckerize.runtime.layout.choose_layout`, as ``tuckerize shard`` chooses), or
   ``TUCKERIZE_LAYOUT=intermediate|expert|hybrid``; ``--enable-expert-parallel`` means
   ``expert``. Where experts are split, they are assigned to ranks by the routing load the
   checkpoint's calibration measured, as ``tuckerize shard`` assigns them
@@ -98,7 +98,7 @@ def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool 
                    requested: str | None = None, folder: str | Path | None = None) -> ServingPlan:
     """The layout the served model uses: ``requested`` (default: the ``TUCKERIZE_LAYOUT``
     environment variable, else ``auto``) or, under vLLM's expert parallelism, ``expert``;
-    ``auto`` is :func:`tuckerize.runtime.plan.choose_layout`. Experts are assigned by the
+    ``auto`` is :func:`tuckerize.runtime.layout.choose_layout`. Experts are assigned by the
     routing load saved with the checkpoint's calibration statistics in ``folder``, as
     ``tuckerize shard`` assigns them. A bad request is a one-line :class:`InputError`."""
     requested = (requested if requested is not None else os.environ.get(LAYOUT_ENV, "auto")).strip() or "auto"
@@ -119,7 +119,7 @@ def serving_layout(config: Mapping[str, Any], tp: int, *, expert_parallel: bool 
         reason = "one rank"
     else:
         reason = "the fewest multiply-adds per rank among layouts sending no more than dense tensor parallelism"
-    from tuckerize.runtime.plan import layout_plan
+    from tuckerize.runtime.layout import layout_plan
 
     layout, costs, assignment = layout_plan(config, tp, layout, folder)
     return ServingPlan(layout, reason, costs, assignment)
