@@ -21,6 +21,7 @@ def eval_(
     max_windows: Annotated[Optional[int], typer.Option(help="Score at most this many windows.")] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     runtime: Annotated[str, typer.Option(help="auto, native (tensor-parallel), hf (transformers, one process) or vllm (the vLLM plugin).")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size of --runtime vllm (vLLM starts the ranks); the native runtime's is torchrun's --nproc-per-node.")] = 1,
     kl_topk: Annotated[int, typer.Option(help="Top-k of the original's distribution kept for KL (and cached).")] = 256,
     layer_tokens: Annotated[int, typer.Option(help="Tokens used for the per-layer MoE output error.")] = 512,
     tasks_jsonl: Annotated[Optional[list[str]], typer.Option("--tasks-jsonl", help="Local multiple-choice JSONL task (repeatable), scored as lm-eval scores multiple_choice.")] = None,
@@ -49,7 +50,7 @@ def eval_(
                 tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
                 use_cache=not no_cache, verify=not no_verify, allow_baseline_mismatch=allow_baseline_mismatch,
                 on_note=(lambda line: progress.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)) if rank0
-                else None, progress=progress),
+                else None, progress=progress, tensor_parallel=tp),
                 interrupted="interrupted; no report was written. eval does not resume: rerun the command "
                             "(a baseline already computed is reused from the cache)")
         done = True
@@ -123,7 +124,7 @@ def _print_table(report: dict) -> None:
     t = report["text"]
     s = report["settings"]
     console.print(f"text: {t['source']}: {t['tokens_in_text']:,} tokens, {t['windows']} windows of {s['seqlen']}, "
-                  f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s['world_size']}")
+                  f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s.get('tensor_parallel', s['world_size'])}")
     table = Table(title="original vs Tucker")
     table.add_column("metric")
     table.add_column("original", justify="right")

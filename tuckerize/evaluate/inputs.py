@@ -22,7 +22,7 @@ from tuckerize.checkpoint import Checkpoint, load_config, resolve_model
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import InputError, TuckerizeError
 from tuckerize.evaluate.cache import verified_cache
-from tuckerize.evaluate.runtimes import Runtime, get_runtime
+from tuckerize.evaluate.runtimes import Runtime, check_tensor_parallel, get_runtime
 from tuckerize.evaluate.scoring import token_windows
 from tuckerize.evaluate.tasks import resolve_tasks
 from tuckerize.format import MANIFEST_NAME
@@ -47,6 +47,7 @@ class EvalInputs:
     seqlen: int
     seqlen_requested: int
     runtime: Runtime
+    tensor_parallel: int = 1
     given_text: tuple[str, str] | None = None
     task_files: list[Path] = field(default_factory=list)
     lm_tasks: list[Any] | None = None
@@ -155,11 +156,13 @@ def _task_files(paths: list[str] | None) -> list[Path]:
 
 def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: int, dtype: str, runtime: str,
                  verify: bool, allow_baseline_mismatch: bool, tasks_jsonl: list[str] | None, tasks: list[str] | None,
-                 note: Callable[[str], None]) -> EvalInputs:
+                 note: Callable[[str], None], tensor_parallel: int = 1) -> EvalInputs:
     """Every check of the module docstring, in the order a user fixes them; ``note`` receives
     the notes and warnings."""
     # A given --text is checked first (missing, binary): before any model is opened.
     given_text = load_text(text, None) if text is not None else None
+    chosen = get_runtime(runtime)
+    check_tensor_parallel(chosen, tensor_parallel)
     model = resolve_demo(model)
     folder = Path(model)
     if not folder.is_dir():
@@ -175,7 +178,7 @@ def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: 
     window = _window_length(seqlen, (base_config, tucker_config), note)
     return EvalInputs(model=model, baseline=baseline, tucker_config=tucker_config, base_config=base_config,
                       manifest=manifest, dtype=dtype, torch_dtype=DTYPES[dtype], seqlen=window,
-                      seqlen_requested=seqlen, runtime=get_runtime(runtime), given_text=given_text,
+                      seqlen_requested=seqlen, runtime=chosen, tensor_parallel=tensor_parallel, given_text=given_text,
                       task_files=_task_files(tasks_jsonl), lm_tasks=resolve_tasks(tasks) if tasks else None)
 
 
