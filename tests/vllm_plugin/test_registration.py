@@ -80,7 +80,9 @@ def test_unsupported_architecture_is_one_line_naming_the_supported(monkeypatch):
     from tuckerize.integrations.vllm import models
 
     # Every architecture of tuckerize.arch is served today: a stand-in for a future one.
-    assert models.NOT_YET == {}
+    from tuckerize.arch import ARCHITECTURES
+
+    assert models.NOT_YET == {} and set(models.SUPPORTED) == {a.name for a in ARCHITECTURES}
     monkeypatch.setitem(models.NOT_YET, "qwen2_moe", ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"))
     cls = models.unsupported_model_class("qwen2_moe")
     with pytest.raises(UnsupportedArchitectureError) as err:

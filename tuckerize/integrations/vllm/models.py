@@ -33,16 +33,15 @@ from tuckerize.arch import ARCHITECTURES, TUCKER_CLASS_PREFIX, TUCKER_TYPE_PREFI
 from tuckerize.errors import UnsupportedArchitectureError
 from tuckerize.integrations.vllm.checks import check_loading, not_yet_message, refuse, unavailable_message
 
-_MODELS = "vllm.model_executor.models."
 #: arch.name -> (vLLM module, model class, MoE block class replaced by a Tucker block)
 SUPPORTED = {
-    "qwen3_moe": (_MODELS + "qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeSparseMoeBlock"),
-    "mixtral": (_MODELS + "mixtral", "MixtralForCausalLM", "MixtralMoE"),
-    "olmoe": (_MODELS + "olmoe", "OlmoeForCausalLM", "OlmoeMoE"),
-    "qwen2_moe": (_MODELS + "qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeSparseMoeBlock"),
-    "qwen3_next": (_MODELS + "qwen3_next", "Qwen3NextForCausalLM", "Qwen3NextSparseMoeBlock"),
-    "deepseek_v2": (_MODELS + "deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2MoE"),
-    "deepseek_v3": (_MODELS + "deepseek_v2", "DeepseekV3ForCausalLM", "DeepseekV2MoE"),
+    "qwen3_moe": ("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeSparseMoeBlock"),
+    "mixtral": ("vllm.model_executor.models.mixtral", "MixtralForCausalLM", "MixtralMoE"),
+    "olmoe": ("vllm.model_executor.models.olmoe", "OlmoeForCausalLM", "OlmoeMoE"),
+    "qwen2_moe": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeSparseMoeBlock"),
+    "qwen3_next": ("vllm.model_executor.models.qwen3_next", "Qwen3NextForCausalLM", "Qwen3NextSparseMoeBlock"),
+    "deepseek_v2": ("vllm.model_executor.models.deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2MoE"),
+    "deepseek_v3": ("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM", "DeepseekV2MoE"),
 }
 #: arch.name -> the block of :mod:`.families` standing in for vLLM's (default: TuckerMoE).
 FAMILY_BLOCKS = {
