@@ -50,7 +50,8 @@ FLOORS: list[tuple[str, list[str]]] = [
                    "tuckerize.evaluate.scoring", "tuckerize.evaluate.tasks", "tuckerize.evaluate.inputs",
                    "tuckerize.evaluate.report", "tuckerize.evaluate.run"]),
     ("integrations", ["tuckerize.integrations", "tuckerize.integrations.vllm", "tuckerize.integrations.vllm.moe",
-                      "tuckerize.integrations.vllm.models", "tuckerize.integrations.vllm.evaluate"]),
+                      "tuckerize.integrations.vllm.models", "tuckerize.integrations.vllm.evaluate",
+                      "tuckerize.integrations.vllm.families"]),
     ("cli", ["tuckerize.cli", "tuckerize.cli.ui", "tuckerize.cli.decompose", "tuckerize.cli.shard", "tuckerize.cli.eval",
              "tuckerize.__main__"]),
 ]
