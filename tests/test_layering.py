@@ -53,8 +53,9 @@ FLOORS: list[tuple[str, list[str]]] = [
                       "tuckerize.integrations.vllm.models", "tuckerize.integrations.vllm.evaluate",
                       "tuckerize.integrations.vllm.api_uses", "tuckerize.integrations.vllm.api_check",
                       "tuckerize.integrations.vllm.checks", "tuckerize.integrations.vllm.cpu_dist",
-                      "tuckerize.integrations.vllm.serve"]),
-    ("cli", ["tuckerize.cli", "tuckerize.cli.ui", "tuckerize.cli.decompose", "tuckerize.cli.shard", "tuckerize.cli.eval", "tuckerize.cli.serve",
+                      "tuckerize.integrations.vllm.serve", "tuckerize.integrations.vllm.families"]),
+    ("cli", ["tuckerize.cli", "tuckerize.cli.ui", "tuckerize.cli.decompose", "tuckerize.cli.shard", "tuckerize.cli.eval",
+             "tuckerize.cli.serve",
              "tuckerize.__main__"]),
 ]
 FLOOR = {m: i for i, (_, mods) in enumerate(FLOORS) for m in mods}

@@ -61,13 +61,13 @@ def prompts():
 
 
 def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False, expert_parallel=False,
-             dtype="float32"):
+             dtype="float32", max_tokens=NEW_TOKENS, custom_ops=None):
     """Greedy tokens, log-probabilities and tensor shapes per rank from a vLLM run; ``log``: its output."""
     out = tmp_path / f"vllm-tp{tp}.json"
     max_len = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 256)
-    args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": NEW_TOKENS, "out": str(out),
+    args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": max_tokens, "out": str(out),
             "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len), "expert_parallel": expert_parallel,
-            "dtype": dtype}
+            "dtype": dtype, "custom_ops": custom_ops or []}
     if tp > 1:
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", **(env or {})}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(args)], env=_env(**(env or {})),

@@ -27,6 +27,7 @@ def eval_(
     skip_windows: Annotated[int, typer.Option(help="Leave out the text's first N windows (e.g. text a setting was chosen on); windows are still cut from the first token.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     runtime: Annotated[str, typer.Option(help="auto, native (tensor-parallel), hf (transformers, one process) or vllm (the vLLM plugin).")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size of --runtime vllm (vLLM starts the ranks); the native runtime's is torchrun's --nproc-per-node.")] = 1,
     kl_topk: Annotated[int, typer.Option(help="Top-k of the original's distribution kept for KL (and cached).")] = 256,
     layer_tokens: Annotated[int, typer.Option(help="Tokens used for the per-layer MoE output error.")] = 512,
     tasks_jsonl: Annotated[Optional[list[str]], typer.Option("--tasks-jsonl", help="Local multiple-choice JSONL task (repeatable), scored as lm-eval scores multiple_choice.")] = None,
@@ -56,7 +57,7 @@ def eval_(
                 task_limit=task_limit,
                 use_cache=not no_cache, verify=not no_verify, allow_baseline_mismatch=allow_baseline_mismatch,
                 on_note=(lambda line: progress.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)) if rank0
-                else None, progress=progress),
+                else None, progress=progress, tensor_parallel=tp),
                 interrupted="interrupted; no report was written. eval does not resume: rerun the command "
                             "(a baseline already computed is reused from the cache)")
         done = True
@@ -138,7 +139,7 @@ def _text_line(report: dict) -> str:
         first = t.get("first_window", 0)
         which = f" (windows {first}-{first + t['windows'] - 1} of the text's {t['windows_in_text']})"
     return (f"text: {t['source']}: {t['tokens_in_text']:,} tokens, {t['windows']} windows of {s['seqlen']}{which}, "
-            f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s['world_size']}")
+            f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s.get('tensor_parallel', s['world_size'])}")
 
 
 def _bytes_rows(report: dict) -> list[tuple[str, str, str]]:

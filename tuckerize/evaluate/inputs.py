@@ -23,7 +23,7 @@ from tuckerize.checkpoint import Checkpoint, load_config, resolve_model
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import InputError, TuckerizeError
 from tuckerize.evaluate.cache import verified_cache
-from tuckerize.evaluate.runtimes import Runtime, get_runtime
+from tuckerize.evaluate.runtimes import Runtime, check_tensor_parallel, get_runtime
 from tuckerize.evaluate.scoring import token_windows
 from tuckerize.evaluate.tasks import resolve_tasks
 from tuckerize.format import MANIFEST_NAME
@@ -51,6 +51,7 @@ class EvalInputs:
     skip_windows: int = 0
     max_windows: int | None = None
     shard_manifest: dict[str, Any] | None = None
+    tensor_parallel: int = 1
     given_text: tuple[str, str] | None = None
     task_files: list[Path] = field(default_factory=list)
     lm_tasks: list[Any] | None = None
@@ -170,12 +171,15 @@ def _task_files(paths: list[str] | None) -> list[Path]:
 
 def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: int, dtype: str, runtime: str,
                  verify: bool, allow_baseline_mismatch: bool, tasks_jsonl: list[str] | None, tasks: list[str] | None,
-                 note: Callable[[str], None], skip_windows: int = 0, max_windows: int | None = None) -> EvalInputs:
+                 note: Callable[[str], None], skip_windows: int = 0, max_windows: int | None = None,
+                 tensor_parallel: int = 1) -> EvalInputs:
     """Every check of the module docstring, in the order a user fixes them; ``note`` receives
     the notes and warnings."""
     _window_range(skip_windows, max_windows)
     # A given --text is checked first (missing, binary): before any model is opened.
     given_text = load_text(text, None) if text is not None else None
+    chosen = get_runtime(runtime)
+    check_tensor_parallel(chosen, tensor_parallel)
     model = resolve_demo(model)
     folder = Path(model)
     if not folder.is_dir():
@@ -192,7 +196,8 @@ def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: 
     window = _window_length(seqlen, (base_config, tucker_config), note)
     return EvalInputs(model=model, baseline=baseline, tucker_config=tucker_config, base_config=base_config,
                       manifest=manifest, dtype=dtype, torch_dtype=DTYPES[dtype], seqlen=window,
-                      seqlen_requested=seqlen, runtime=get_runtime(runtime), skip_windows=skip_windows,
+                      seqlen_requested=seqlen, runtime=chosen, tensor_parallel=tensor_parallel,
+                      skip_windows=skip_windows,
                       max_windows=max_windows, shard_manifest=shard_manifest, given_text=given_text,
                       task_files=_task_files(tasks_jsonl), lm_tasks=resolve_tasks(tasks) if tasks else None)
 

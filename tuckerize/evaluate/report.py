@@ -1,6 +1,7 @@
 """The ``eval`` report: one JSON-ready dict (:func:`build_report`) and its PNG (:func:`plot_report`).
 
-Keys: ``settings`` (window length asked and used, device, dtype, runtime, world size, KL
+Keys: ``settings`` (window length asked and used, device, dtype, runtime, world size (torchrun's
+ranks), tensor-parallel size (torchrun's ranks, or a serving runtime's own: ``eval --tp``), KL
 top-k and whether the KL is exact), ``text`` (source, sha256, tokens, which windows:
 ``first_window``, ``windows`` scored, ``windows_in_text``), ``baseline_result`` /
 ``tucker_result`` (perplexity, mean NLL, tokens per second), ``fidelity`` (mean KL, top-1
@@ -63,7 +64,8 @@ def shard_set_bytes(inputs: EvalInputs) -> dict[str, Any] | None:
 def build_report(inputs: EvalInputs, text: EvalText, base: dict[str, Any], base_cached: bool, tk: dict[str, Any],
                  per_layer: dict[int, float], tucker_model: EvalModel, parallel, device,
                  settings: dict[str, Any]) -> dict[str, Any]:
-    """The report of one evaluation; ``settings``: backend, kl_topk, layer_tokens, verify."""
+    """The report of one evaluation; ``settings``: backend, kl_topk, layer_tokens, verify and
+    (optional) the serving runtime's own tensor_parallel size."""
     windows = text.windows
     n_tokens = int(base["nll"].numel())
     kl = ("exact" if base["lp_top"].shape[-1] >= base["vocab"]
@@ -73,7 +75,9 @@ def build_report(inputs: EvalInputs, text: EvalText, base: dict[str, Any], base_
         "model": str(Path(inputs.model)), "baseline": str(inputs.baseline),
         "settings": {"seqlen": inputs.seqlen, "seqlen_requested": inputs.seqlen_requested,
                      "backend": settings["backend"], "device": str(device), "dtype": inputs.dtype,
-                     "runtime": tucker_model.runtime, "world_size": parallel.world, "kl_topk": settings["kl_topk"],
+                     "runtime": tucker_model.runtime, "world_size": parallel.world,
+                     "tensor_parallel": max(parallel.world, int(settings.get("tensor_parallel", 1))),
+                     "kl_topk": settings["kl_topk"],
                      "kl": kl, "layer_tokens": settings["layer_tokens"], "verified": settings["verify"]},
         "text": {"source": text.label, "sha256": text.sha256, "tokens_in_text": int(text.ids.numel()),
                  "first_window": text.first_window, "windows": len(windows),
