@@ -35,7 +35,7 @@ from sync_guard import guarded
 from tuckerize.parallel import EXPERT_SPLIT_LAYOUTS, ParallelContext, split_range
 from tuckerize.runtime.tucker_experts import TuckerExperts
 
-E, H, I, K = 8, 32, 16, 2
+E, H, I, K = 8, 32, 18, 2  # I = 18: the grouped kernel pads it to 20 (16 bytes of float32)
 SIZES = (1, 3, 16, 64, 512)
 ASSIGNED = [[0, 5, 7], [2, 3], [1, 4, 6]]  # experts by load, 3 ranks
 

@@ -8,7 +8,8 @@ with ``torch.compile(fullgraph=True, dynamic=True)``; ``capturable`` says whethe
 can also capture it on that device.
 
 * ``grouped`` (:func:`~tuckerize.runtime.kernels.torch_moe.grouped_partial`): pairs sorted by
-  expert, device-side offsets, torch's grouped matrix product. On the CPU for every dtype; on
+  expert, device-side offsets, torch's grouped matrix product. On the CPU in float32, bfloat16
+  and float16 (torch's grouped_mm has no float64: ``gather`` there); on
   CUDA torch runs it without host synchronisation only in bfloat16 on sm90/sm100 (elsewhere its
   fallback copies the offsets to the host: not capturable).
 * ``triton`` (:mod:`~tuckerize.runtime.kernels.triton_moe`): the chain fused into three Triton
@@ -82,7 +83,10 @@ class KernelChoice:
         return self._fn(f, xg, xu, expert, weight, top_k)
 
     def describe(self) -> str:
-        graph = "capturable in CUDA graphs" if self.capturable else "NOT capturable in CUDA graphs"
+        if self.device == "cuda":
+            graph = "capturable in CUDA graphs" if self.capturable else "NOT capturable in CUDA graphs"
+        else:
+            graph = "static shapes, no host synchronisation"
         return f"{self.name} on {self.device} {str(self.dtype).replace('torch.', '')} ({self.reason}; {graph})"
 
 

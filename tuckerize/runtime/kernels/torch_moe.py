@@ -106,8 +106,8 @@ class ExpertFactors:
     """What the kernels read from a Tucker experts module, prepared once at load.
 
     ``U_H`` gate/up [H, r_Hp] (the input projection; this rank's columns in hybrid),
-    ``U_I`` [I_loc, r_Ip], ``G`` [E_loc, r_Hp, r_Ip] per projection: zero-padded so that r_H
-    and r_I are multiples of ``align`` elements (16 bytes: what grouped products need; the
+    ``U_I`` [I_locp, r_Ip], ``G`` [E_loc, r_Hp, r_Ip] per projection: zero-padded so that r_H,
+    r_I and I_loc are multiples of ``align`` elements (16 bytes: what grouped products need; the
     zeros change no sum). They are the module's own tensors, not copies, when the ranks are
     already multiples (real ranks such as 512/256 are). ``rank_hd``: r_H of down unpadded
     (the width of ``s``). ``split``: this rank holds some experts only (pairs of others get
@@ -129,7 +129,7 @@ class ExpertFactors:
         for p in ("gate", "up", "down"):
             f = getattr(module, p)
             G[p] = _pad(f.G, (1, 2), align)
-            U_I[p] = _pad(f.U_I, (1,), align)
+            U_I[p] = _pad(f.U_I, (0, 1), align)  # I too: the rows of the U_I products' outputs
             if p != "down":
                 U_H[p] = _pad(f.U_H, (1,), align)
         return cls(U_H=U_H, U_I=U_I, G=G, n_experts=int(module.gate.G.shape[0]), rank_hd=int(module.down.G.shape[1]),
