@@ -217,7 +217,7 @@ def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batc
     else:
         rE, rH, rI = ranks
         experts = 3 * H * rH + 3 * I * rI + touched * 3 * rH * rI
-    return 4.0 * (layers * (attn + experts) + vocab * H)
+    return 4.0 * (layers * (attn + experts) + vocab * H + H)  # and the final norm
 
 
 def main() -> None:

@@ -47,13 +47,26 @@ def factors():
 
 def test_cpu_choice_by_dtype(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         k = choose_kernel("cpu", dtype, "silu")
-        assert (k.name, k.capturable, k.bounded) == ("grouped", True, True), dtype
-        assert k.align * torch.empty((), dtype=dtype).element_size() == 16
-    k = choose_kernel("cpu", torch.float64, "silu")  # torch's grouped_mm has no float64
-    assert (k.name, k.bounded) == ("gather", False)
-    assert "gather on cpu float64" in k.describe()
+        assert (k.name, k.capturable, k.bounded, k.align) == ("grouped", True, True, 1), dtype
+        assert "no host synchronisation" in k.describe()
+    assert choose_kernel("cpu", torch.float64, "silu", "gather").bounded is False
+
+
+def test_cpu_grouped_product_skips_empty_experts(monkeypatch):
+    """On the CPU the grouped product runs one matrix product per expert that has rows (torch's
+    own runs one per expert: 128 per projection when decoding one token); same result."""
+    from tuckerize.runtime.kernels.torch_moe import grouped_op
+
+    mm = grouped_op(torch.float32, "cpu")
+    a = torch.randn(10, 12)
+    b = torch.randn(6, 12, 5)
+    offs = torch.tensor([0, 3, 3, 3, 9, 9], dtype=torch.int32)  # experts 1 and 4 only; row 9 unwritten
+    guard = guarded(mm, a, b, offs)
+    out = mm(a, b, offs)
+    assert R.rel_err(torch.cat([a[:3] @ b[1], a[3:9] @ b[4]]), out[:9]) < 1e-6
+    assert guard.violations == []  # opaque to the guard as to torch.compile: one op, static shape
 
 
 def test_choice_from_environment_and_errors(monkeypatch):
@@ -64,8 +77,6 @@ def test_choice_from_environment_and_errors(monkeypatch):
         choose_kernel("cpu", torch.float32, "silu")
     assert "\n" not in str(err.value)
     monkeypatch.delenv(ENV)
-    with pytest.raises(InputError, match="float64"):
-        choose_kernel("cpu", torch.float64, "silu", "grouped")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(InputError, match="CUDA"):
         choose_kernel("cpu", torch.float32, "silu", "triton")
@@ -91,7 +102,7 @@ def test_module_chooses_once_at_load_and_after_a_move(factors, monkeypatch):
         m(x[:1], idx[:1], w[:1])
     assert calls == []
     m.to(torch.float64)
-    assert len(calls) == 1 and m.kernel.name == "gather" and m._factors.dtype == torch.float64
+    assert len(calls) == 1 and m.kernel.dtype == torch.float64 and m._factors.dtype == torch.float64
     with torch.no_grad():
         assert R.rel_err(ref, m(x.double(), idx, w.double())) < TOL
     with pytest.raises(Exception, match="load"):
@@ -186,3 +197,24 @@ def test_gpu_bench_dry_run(tmp_path):
         assert all(row["ms"][k] > 0 for k in ("tucker/grouped", "tucker/triton", "dense/grouped", "dense/triton_fused"))
     assert all(t["met"] is None for t in layer["targets"].values())  # no verdict without a GPU
     assert "| ranks | tokens |" in r.stdout
+
+
+@pytest.mark.parametrize("layout,world,rank", [("intermediate", 1, 0), ("expert", 3, 1)])
+def test_padded_factors_change_nothing(factors, layout, world, rank):
+    """Ranks zero-padded to 16 bytes (what torch's CUDA grouped_mm needs; PLAN's ranks 6, 7, 5
+    and I=16 over 3 ranks are not multiples of 8) give the same ``s`` as unpadded ones."""
+    from tuckerize.runtime.kernels.torch_moe import ExpertFactors, grouped_op, grouped_partial
+
+    m = _module(factors, layout, rank, world)
+    padded = ExpertFactors.prepare(m, align=8)
+    assert padded.G["up"].shape[1:] == (16, 8) and padded.U_I["down"].shape[1] == 8
+    assert padded.extra_bytes(m) > 0 and m._factors.extra_bytes(m) == 0
+    x = torch.randn(9, H, generator=torch.Generator().manual_seed(3))
+    idx, w = _routing(9, 2, seed=4)
+    expert = m.expert_slot[idx.reshape(-1)]
+    xg, xu = x @ padded.U_H["gate"], x @ padded.U_H["up"]
+    with torch.no_grad():
+        got = grouped_partial(padded, grouped_op(torch.float32), xg, xu, expert, w.reshape(-1), 2)
+        ref = m.partial(x, idx, w)
+    assert got.shape == ref.shape
+    assert R.rel_err(ref, got) < TOL or float(ref.abs().max()) == float(got.abs().max()) == 0.0

@@ -8,18 +8,17 @@ with ``torch.compile(fullgraph=True, dynamic=True)``; ``capturable`` says whethe
 can also capture it on that device.
 
 * ``grouped`` (:func:`~tuckerize.runtime.kernels.torch_moe.grouped_partial`): pairs sorted by
-  expert, device-side offsets, torch's grouped matrix product. On the CPU in float32, bfloat16
-  and float16 (torch's grouped_mm has no float64: ``gather`` there); on
-  CUDA torch runs it without host synchronisation only in bfloat16 on sm90/sm100 (elsewhere its
-  fallback copies the offsets to the host: not capturable).
+  expert, offsets kept on the device, one grouped product per core. On the CPU one matrix
+  product per expert that has rows, any dtype; on CUDA torch's grouped_mm, without host
+  synchronisation only in bfloat16 on sm90/sm100 (elsewhere its fallback copies the offsets
+  to the host: not capturable).
 * ``triton`` (:mod:`~tuckerize.runtime.kernels.triton_moe`): the chain fused into three Triton
   kernels; CUDA (the Triton interpreter elsewhere).
 * ``gather`` (:func:`~tuckerize.runtime.kernels.torch_moe.gather_partial`): one gathered core
   per pair and batched products; any device, memory-bound, the fallback.
 
 ``auto``: CUDA -> ``triton`` when Triton is installed (else ``grouped`` where capturable,
-else ``gather``); CPU -> ``grouped`` (``gather`` on a torch without grouped_mm); other devices
-(NPU) -> ``gather``. ``TUCKERIZE_KERNEL=auto|grouped|triton|gather`` overrides it.
+else ``gather``); CPU -> ``grouped``; other devices (NPU) -> ``gather``. ``TUCKERIZE_KERNEL=auto|grouped|triton|gather`` overrides it.
 """
 
 from __future__ import annotations
@@ -91,15 +90,16 @@ class KernelChoice:
 
 
 def _grouped(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:
-    mm = grouped_op(dtype)
+    mm = grouped_op(dtype, device.type)
     capturable = _grouped_capturable(device, dtype)
     if not capturable:
         reason += "; torch's grouped_mm reads its offsets on the host here (bfloat16 on sm90/sm100 does not)"
+    align = alignment(dtype) if device.type == "cuda" else 1  # torch's kernels need 16-byte rows
 
     def fn(f, xg, xu, expert, weight, top_k):
         return grouped_partial(f, mm, xg, xu, expert, weight, top_k)
 
-    return KernelChoice("grouped", device.type, dtype, capturable, True, reason, alignment(dtype), fn)
+    return KernelChoice("grouped", device.type, dtype, capturable, True, reason, align, fn)
 
 
 def _triton(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:
@@ -127,20 +127,20 @@ def choose_kernel(device: torch.device | str, dtype: torch.dtype, act: str, requ
     name = requested or requested_kernel()
     if name not in ("auto", *KERNELS):
         raise InputError(f"kernel {name!r} is not one of auto, {', '.join(KERNELS)}")
-    has_grouped = torch_grouped_mm() is not None and dtype in GROUPED_DTYPES
+    cuda_grouped = torch_grouped_mm() is not None and dtype in GROUPED_DTYPES
     if name == "auto":
         if device.type == "cuda" and triton_available() and act in TRITON_ACTS:
             return _triton(device, dtype, "auto: CUDA with Triton")
-        if has_grouped and _grouped_capturable(device, dtype):
-            return _grouped(device, dtype, f"auto: {device.type} with torch's grouped_mm")
+        if device.type == "cpu":
+            return _grouped(device, dtype, "auto: cpu, one product per expert with rows")
+        if device.type == "cuda" and cuda_grouped and _grouped_capturable(device, dtype):
+            return _grouped(device, dtype, "auto: CUDA bfloat16 with torch's grouped_mm")
         return _gather(device, dtype, f"auto: no capturable grouped product on {device.type} {dtype}")
     why = f"{ENV}={name}" if requested is None else f"requested {name}"
     if name == "grouped":
-        if torch_grouped_mm() is None:
-            raise InputError(f"{why}: this torch ({torch.__version__}) has no grouped_mm; use torch >= 2.9 "
-                             f"or {ENV}=gather")
-        if dtype not in GROUPED_DTYPES:
-            raise InputError(f"{why}: torch's grouped_mm does not multiply {dtype}; use {ENV}=gather")
+        if device.type != "cpu" and not cuda_grouped:
+            raise InputError(f"{why}: torch's grouped_mm ({torch.__version__}) does not multiply {dtype} on "
+                             f"{device.type}; use {ENV}=gather")
         return _grouped(device, dtype, why)
     if name == "triton":
         if not triton_available():

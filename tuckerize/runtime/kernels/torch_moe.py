@@ -15,7 +15,8 @@ runtime.kernels` records which).
 
 * :func:`grouped_partial` (``grouped``): pairs sorted by expert (one stable argsort; other
   ranks' pairs sort last), per-expert counts by scatter-add and their cumulative offsets on
-  the device, one grouped matrix product per core (``grouped_mm``). In the expert-split
+  the device, one grouped matrix product per core (:func:`grouped_op`: torch's grouped_mm on
+  CUDA, one product per expert with rows on the CPU). In the expert-split
   layouts the ``U_I`` products are grouped products of one group that stops at this rank's
   pair count (a device-side offset), so a rank multiplies only its own pairs; the rows past
   that count are left unwritten by ``grouped_mm`` and are selected away (``where``), never
@@ -47,19 +48,37 @@ def torch_grouped_mm() -> Callable | None:
 _LIB = None
 
 
+def _grouped_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The CPU implementation: one matrix product per expert that has rows (the offsets are
+    read from host memory: on the CPU that is no synchronisation), none for the others.
+    torch's own CPU grouped_mm runs a product for every group, empty or not: with 128 experts
+    and a few routed pairs (decoding) those 384 products per layer, each its own OpenMP
+    region, cost more than the arithmetic."""
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[g], out=out[start:end])
+        start = end
+    return out
+
+
 def _register_grouped_op() -> None:
-    """``torch.ops.tuckerize.grouped_mm(a, b, offs)``: torch's grouped product with a fake
-    (shape-only) implementation for every dtype. torch's own meta function accepts only
-    bfloat16 inputs, so without this a float32 or float16 grouped product cannot be traced
-    by ``torch.compile``; eager torch runs them on the CPU."""
+    """``torch.ops.tuckerize.grouped_mm(a, b, offs)``: a grouped product with a fake
+    (shape-only) implementation for every dtype, opaque to ``torch.compile`` (torch's own meta
+    function accepts only bfloat16 inputs). On the CPU :func:`_grouped_loop`; elsewhere
+    torch's grouped_mm (outside bfloat16 on sm90/sm100 torch's CUDA fallback reads the
+    offsets on the host: not capturable, and :mod:`tuckerize.runtime.kernels` says so)."""
     global _LIB
-    if _LIB is not None or torch_grouped_mm() is None:
+    if _LIB is not None:
         return
     lib = torch.library.Library("tuckerize", "FRAGMENT")
     lib.define("grouped_mm(Tensor a, Tensor b, Tensor offs) -> Tensor")
     fn = torch_grouped_mm()
 
     def impl(a, b, offs):
+        if a.device.type == "cpu" or fn is None:
+            return _grouped_loop(a, b, offs)
         return fn(a, b, offs=offs)
 
     def fake(a, b, offs):
@@ -70,21 +89,21 @@ def _register_grouped_op() -> None:
     _LIB = lib
 
 
-def grouped_op(dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def grouped_op(dtype: torch.dtype, device_type: str = "cpu") -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                          torch.Tensor]:
     """``mm(a [P, k], b [G, k, n], offs [G] int32) -> [P, n]``: rows ``offs[g-1]:offs[g]``
-    times ``b[g]``; rows past ``offs[-1]`` unwritten. torch's op for bfloat16 (which
-    ``torch.compile`` traces, and lowers on CUDA), ours (above) for other dtypes."""
+    times ``b[g]``; rows past ``offs[-1]`` unwritten. torch's grouped_mm on CUDA in bfloat16
+    (its CUTLASS kernels read the offsets on the device; torch.compile traces it), ours
+    (above) otherwise."""
     fn = torch_grouped_mm()
-    if fn is None:
-        raise RuntimeError("this torch has no grouped_mm")
-    if dtype == torch.bfloat16:
+    if device_type == "cuda" and dtype == torch.bfloat16 and fn is not None:
         return lambda a, b, offs: fn(a, b, offs=offs)
     _register_grouped_op()
     return torch.ops.tuckerize.grouped_mm
 
 
 def alignment(dtype: torch.dtype) -> int:
-    """Elements per 16 bytes: grouped products need every row stride to be a multiple."""
+    """Elements per 16 bytes: torch's grouped products need every row stride to be a multiple."""
     return max(1, 16 // torch.empty((), dtype=dtype).element_size())
 
 
