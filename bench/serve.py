@@ -19,6 +19,10 @@ one run:
 * how busy the machine was during each model's run: load average before and after, and the
   cores other processes kept busy (from /proc/stat): compare ratios only within a quiet run.
 
+The default rank sets end with (8,16,16), the floor: Tucker experts that read almost no bytes,
+so that row's speed is what attention, the LM head, sampling and vLLM's own work per step allow
+any MoE layer; the other rows' speed-ups cannot exceed it, nor their bytes bounds.
+
 vLLM's memory is sized here: its KV cache is given explicitly (:func:`kv_cache_bytes`, a few
 hundred MiB), so its CPU start-up check on free memory (which refuses while page cache is
 held) does not apply; ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
@@ -225,7 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--ranks", default="64,512,256;128,1024,512")
+    ap.add_argument("--ranks", default="64,512,256;128,1024,512;8,16,16",
+                    help="Tucker rank sets; the default's 8,16,16 is the floor: experts that read almost nothing "
+                         "(what the rest of the step costs)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prefill-prompts", type=int, default=4)
     ap.add_argument("--prefill-len", type=int, default=256)
