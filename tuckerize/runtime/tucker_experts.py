@@ -18,6 +18,13 @@ them per token (as the first draft did) costs r_E r_H r_I multiply-adds per pair
 more than the dense expert it replaces. Routed pairs are sorted by expert so that
 each expert's core multiplies all of its tokens in one matrix product.
 
+The forward has static shapes and no host synchronisation in every layout and on every rank
+(so ``torch.compile(fullgraph=True, dynamic=True)`` compiles it and a CUDA graph captures it):
+each pair's expert is mapped to this rank's index of it by a table built at construction
+(``expert_slot``; another rank's expert gets the index past this rank's, so its pairs sort last
+and fall outside every group), counts and offsets stay on the device, and the kernel that
+multiplies (:mod:`tuckerize.runtime.kernels`) is chosen once, when the factors are loaded.
+
 Tensor-parallel layouts (activations replicated on every rank):
 
 ``intermediate``
