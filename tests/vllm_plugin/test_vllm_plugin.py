@@ -133,6 +133,7 @@ def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, one_ran
     assert offenders == []
 
 
+@pytest.mark.slow  # one more vLLM engine (about 45 s on 2 cores); test_op.py checks the op's registration fast
 def test_compiled_model_matches_native_runtime(tucker, prompts, tmp_path):
     """vLLM's torch.compile of the model (dynamo tracing, the CPU platform's mode; its eager
     backend under VLLM_CPU_CI_ENV, as vLLM's CPU CI does) holds the MoE op through its fake
