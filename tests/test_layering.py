@@ -35,7 +35,7 @@ FLOORS: list[tuple[str, list[str]]] = [
                "tuckerize.decompose", "tuckerize.decompose.tucker", "tuckerize.decompose.whiten",
                "tuckerize.decompose.expert_weighted", "tuckerize.decompose.refit"]),
     ("runtime", ["tuckerize.runtime", "tuckerize.runtime.routing", "tuckerize.runtime.tucker_experts",
-                 "tuckerize.runtime.moe", "tuckerize.runtime.kernels", "tuckerize.runtime.kernels.static",
+                 "tuckerize.runtime.moe", "tuckerize.runtime.kernels", "tuckerize.runtime.kernels.torch_moe",
                  "tuckerize.runtime.kernels.triton_moe", "tuckerize.runtime.layout", "tuckerize.runtime.loader",
                  "tuckerize.runtime.model", "tuckerize.runtime.plan", "tuckerize.runtime.hf",
                  "tuckerize.runtime.layerwise"]),
