@@ -198,7 +198,7 @@ def _check_served_layers(fam: Family, got: dict, tp: int) -> None:
     for rank_shapes, rank_layers in zip(got["shapes"], got["layers"]):
         assert [(n, s) for n, s in rank_shapes if tuple(s) in dense] == []
         experts = [n for n, _ in rank_shapes if ".mlp.experts." in n]
-        assert experts and all(n.endswith(factor_suffixes + (".local_index",)) for n in experts), experts[:4]
+        assert experts and all(n.endswith(factor_suffixes + (".expert_slot",)) for n in experts), experts[:4]
         layers = {row[0]: row[1:] for row in rank_layers}
         for L in spec.moe_layers:
             mlp = f"model.layers.{L}.mlp"
