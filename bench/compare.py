@@ -30,7 +30,7 @@ the whitened-SVD ridge), windows 50-198 the REPORT split (the tables).
 Our bench models are small and trained on a CPU: they have few of the outlier features of
 real checkpoints and flatter weight quantisation (BENCHMARKS.md measures how much).
 
-    python bench/compare.py --frontier                                  # both demo models (~40 min each, 2 shared cores)
+    python bench/compare.py --frontier                      # both demo models (~40 min each on 2 shared cores)
     python bench/compare.py --frontier --model-folder moe64=/work/models/moe64
     python bench/compare.py --frontier --methods rtn,hqq               # some methods only
     python bench/compare.py                                             # issue 11's table
@@ -91,7 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--only", choices=["gptq", "awq", "sensitivity"],
                     help="only the GPTQ / AWQ int4 rows of issue 11, or only the per-factor int4 sensitivity runs")
     ap.add_argument("--baseline-python", "--gptq-python", "--awq-python", dest="python",
-                    help="python of the environment with llmcompressor and hqq (default /work/venvs/compare/bin/python)")
+                    help="python of the environment with llmcompressor and hqq "
+                         "(default /work/venvs/compare/bin/python)")
     ap.add_argument("--gptq-samples", "--awq-samples", dest="samples", type=int, default=16,
                     help="GPTQ / AWQ calibration windows (llmcompressor's sequential pipeline is slow on 2 cores)")
     ap.add_argument("--report", type=Path, nargs="+", help="merge these result files into tables and plots")

@@ -81,7 +81,8 @@ def activation_stats(folder: Path, windows: int = 16, seqlen: int = 256) -> dict
         a = seen[i].reshape(-1, seen[i].shape[-1]).double()
         mag = a.abs().mean(0)
         rms = a.pow(2).mean(0).sqrt()
-        per_layer.append({"layer": i, "kurtosis": kurtosis(a), "channel_max_over_median": float(mag.max() / mag.median()),
+        per_layer.append({"layer": i, "kurtosis": kurtosis(a),
+                          "channel_max_over_median": float(mag.max() / mag.median()),
                           "channel_rms_kurtosis": kurtosis(rms)})
     # the residual stream between layers (hidden_states[-1] is after the final norm)
     resid = max(float(h.abs().max() / h.abs().median()) for h in out.hidden_states[1:-1])

@@ -1,5 +1,5 @@
-"""GPTQ int4, int3 or int2 (``--bits``; group ``--group`` 128 -> min(128, in_features)) of a demo model's routed experts with
-llmcompressor, run on CPU in its own virtual environment (it pins its own dependencies):
+"""GPTQ int4, int3 or int2 (``--bits``; group ``--group`` 128 -> min(128, in_features)) of a demo
+model's routed experts with llmcompressor, run on CPU in its own virtual environment (it pins its own dependencies):
 
     /work/venvs/compare/bin/python bench/baselines/gptq.py SRC OUT [--bits 4 --group 128 --samples 128 --seqlen 256]
 
@@ -41,7 +41,8 @@ def main() -> None:
         weights[(layer, e, proj)] = w
     if levels > 2**args.bits:
         raise SystemExit(f"GPTQ left {levels} levels in a group (int{args.bits} has {2**args.bits})")
-    common.write_dense(args.src, args.out, weights, "gptq", {"bits": args.bits, "group": groups, "samples": len(ds), "seqlen": args.seqlen,
+    common.write_dense(args.src, args.out, weights, "gptq", {"bits": args.bits, "group": groups, "samples": len(ds),
+                                                             "seqlen": args.seqlen,
                                                              "matrices": len(weights), "max_levels_per_group": levels})
 
 

@@ -138,7 +138,8 @@ class Frontier:
 
     def run(self, methods=METHODS, budgets=BUDGETS) -> dict:
         base = {k: self.score.baseline(k) for k in ("select", "report")}
-        self.rows.append({"model": self.key, "family": "original", "method": "original", "setting": "bf16 dense experts",
+        self.rows.append({"model": self.key, "family": "original", "method": "original",
+                          "setting": "bf16 dense experts",
                           "bytes": self.d.dense_bytes, "bytes_ratio": 1.0, "macs": self.d.dense_macs, **base["report"],
                           "select": base["select"]})
         if "rtn" in methods:

@@ -74,7 +74,8 @@ class Bench:
         for fd in TUCKER_DTYPES:
             out, manifest, nbytes = self.tucker(budget_bytes, fd)
             s = self.score(out, "select")
-            trials.append({"factor_dtype": fd, "bytes": nbytes, "params_ratio": manifest["params"]["experts_ratio"], **s})
+            trials.append({"factor_dtype": fd, "bytes": nbytes, "params_ratio": manifest["params"]["experts_ratio"],
+                           **s})
             self.log(f"[{self.key}] select Tucker {fd} at {budget_bytes}: ppl {s['ppl']:.2f}")
             shutil.rmtree(out)
         return min(trials, key=lambda r: r["ppl"])["factor_dtype"], trials

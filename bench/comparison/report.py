@@ -95,7 +95,8 @@ def check_table(check: dict) -> str:
         margin = f"{p['ppl_margin_pct']:+.2f}% / {p['kl_margin']:+.4f}" if "ppl_margin_pct" in p else ""
         lines.append(f"| {p['budget']:.1%} | {tc} | {tp} | {tk} | {bpc} | {bkc} | {'yes' if p['met'] else 'no'} | "
                      f"{margin} |")
-    lines.append(f"\nHolds on {check['met_fraction']:.0%} of the range {check['range'][0]:.0%}-{check['range'][1]:.0%}.")
+    lo, hi = check["range"]
+    lines.append(f"\nHolds on {check['met_fraction']:.0%} of the range {lo:.0%}-{hi:.0%}.")
     return "\n".join(lines)
 
 
