@@ -141,6 +141,22 @@ def print_frontier(key: str, rows: list[dict]) -> dict:
     return check
 
 
+def hardness_table(frontier: dict[str, list[dict]]) -> str:
+    """Round-to-nearest loss per model: perplexity of RTN int3 / int2 at groups 128, 64, 32 over
+    the original's (report split), KL in brackets."""
+    head = [(b, g) for b in (3, 2) for g in (128, 64, 32)]
+    lines = ["| model | original ppl | " + " | ".join(f"RTN int{b} g{g}" for b, g in head) + " |",
+             "|---|---:|" + "---:|" * len(head)]
+    for key, rows in frontier.items():
+        orig = next((r for r in rows if r["family"] == "original"), None)
+        rtn = {(r["bits"], r["group"]): r for r in rows if r["method"] == "RTN"}
+        if orig is None or not rtn:
+            continue
+        cells = [f"{rtn[k]['ppl'] / orig['ppl'] - 1:+.1%} ({rtn[k]['kl']:.3f})" if k in rtn else "" for k in head]
+        lines.append(f"| {key} | {orig['ppl']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(files: list[Path]) -> None:
     """Merge result files (issue 11's runs, ``--only gptq/awq``, frontier runs): tables and plots."""
     models: dict = {}
@@ -179,3 +195,5 @@ def report(files: list[Path]) -> None:
         print(table(res, key))
     for key, rows in frontier.items():
         print_frontier(key, rows)
+    if frontier:
+        print(f"\n### Round-to-nearest loss (perplexity over the original's, KL)\n\n{hardness_table(frontier)}")

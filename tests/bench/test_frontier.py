@@ -138,3 +138,13 @@ def test_tucker_rows_fit_the_budget(dense, tmp_path, monkeypatch):
     assert nbytes == manifest["bytes"]["experts_stored"] <= budget and cli.startswith("--ratio")
     assert json.loads((out / "tuckerize_manifest.json").read_text())["bytes"]["experts_stored"] == nbytes
     assert nbytes > 0.5 * budget  # the search does not give most of the budget away
+
+
+def test_hardness_table_is_the_rtn_perplexity_ratio():
+    from comparison.report import hardness_table
+
+    rows = [_row("original", 1.0, 50.0, 0.0, method="original"),
+            {**_row("baseline", 0.15, 55.0, 0.1, method="RTN"), "bits": 2, "group": 64},
+            {**_row("baseline", 0.2, 51.0, 0.02, method="RTN"), "bits": 3, "group": 128}]
+    line = hardness_table({"m": rows}).splitlines()[-1].split("|")
+    assert line[2].strip() == "50.00" and line[3].strip() == "+2.0% (0.020)" and line[8].strip() == "+10.0% (0.100)"
