@@ -73,7 +73,7 @@ def frontier_check(rows: list[dict], lo: float = RANGE[0], hi: float = RANGE[1])
 def _brief(r: dict | None) -> dict | None:
     if r is None:
         return None
-    return {k: r[k] for k in ("method", "setting", "bytes_ratio", "ppl", "kl", "top1") if k in r}
+    return {k: r[k] for k in ("method", "setting", "bits", "group", "bytes_ratio", "ppl", "kl", "top1") if k in r}
 
 
 class Frontier:

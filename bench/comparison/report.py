@@ -82,21 +82,40 @@ def frontier_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _label(r: dict) -> str:
+    """A short name of a row: ``GPTQ (llmcompressor) int2 g64``, or a tuckerize row's options."""
+    if "bits" in r:
+        return f"{r['method']} int{r['bits']} g{r['group']}"
+    return r["setting"]
+
+
 def check_table(check: dict) -> str:
-    lines = ["| budget (of bf16) | tuckerize row (chosen on the selection split) | perplexity | KL | "
-             "best baseline perplexity at <= budget | best baseline KL at <= budget | holds | margin ppl / KL |",
-             "|---:|---|---:|---:|---|---|:-:|---:|"]
-    for p in check["points"]:
+    """The test per budget interval: consecutive budgets with the same chosen rows are one line."""
+    lines = ["| budgets (of bf16) | tuckerize row (chosen on the selection split) | ppl | KL | "
+             "lowest-ppl baseline at <= budget | lowest-KL baseline at <= budget | holds | margin ppl / KL |",
+             "|---|---|---:|---:|---|---|:-:|---:|"]
+    pts = check["points"]
+    spans: list[list[dict]] = []
+    for p in pts:
+        key = tuple(_label(p[k]) if p[k] else None for k in ("tucker", "best_ppl", "best_kl")) + (p["met"],)
+        if spans and spans[-1][0]["_key"] == key:
+            spans[-1].append({**p, "_key": key})
+        else:
+            spans.append([{**p, "_key": key}])
+    for i, span in enumerate(spans):
+        p = span[0]
+        end = spans[i + 1][0]["budget"] if i + 1 < len(spans) else span[-1]["budget"]
+        where = f"{p['budget']:.1%}-{end:.1%}" if end > p["budget"] else f"{p['budget']:.1%}"
         t, bp, bk = p["tucker"], p["best_ppl"], p["best_kl"]
         tc = f"{t['setting']} ({t['bytes_ratio']:.1%})" if t else "none fits"
         tp, tk = (f"{t['ppl']:.2f}", f"{t['kl']:.4f}") if t else ("", "")
-        bpc = f"{bp['ppl']:.2f} {bp['method']} {bp['setting']} ({bp['bytes_ratio']:.1%})" if bp else "none fits"
-        bkc = f"{bk['kl']:.4f} {bk['method']} {bk['setting']}" if bk else ""
+        bpc = f"{_label(bp)} ({bp['bytes_ratio']:.1%}): {bp['ppl']:.2f}" if bp else "none fits"
+        bkc = f"{_label(bk)}: {bk['kl']:.4f}" if bk else ""
         margin = f"{p['ppl_margin_pct']:+.2f}% / {p['kl_margin']:+.4f}" if "ppl_margin_pct" in p else ""
-        lines.append(f"| {p['budget']:.1%} | {tc} | {tp} | {tk} | {bpc} | {bkc} | {'yes' if p['met'] else 'no'} | "
-                     f"{margin} |")
+        lines.append(f"| {where} | {tc} | {tp} | {tk} | {bpc} | {bkc} | {'yes' if p['met'] else '**no**'} | {margin} |")
     lo, hi = check["range"]
-    lines.append(f"\nHolds on {check['met_fraction']:.0%} of the range {lo:.0%}-{hi:.0%}.")
+    lines.append(f"\nHolds on {check['met_fraction']:.0%} of the range {lo:.0%}-{hi:.0%} (the interval from a "
+                 "budget to the next is decided at its start).")
     return "\n".join(lines)
 
 
