@@ -87,11 +87,11 @@ def activation_stats(folder: Path, windows: int = 16, seqlen: int = 256) -> dict
     # the residual stream between layers (hidden_states[-1] is after the final norm)
     resid = max(float(h.abs().max() / h.abs().median()) for h in out.hidden_states[1:-1])
     agg = {f"act_{k}_{f.__name__}": f(p[k] for p in per_layer) for k in
-           ("kurtosis", "channel_max_over_median", "channel_rms_kurtosis") for f in (max, _mean)}
+           ("kurtosis", "channel_max_over_median", "channel_rms_kurtosis") for f in (max, mean)}
     return {**agg, "residual_max_over_median": resid, "layers": per_layer}
 
 
-def _mean(xs) -> float:
+def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
 
@@ -107,14 +107,14 @@ def main(argv=None) -> None:
     res = {k: {"folder": str(MODELS[k]), **weight_stats(MODELS[k]), **activation_stats(MODELS[k])} for k in keys}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(res, indent=1))
-    print("| model | weight kurtosis mean / max | max |w| / rms | input kurtosis mean / max | channel max / median "
+    print("| model | weight kurtosis mean / max | max abs(w) / rms | input kurtosis mean / max | channel max / median "
           "mean / max | channel-RMS kurtosis mean / max | residual max / median |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for k, r in res.items():
         print(f"| {k} | {r['weight_kurtosis_mean']:.2f} / {r['weight_kurtosis_max']:.2f} | "
-              f"{r['weight_max_over_rms_mean']:.1f} | {r['act_kurtosis__mean']:.1f} / {r['act_kurtosis_max']:.1f} | "
-              f"{r['act_channel_max_over_median__mean']:.1f} / {r['act_channel_max_over_median_max']:.1f} | "
-              f"{r['act_channel_rms_kurtosis__mean']:.1f} / {r['act_channel_rms_kurtosis_max']:.1f} | "
+              f"{r['weight_max_over_rms_mean']:.1f} | {r['act_kurtosis_mean']:.1f} / {r['act_kurtosis_max']:.1f} | "
+              f"{r['act_channel_max_over_median_mean']:.1f} / {r['act_channel_max_over_median_max']:.1f} | "
+              f"{r['act_channel_rms_kurtosis_mean']:.1f} / {r['act_channel_rms_kurtosis_max']:.1f} | "
               f"{r['residual_max_over_median']:.0f} |")
 
 

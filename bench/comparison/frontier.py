@@ -122,8 +122,11 @@ class Frontier:
 
     def tucker_rows(self, budgets=BUDGETS, settings=TUCKER_SETTINGS) -> None:
         rows = TuckerRows(self.folder, self.work, self.d.dense_bytes, self.log)
+        largest: set[str] = set()  # settings whose largest form fitted a smaller budget already
         for b in budgets:
             for setting in settings:
+                if setting_text(setting) in largest:
+                    continue
                 t = time.time()
                 out, manifest, nbytes, cli = rows.fit(int(b * self.d.dense_bytes), setting)
                 s = self.score.splits_of(out)
@@ -133,6 +136,8 @@ class Frontier:
                                "macs": tucker_macs(manifest, self.d.H, self.d.I, self.d.K),
                                "params_ratio": manifest["params"]["experts_ratio"], **s["report"],
                                "select": s["select"], "seconds": round(time.time() - t, 1)})
+                if not rows.uses_bytes and r["params_ratio"] >= 0.94 and nbytes < 0.97 * b * self.d.dense_bytes:
+                    largest.add(setting_text(setting))  # today's ratio cap (0.95): larger budgets ask the same
                 self.log(f"[{self.key}] tuckerize {cli}: bytes {r['bytes_ratio']:.3f} ppl {r['ppl']:.2f} "
                          f"kl {r['kl']:.4f} (select {s['select']['ppl']:.2f}; {r['seconds']:.0f} s)")
 

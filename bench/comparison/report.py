@@ -77,7 +77,11 @@ def plot(result: dict, model: str, path: Path) -> None:
 def frontier_table(rows: list[dict]) -> str:
     lines = ["| method | setting | expert bytes (of bf16 dense) | perplexity | KL | top-1 | selection perplexity |",
              "|---|---|---:|---:|---:|---:|---:|"]
+    seen = set()
     for r in sorted(rows, key=lambda r: (r["family"] != "original", r["bytes_ratio"], r["method"])):
+        if (r["method"], r["setting"], r["bytes"]) in seen:  # the same request made for two budgets
+            continue
+        seen.add((r["method"], r["setting"], r["bytes"]))
         sel = r.get("select", {}).get("ppl")
         lines.append(f"| {r['method']} | {r['setting']} | {r['bytes']:,} ({r['bytes_ratio']:.1%}) | {r['ppl']:.2f} | "
                      f"{r['kl']:.4f} | {r['top1']:.3f} | {'' if sel is None else f'{sel:.2f}'} |")
