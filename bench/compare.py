@@ -67,6 +67,7 @@ from comparison.protocol import MODELS, OUT, add_models  # noqa: E402
 from comparison.quantisers import rtn  # noqa: E402,F401
 from comparison.report import plot, print_frontier, report, table  # noqa: E402
 from comparison.scoring import Scorer, collect_stats  # noqa: E402,F401
+from comparison.tucker import TUCKER_SETTINGS  # noqa: E402
 
 LLMCOMPRESSOR = {"gptq": "GPTQ int4 (llmcompressor)", "awq": "AWQ int4 (llmcompressor)"}
 
@@ -81,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help=f"frontier methods, comma-separated, of {','.join(METHODS)},awq")
     ap.add_argument("--frontier-budgets", default=",".join(map(str, BUDGETS)),
                     help="tuckerize budgets, fractions of the bf16 dense experts' bytes")
+    ap.add_argument("--tucker-dtypes", help="tuckerize factor dtypes tried at each budget, ';'-separated "
+                    "(default: int4;int8,core=int4;int8)")
     ap.add_argument("--work", type=Path, default=OUT / "compare_work")
     ap.add_argument("--json", type=Path, help="where the results go (default: bench/out/compare.json, "
                     "bench/out/frontier.json with --frontier)")
@@ -113,12 +116,14 @@ def run_frontier(args, keys: list[str], log) -> None:
         raise SystemExit(f"--methods {','.join(unknown)}: unknown; known: {','.join(METHODS)},awq")
     python = baseline_python(args.python) if {"gptq", "hqq", "awq"} & set(methods) else None
     budgets = [float(b) for b in args.frontier_budgets.split(",")]
+    settings = TUCKER_SETTINGS if not args.tucker_dtypes else tuple(
+        {"factor_dtype": d} for d in args.tucker_dtypes.split(";") if d)
     result = {"machine": machine(), "command": "python bench/compare.py " + " ".join(sys.argv[1:]), "models": {}}
     args.json.with_suffix(".rows.jsonl").unlink(missing_ok=True)
     for key in keys:
         t = time.time()
         fr = Frontier(key, args.work, log, python, args.samples, args.json.with_suffix(".rows.jsonl"))
-        result["models"][key] = fr.run(methods, budgets)
+        result["models"][key] = fr.run(methods, budgets, settings)
         result["models"][key]["wall_seconds"] = round(time.time() - t, 1)
         args.json.write_text(json.dumps(result, indent=1, default=float))
         print_frontier(key, result["models"][key]["frontier_rows"])

@@ -47,7 +47,8 @@ class Dense:
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+                  metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(config or self.config, indent=2))
         for f in SIDE_FILES:
             if (self.folder / f).is_file():

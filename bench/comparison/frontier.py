@@ -141,7 +141,7 @@ class Frontier:
                 self.log(f"[{self.key}] tuckerize {cli}: bytes {r['bytes_ratio']:.3f} ppl {r['ppl']:.2f} "
                          f"kl {r['kl']:.4f} (select {s['select']['ppl']:.2f}; {r['seconds']:.0f} s)")
 
-    def run(self, methods=METHODS, budgets=BUDGETS) -> dict:
+    def run(self, methods=METHODS, budgets=BUDGETS, settings=TUCKER_SETTINGS) -> dict:
         base = {k: self.score.baseline(k) for k in ("select", "report")}
         self.rows.append({"model": self.key, "family": "original", "method": "original",
                           "setting": "bf16 dense experts",
@@ -153,5 +153,5 @@ class Frontier:
             if kind in methods:
                 self.external_rows(kind)
         if "tucker" in methods:
-            self.tucker_rows(budgets)
+            self.tucker_rows(budgets, settings)
         return {"folder": str(self.folder), "frontier_rows": self.rows, "frontier": frontier_check(self.rows)}

@@ -21,11 +21,13 @@ ORDER = ["original", "Tucker (bf16 factors)", "Tucker (quantised factors)", "RTN
 CAVEAT = ("Our bench models are small and briefly trained (the demos on 9.8 M tokens on a GPU with bf16 autocast, "
           "moe64 on 2.6 M tokens in float32 on a CPU): their weights and expert inputs are close to Gaussian "
           "(bench/outliers.py), so they flatter weight quantisation next to real checkpoints; the outlier model "
-          "(bf16 autocast, 3.3x the learning rate, no weight decay) has some outlier channels, far fewer than a real LLM.")
+          "(bf16 autocast, 3.3x the learning rate, no weight decay) has some outlier channels, far fewer than a "
+          "real LLM.")
 
 
 def table(result: dict, model: str) -> str:
-    lines = ["| removed (budget) | method | setting | expert bytes (of bf16 dense) | MACs / token | perplexity | KL | top-1 |",
+    lines = ["| removed (budget) | method | setting | expert bytes (of bf16 dense) | MACs / token | perplexity | KL "
+             "| top-1 |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     rows = result["rows"]
     best: dict = {}

@@ -31,7 +31,8 @@ class Scorer:
         self.folder = folder
         self.parallel, self.device, self.progress = ParallelContext.current(), torch.device("cpu"), ensure(None)
         tok = AutoTokenizer.from_pretrained(str(folder))
-        ids = torch.tensor(tok((folder / "heldout.txt").read_text(), add_special_tokens=False, verbose=False)["input_ids"])
+        text = (folder / "heldout.txt").read_text()
+        ids = torch.tensor(tok(text, add_special_tokens=False, verbose=False)["input_ids"])
         windows = token_windows(ids, SEQLEN, None)
         self.splits = {"select": windows[:SELECT], "report": windows[SELECT:]}
         model = load_model(str(folder), self.parallel, self.device, torch.float32)

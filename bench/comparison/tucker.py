@@ -18,7 +18,7 @@ from pathlib import Path
 from comparison.protocol import SAMPLES, SEQLEN
 
 #: the per-row settings tried at each budget (chosen among on the selection split)
-TUCKER_SETTINGS = ({"factor_dtype": "int4"}, {"factor_dtype": "int8,core=int4"})
+TUCKER_SETTINGS = ({"factor_dtype": "int4"}, {"factor_dtype": "int8,core=int4"}, {"factor_dtype": "int8"})
 BYTES_KWARG = "bytes"  # decompose_checkpoint's name for the budget, once it has one
 #: bytes per kept parameter by factor dtype: the first guess of the ratio for a budget
 _BPP = {"bf16": 2.0, "float32": 2.0, "int8": 1.02, "int4": 0.53}
