@@ -51,7 +51,8 @@ def scorer():
     """(score(folder) -> perplexity on the selection split, the original's perplexity)."""
     from transformers import AutoTokenizer
 
-    from tuckerize.evaluate import load_model, score_baseline, score_tucker, token_windows
+    from tuckerize.evaluate.runtimes import load_model
+    from tuckerize.evaluate.scoring import score_baseline, score_tucker, token_windows
     from tuckerize.parallel import ParallelContext
     from tuckerize.progress import ensure
 

@@ -13,7 +13,19 @@ one run:
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
   each (ignore EOS), tokens / wall time;
 * weight memory: bytes of every parameter and buffer of the loaded model (the Tucker
-  model's include the per-expert cores formed at load), and the checkpoint size on disk.
+  model's include the per-expert cores formed at load), and the checkpoint size on disk;
+* the bytes bound: weight bytes one decode step reads, dense over Tucker (attention and the LM
+  head included: :func:`step_bytes`), what a memory-bound decode's speed-up cannot exceed;
+* how busy the machine was during each model's run: load average before and after, and the
+  cores other processes kept busy (from /proc/stat): compare ratios only within a quiet run.
+
+The default rank sets end with (8,16,16), the floor: Tucker experts that read almost no bytes,
+so that row's speed is what attention, the LM head, sampling and vLLM's own work per step allow
+any MoE layer; the other rows' speed-ups cannot exceed it, nor their bytes bounds.
+
+vLLM's memory is sized here: its KV cache is given explicitly (:func:`kv_cache_bytes`, a few
+hundred MiB), so its CPU start-up check on free memory (which refuses while page cache is
+held) does not apply; ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
 
     python bench/serve.py                       # writes bench/results/serve.json, prints a table
     python bench/serve.py --tp 2 --ranks 64,512,256 --out bench/results/serve_tp2.json
@@ -119,7 +131,20 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
     return folders
 
 
-def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int, tp: int = 1) -> dict:
+MAX_SEQS = 32
+
+
+def kv_cache_bytes(layers: int, max_len: int) -> int:
+    """The KV cache vLLM is given (``kv_cache_memory_bytes``): twice what ``MAX_SEQS``
+    sequences of ``max_len`` tokens need in float32, at least 256 MiB. Set explicitly, vLLM's
+    CPU backend skips its start-up check that a fraction of the machine's memory is free (which
+    refuses to start while page cache is held)."""
+    need = MAX_SEQS * max_len * layers * 2 * KV_HEADS * HEAD_DIM * 4
+    return max(2 * need, 256 << 20)
+
+
+def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int, tp: int = 1,
+            layers: int = 2) -> dict:
     """Runs in a child process: one vLLM engine, in-process at one rank, else vLLM's
     multiprocessing executor with one worker per rank."""
     import random
@@ -127,11 +152,15 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     if tp == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model across worker processes
+    kv = kv_cache_bytes(layers, prefill_len + 64)
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own variable wins over the argument: drop it
+        del os.environ["VLLM_CPU_KVCACHE_SPACE"]
     from vllm import LLM, SamplingParams
 
     extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
-    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=32,
-              tensor_parallel_size=tp, seed=0, max_num_batched_tokens=max(2048, prefill_len * 4), **extra)
+    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=MAX_SEQS,
+              tensor_parallel_size=tp, seed=0, max_num_batched_tokens=max(2048, prefill_len * 4),
+              kv_cache_memory_bytes=kv, **extra)
     rng = random.Random(0)
 
     def prompts(n, length):
@@ -154,7 +183,45 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     from tuckerize.integrations.vllm.models import weight_bytes  # importable by every worker
 
     res["weight_bytes"] = max(llm.apply_model(weight_bytes), key=lambda b: b["all"])  # the fullest rank
+    res["kv_cache_bytes"] = kv
     return res
+
+
+def machine_state() -> dict:
+    """Load average, and CPU-seconds: the whole machine's busy time since boot and this
+    process's reaped children's (the vLLM runs); differences of two readings give what other
+    processes used meanwhile."""
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    tck = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return {"load": float(open("/proc/loadavg").read().split()[0]), "busy_s": (sum(cpu) - cpu[3] - cpu[4]) / tck,
+            "children_s": t.children_user + t.children_system, "wall": time.time()}
+
+
+def load_during(before: dict, after: dict) -> dict:
+    """How busy the machine was during one run: load averages, and the cores other processes
+    kept busy on average (machine busy time minus this run's CPU time, over the wall time)."""
+    wall = max(after["wall"] - before["wall"], 1e-9)
+    ours = after["children_s"] - before["children_s"]
+    others = max(0.0, after["busy_s"] - before["busy_s"] - ours)
+    return {"load_before": before["load"], "load_after": after["load"], "seconds": round(wall, 1),
+            "this_run_cores": round(ours / wall, 2), "other_processes_cores": round(others / wall, 2)}
+
+
+def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batch: int) -> float:
+    """Weight bytes one decode step reads (float32) with ``batch`` sequences: attention,
+    router and norms of every layer, the LM head, and the experts touched: on average
+    E (1 - (1 - K/E)^batch) of them per layer (routing spread evenly); dense 3 H I values
+    each, Tucker 3 r_H r_I (its core; U_H and U_I, read once per layer, are shared)."""
+    attn = 2 * HEADS * HEAD_DIM * H + 2 * KV_HEADS * HEAD_DIM * H + E * H + 2 * H + 2 * HEAD_DIM
+    touched = E * (1 - (1 - K / E) ** batch)
+    if ranks is None:
+        experts = touched * 3 * H * I
+    else:
+        rE, rH, rI = ranks
+        experts = 3 * H * rH + 3 * I * rI + touched * 3 * rH * rI
+    return 4.0 * (layers * (attn + experts) + vocab * H + H)  # and the final norm
 
 
 def main() -> None:
@@ -162,7 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--ranks", default="64,512,256;128,1024,512")
+    ap.add_argument("--ranks", default="64,512,256;128,1024,512;8,16,16",
+                    help="Tucker rank sets; the default's 8,16,16 is the floor: experts that read almost nothing "
+                         "(what the rest of the step costs)")
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--prefill-prompts", type=int, default=4)
     ap.add_argument("--prefill-len", type=int, default=256)
@@ -176,7 +245,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, args.decode_tokens, args.prefill_prompts, args.prefill_len,
-                                             args.tp)))
+                                             args.tp, args.layers)))
         return
     E, H, I = (int(x) for x in args.shape.split(","))
     ranks = [tuple(int(x) for x in r.split(",")) for r in args.ranks.split(";")]
@@ -192,14 +261,20 @@ def main() -> None:
             env["TUCKERIZE_LAYOUT"] = layout
         if args.tp > 1:
             env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.tp)))
+        before = machine_state()
         proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
                                "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
-                               "--tp", str(args.tp)], capture_output=True, text=True, env=env)
+                               "--tp", str(args.tp), "--layers", str(args.layers)], capture_output=True, text=True,
+                              env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
         results[name] = json.loads(line[0][7:])
+        results[name]["machine"] = load_during(before, machine_state())
         results[name]["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+        rank_set = None if name == "dense" else tuple(int(v) for v in name.split()[1].split(","))
+        results[name]["step_bytes"] = {f"b{b}": step_bytes(args.layers, args.vocab, rank_set, b) for b in (1, 8, 32)}
+        print(f"{name}: done, {json.dumps(results[name]['machine'])}", file=sys.stderr, flush=True)
     import torch
     import vllm
 
@@ -217,6 +292,14 @@ def main() -> None:
         cells = [f"{r[k]:.1f} ({r[k] / dense[k]:.2f}x)" for k in keys]
         mem = f"{r['weight_bytes']['all'] / 2**30:.2f} GiB ({r['weight_bytes']['moe'] / 2**30:.2f})"
         print(f"| {name} | " + " | ".join(cells) + f" | {mem} | {r['checkpoint_bytes'] / 2**30:.2f} GiB |")
+    print()
+    print("| model | bytes bound b=1 | b=8 | b=32 | load before / after | other processes (cores) |")
+    print("|---|---|---|---|---|---|")
+    for name, r in results.items():
+        bound = [f"{dense['step_bytes'][b] / r['step_bytes'][b]:.2f}x" for b in ("b1", "b8", "b32")]
+        m = r["machine"]
+        print(f"| {name} | " + " | ".join(bound) + f" | {m['load_before']:.1f} / {m['load_after']:.1f} | "
+              f"{m['other_processes_cores']:.2f} |")
 
 
 if __name__ == "__main__":

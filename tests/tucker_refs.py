@@ -42,6 +42,23 @@ def decompose_tiny(src: Path, out: Path, **kwargs) -> Path:
     return out
 
 
+def expert_bytes_on_disk(folder: Path) -> int:
+    """Bytes of the routed-expert tensors (names with ``.mlp.experts.``: dense weights, or
+    factors with their codes, scales and shapes) in every safetensors file of ``folder``,
+    read from the files' headers (their data offsets), not from any manifest."""
+    import json
+    import struct
+
+    total = 0
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items()
+                     if k != "__metadata__" and ".mlp.experts." in k)
+    return total
+
+
 def dense_from_factors(U_E, U_H, U_I, core) -> torch.Tensor:
     """W[e, h, i] = sum core[a, b, c] U_E[e, a] U_H[h, b] U_I[i, c], float64."""
     return torch.einsum("abc,ea,hb,ic->ehi", core.double(), U_E.double(), U_H.double(), U_I.double())

@@ -80,7 +80,7 @@ def main() -> None:
 
         IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
     recipe = [AWQModifier(mappings=mappings(), n_grid=args.n_grid, offload_device=None),
-              QuantizationModifier(config_groups=common.int4_schemes(groups), ignore=common.IGNORE)]
+              QuantizationModifier(config_groups=common.int_schemes(groups, args.bits), ignore=common.IGNORE)]
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=args.seqlen, num_calibration_samples=len(ds),
             moe_calibrate_all_experts=not args.routed_only)
 
@@ -96,11 +96,11 @@ def main() -> None:
             smoothed += int(not torch.equal(before, after))
             w = w * (after / before)[None, :]
         weights[(layer, e, proj)] = w
-    if levels > 16:
-        raise SystemExit(f"AWQ left {levels} levels in a group (int4 has 16)")
+    if levels > 2**args.bits:
+        raise SystemExit(f"AWQ left {levels} levels in a group (int{args.bits} has {2**args.bits})")
     if smoothed == 0:
         raise SystemExit("AWQ changed no post_attention_layernorm: its layernorm -> experts mapping did not apply")
-    info = {"group": groups, "samples": len(ds), "seqlen": args.seqlen, "n_grid": args.n_grid,
+    info = {"bits": args.bits, "group": groups, "samples": len(ds), "seqlen": args.seqlen, "n_grid": args.n_grid,
             "routed_only": args.routed_only, "matrices": len(weights), "max_levels_per_group": levels}
     common.write_dense(args.src, args.out, weights, "awq", info)
 

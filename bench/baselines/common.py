@@ -52,11 +52,11 @@ def group_sizes(config, group: int = 128) -> dict[str, int]:
     return {"gate": min(group, config.hidden_size), "up": min(group, config.hidden_size), "down": min(group, inter)}
 
 
-def int4_schemes(groups: dict[str, int]) -> dict:
-    """llmcompressor ``config_groups``: asymmetric int4 with one scale and zero per group along
-    the input axis, one group size per projection, experts only."""
+def int_schemes(groups: dict[str, int], bits: int = 4) -> dict:
+    """llmcompressor ``config_groups``: asymmetric ``bits``-bit integers with one scale and
+    zero per group along the input axis, one group size per projection, experts only."""
     return {f"experts_{p}": {"targets": [rf"re:.*experts\.\d+\.{TARGETS[p]}$"],
-                             "weights": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
+                             "weights": {"num_bits": bits, "type": "int", "symmetric": False, "strategy": "group",
                                          "group_size": g}}
             for p, g in groups.items()}
 
@@ -100,12 +100,12 @@ def write_dense(src: Path, out: Path, weights: dict[tuple[int, int, str], torch.
 
 
 def levels_per_group(w: torch.Tensor, group: int) -> int:
-    """The most distinct values in one group of one row of ``w`` (at most 16 for int4)."""
+    """The most distinct values in one group of one row of ``w`` (at most 2**bits)."""
     return int(max(g.unique().numel() for g in w.reshape(w.shape[0], -1, group)[:4].reshape(-1, group)))
 
 
 def arg_parser(samples: int):
-    """The arguments every baseline script takes: SRC OUT [--samples --seqlen --group]."""
+    """The arguments every baseline script takes: SRC OUT [--samples --seqlen --group --bits]."""
     import argparse
     from pathlib import Path
 
@@ -115,5 +115,7 @@ def arg_parser(samples: int):
     ap.add_argument("--samples", type=int, default=samples)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--group", type=int, default=128)
+    if samples:  # the llmcompressor scripts (halfquadratic.py adds its own --bits)
+        ap.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     return ap
 

@@ -62,8 +62,12 @@ def test_expert_names_and_levels():
     assert common.levels_per_group(w, 8) == 5
     config = type("C", (), {"hidden_size": 128, "moe_intermediate_size": 64})()
     assert common.group_sizes(config) == {"gate": 128, "up": 128, "down": 64}
-    schemes = common.int4_schemes(common.group_sizes(config))
+    schemes = common.int_schemes(common.group_sizes(config))
     assert {s["weights"]["group_size"] for s in schemes.values()} == {128, 64}
+    assert {s["weights"]["num_bits"] for s in schemes.values()} == {4}
+    low = common.int_schemes(common.group_sizes(config, 32), bits=2)
+    assert {(s["weights"]["num_bits"], s["weights"]["group_size"], s["weights"]["symmetric"]) for s in low.values()} \
+        == {(2, 32, False)}
     import re
 
     for proj, names in (("gate", ("gate_proj", "w1")), ("down", ("down_proj", "w2"))):

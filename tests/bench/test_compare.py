@@ -1,4 +1,5 @@
-"""The comparison bench's baselines (bench/compare.py) against float64 references on a tiny model."""
+"""The comparison bench's baselines (bench/compare.py, bench/comparison/) against float64 references
+on a tiny model."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _ref_rtn(w: np.ndarray, bits: int, group: int) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("bits", [4, 3, 2])
 def test_rtn_matches_reference_and_counts_bytes(dense, bits):
     t, nbytes = compare.rtn(dense, bits, group=8)
     for p in ("gate", "down"):
@@ -108,7 +109,7 @@ def test_merge_is_the_frequency_weighted_average_of_each_cluster(dense):
     assert nbytes == E // 2 * 3 * dense.H * dense.I * 2 * len(dense.layers)
 
 
-def test_collect_stats_counts_the_routed_pairs_transformers_routes(tiny_factory, monkeypatch):
+def test_collect_stats_counts_the_routed_pairs_transformers_routes(tiny_factory):
     """Per-expert routed-token counts of the layer-by-layer statistics pass equal the top-k
     of transformers' own router logits on the same calibration windows."""
     from transformers import AutoModelForCausalLM
@@ -116,10 +117,8 @@ def test_collect_stats_counts_the_routed_pairs_transformers_routes(tiny_factory,
     from tuckerize.calibration.tokens import calibration_tokens
     from tuckerize.text import read_text
 
-    monkeypatch.setattr(compare, "SAMPLES", 4)
-    monkeypatch.setattr(compare, "SEQLEN", 32)
     folder = tiny_factory("qwen3_moe")
-    stats = compare.collect_stats(folder)
+    stats = compare.collect_stats(folder, samples=4, seqlen=32)
     tokens = calibration_tokens(read_text("demo", "calibration").text, folder, 4, 32)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float64,
                                                  experts_implementation="eager").eval()
@@ -139,7 +138,9 @@ def test_collect_stats_counts_the_routed_pairs_transformers_routes(tiny_factory,
 def test_model_folder_adds_a_trained_model_and_refuses_bad_ones(tiny_factory, tmp_path, monkeypatch):
     import shutil
 
-    monkeypatch.setattr(compare, "MODELS", dict(compare.MODELS))
+    from comparison import protocol
+
+    monkeypatch.setattr(protocol, "MODELS", dict(protocol.MODELS))
     src = tiny_factory("qwen3_moe")
     with pytest.raises(SystemExit, match="lacks heldout.txt"):
         compare.add_models([f"big={src}"])
@@ -151,4 +152,4 @@ def test_model_folder_adds_a_trained_model_and_refuses_bad_ones(tiny_factory, tm
     with pytest.raises(SystemExit, match="KEY=FOLDER"):
         compare.add_models([str(folder)])
     assert compare.add_models([f"big={folder}"]) == ["big"]
-    assert compare.MODELS["big"] == folder.resolve() and compare.MODELS["qwen3"].name == "model"
+    assert protocol.MODELS["big"] == folder.resolve() and protocol.MODELS["qwen3"].name == "model"

@@ -1,6 +1,8 @@
 """``tuckerize eval`` under real ``torchrun`` (gloo on CPU) from shard sets written by
 ``tuckerize shard --tp N``: the report equals the single-process one, and a shard set
-launched with the wrong number of processes fails cleanly on every rank.
+launched with the wrong number of processes fails cleanly on every rank. The report states the
+checkpoint's stored expert bytes and the shard set's (all ranks together, per rank), as
+counted here from the rank files, and the summary line says both apart.
 
 The tiny Qwen3-MoE has 4 query heads over 2 key/value heads, so tp=4 replicates the
 key/value heads.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import dist_helpers
+import tucker_refs as R
 from tuckerize.evaluate import evaluate
 
 TOL = 1e-5
@@ -85,6 +89,21 @@ def test_torchrun_report_equals_single_process(tp, shard_sets, single_process_re
     assert ref["fidelity"]["kl_mean"] > 1e-2  # a real difference to reproduce
     # Only rank 0 writes the table.
     assert proc.stderr.count("original vs Tucker") + proc.stdout.count("original vs Tucker") == 1
+    # Bytes: the checkpoint's as from one process; the shard set's counted from its rank files.
+    per_rank = [R.expert_bytes_on_disk(d) for d in sorted(shard_sets[tp].glob("rank-*"))]
+    assert len(per_rank) == tp and got["compression_bytes"] == ref["compression_bytes"]
+    sb, layout = got["shard_bytes"], json.loads((shard_sets[tp] / "shard_manifest.json").read_text())["layout"]
+    assert (sb["tp"], sb["layout"], sb["experts_stored_per_rank"], sb["experts_stored"]) == (tp, layout, per_rank,
+                                                                                             sum(per_rank))
+    assert sb["ratio_to_bf16_dense"] == pytest.approx(sum(per_rank) / ref["compression_bytes"]["experts_dense_bf16"])
+    assert "shard_bytes" not in ref
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("summary: the Tucker checkpoint's routed experts take "), last
+    m = re.search(rf"; the tp={tp} shard set: ([\d.]+) KiB on {tp} ranks together, (.+)$", last)
+    assert m and float(m.group(1)) * 1024 == pytest.approx(sum(per_rank), abs=52), last
+    ranks = re.findall(r"([\d.]+) KiB", m.group(2))
+    assert [float(v) * 1024 for v in ranks] == pytest.approx(per_rank[:len(ranks)], abs=52)
+    assert len(ranks) == (1 if len(set(per_rank)) == 1 else tp), last
 
 
 def test_torchrun_wrong_number_of_processes(shard_sets, tiny_eval, tmp_path):

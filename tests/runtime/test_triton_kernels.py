@@ -1,6 +1,6 @@
 """The Triton kernels (tuckerize.runtime.kernels.triton_moe) under Triton's interpreter,
-against the torch reference (the static path, itself checked against the module and a
-float64 loop in test_kernels.py) and a float64 loop.
+against the module's grouped kernel (itself checked against float64 references in
+test_tucker_experts.py and test_static_forward.py) and a float64 loop.
 
 TRITON_INTERPRET must be set before triton is imported, so in the normal test process
 one test runs this module again in a subprocess with the variable set; there the
@@ -51,7 +51,6 @@ if INTERPRETING:
     if _why:
         pytest.skip(_why, allow_module_level=True)
     import tucker_refs as R
-    from tuckerize.runtime.kernels.static import DecodeFactors, static_partial
     from tuckerize.runtime.kernels.triton_moe import pair_blocks, triton_partial
     from tuckerize.parallel import ParallelContext
     from tuckerize.runtime.tucker_experts import TuckerExperts
@@ -59,11 +58,12 @@ if INTERPRETING:
 E, H, I = 8, 32, 24
 
 
-def _setup(layout="intermediate", rank=0, world=1, dtype=torch.float32, act="silu"):
+def _setup(layout="intermediate", rank=0, world=1, dtype=torch.float32, act="silu", kernel="triton"):
     factors = R.random_factors(E, H, I, R.PLAN, seed=11)
     m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ParallelContext(rank=rank, world=world),
-                      act=act, dtype=dtype)
+                      act=act, dtype=dtype, kernel=kernel)
     m.load_factors(factors)
+    assert m.kernel.name == kernel
     return m, factors
 
 
@@ -74,35 +74,41 @@ def _routing(T, K, seed):
     return idx, w
 
 
+def _partial(m, x, idx, w, grouped=None):
+    """The Triton kernels on the module's own prepared factors, pair blocks as asked."""
+    f = m._factors
+    xg, xu = m._projected_input(x.to(f.dtype))
+    return triton_partial(f, xg, xu, m.expert_slot[idx.reshape(-1)], w.reshape(-1).to(f.dtype), idx.shape[1],
+                          grouped=grouped)
+
+
 @interp
-@pytest.mark.parametrize("T,K,grouped", [(1, 2, False), (5, 3, False), (5, 3, True), (24, 2, True)])
+@pytest.mark.parametrize("T,K,grouped", [(1, 2, False), (5, 3, False), (5, 3, True), (24, 2, True), (40, 2, None)])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
 def test_triton_float32(T, K, grouped, act):
     m, factors = _setup(act=act)
-    f = DecodeFactors.of(m)
+    ref_m, _ = _setup(act=act, kernel="grouped")
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
     idx, w = _routing(T, K, seed=T * 7 + K)
-    got = triton_partial(f, x, idx, w, grouped=grouped)
-    ref = static_partial(f, x, idx, w)
+    got = _partial(m, x, idx, w, grouped)
+    ref = ref_m.partial(x, idx, w)
     assert got.shape == ref.shape and got.dtype == ref.dtype
     assert R.rel_err(ref, got) < 1e-5
     act_fn = {"silu": torch.nn.functional.silu,
               "gelu_pytorch_tanh": lambda v: torch.nn.functional.gelu(v, approximate="tanh")}[act]
     exact = R.moe_reference(x, idx, w, R.dense_from_flat({k: v.double() for k, v in factors.items()}), act=act_fn)
     assert R.rel_err(exact, m.finish(got).double()) < 1e-5
+    assert R.rel_err(exact, m(x, idx, w).double()) < 1e-5  # the module's forward runs the kernels itself
 
 
 @interp
 @pytest.mark.parametrize("grouped", [False, True])
 def test_triton_bfloat16(grouped):
     m, factors = _setup(dtype=torch.bfloat16)
-    f = DecodeFactors.of(m)
     x = torch.randn(6, H, generator=torch.Generator().manual_seed(2)).bfloat16()
     idx, w = _routing(6, 2, seed=3)
-    got = triton_partial(f, x, idx, w.bfloat16(), grouped=grouped)
-    ref = static_partial(f, x, idx, w.bfloat16())
+    got = _partial(m, x, idx, w.bfloat16(), grouped)
     assert got.dtype == torch.bfloat16
-    assert R.rel_err(ref.double(), got.double()) < 2e-2
     exact = R.moe_reference(x, idx, w, R.dense_from_flat({k: v.double() for k, v in factors.items()}))
     assert R.rel_err(exact, m.finish(got).double()) < 3e-2
 
@@ -110,8 +116,8 @@ def test_triton_bfloat16(grouped):
 @interp
 @pytest.mark.parametrize("layout", ["intermediate", "expert"])
 def test_triton_simulated_ranks(layout):
-    """Each rank's kernel partial equals the torch reference's; the sum over ranks is the
-    single-device output (other ranks' pairs skipped in the ``expert`` layout)."""
+    """Each rank's kernel partial equals the grouped kernel's; the sum over ranks is the
+    single-device output (in ``expert``, sorted blocks stopping at the rank's pair count)."""
     world, T, K = 3, 4, 3
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
     idx, w = _routing(T, K, seed=6)
@@ -120,9 +126,10 @@ def test_triton_simulated_ranks(layout):
     parts = []
     for r in range(world):
         m, _ = _setup(layout, r, world)
-        f = DecodeFactors.of(m)
-        s = triton_partial(f, x, idx, w, grouped=(r == 1))
-        assert R.rel_err(static_partial(f, x, idx, w), s) < 1e-5 or float(s.abs().max()) == 0.0
+        own, _ = _setup(layout, r, world, kernel="grouped")
+        s = m.partial(x, idx, w)
+        expect = own.partial(x, idx, w)
+        assert R.rel_err(expect, s) < 1e-5 or float(s.abs().max()) == float(expect.abs().max()) == 0.0
         parts.append(s)
     assert R.rel_err(ref, m.finish(sum(parts))) < 1e-5
 
@@ -130,30 +137,35 @@ def test_triton_simulated_ranks(layout):
 @interp
 def test_pair_blocks_group_by_expert():
     """Grouped blocks: every pair of this rank exactly once, each block one expert, other
-    ranks' pairs (-1) nowhere; the shapes depend on P and E only."""
-    expert = torch.tensor([3, -1, 0, 3, 3, 1, -1, 0, 3])
-    rows, be = pair_blocks(expert, 4, 2, grouped=True)
+    ranks' pairs (index n_local) nowhere, compact slots 0..n-1 in expert order; the shapes
+    depend on P and E only."""
+    expert = torch.tensor([3, 4, 0, 3, 3, 1, 4, 0, 3])  # 4: another rank's expert
+    rows, slots, be, n = pair_blocks(expert, 4, 2, grouped=True)
     assert rows.numel() == be.numel() * 2 and be.numel() == (9 + 1) // 2 + 4
-    seen = []
+    assert int(n) == 7
+    seen, seen_slots = [], []
     for b in range(be.numel()):
-        blk = [int(p) for p in rows[2 * b: 2 * b + 2] if p >= 0]
+        blk = [(int(p), int(q)) for p, q in zip(rows[2 * b: 2 * b + 2], slots[2 * b: 2 * b + 2]) if p >= 0]
         if int(be[b]) < 0:
             assert blk == []
-        for p in blk:
+        for p, _ in blk:
             assert int(expert[p]) == int(be[b])
-        seen += blk
-    assert sorted(seen) == [i for i in range(9) if expert[i] >= 0]
-    rows2, be2 = pair_blocks(torch.tensor([0] * 9), 4, 2, grouped=True)
-    assert rows2.shape == rows.shape and be2.shape == be.shape
+        seen += [p for p, _ in blk]
+        seen_slots += [q for _, q in blk]
+    assert sorted(seen) == [i for i in range(9) if expert[i] < 4]
+    assert seen_slots == list(range(7))  # blocks in expert order, slots compact
+    rows2, slots2, be2, n2 = pair_blocks(torch.tensor([0] * 9), 4, 2, grouped=True)
+    assert rows2.shape == rows.shape and be2.shape == be.shape and int(n2) == 9
 
 
 # ------------------------------------------------------------------ ahead-of-time compile for a GPU (no GPU needed)
 
-_CORE_SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32",
+_CORE_SIG = {"a_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "rows_ptr": "*i32", "slots_ptr": "*i32",
+             "block_expert_ptr": "*i32",
              "w_ptr": "*bf16", "N": "i32", "KD": "i32", "TOPK": "i32", "stride_a": "i32", "stride_be": "i32",
              "stride_bk": "i32", "stride_bn": "i32", "stride_out": "i32"}
 _ACT_SIG = {"zg_ptr": "*bf16", "zu_ptr": "*bf16", "ug_ptr": "*bf16", "uu_ptr": "*bf16", "ud_ptr": "*bf16",
-            "y_ptr": "*fp32", "P": "i32", "I": "i32", "RG": "i32", "RU": "i32", "RD": "i32"}
+            "y_ptr": "*fp32", "nvalid_ptr": "*i32", "I": "i32", "RG": "i32", "RU": "i32", "RD": "i32"}
 
 
 @pytest.mark.skipif(INTERPRETING, reason="compiles in the launching process")

@@ -437,28 +437,34 @@ def test_forward_never_forms_cores(hf_experts_pair, monkeypatch):
     assert calls["materialize"] == 3
 
 
-def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
-    """aten._grouped_mm for the 2-D x 3-D case: every row meets one group's [k, n] matrix."""
-    assert len(a_shape) == 2 and len(b_shape) == 3, (a_shape, b_shape)
-    return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+def _grouped_mm_flops(a, b, offs=None, *args, out_val=None, **kwargs) -> int:
+    """A grouped product (2-D rows x 3-D groups, torch's or ours): the rows up to the last
+    offset meet one group's [k, n] matrix each; rows past it are not computed."""
+    assert a.dim() == 2 and b.dim() == 3, (a.shape, b.shape)
+    rows = int(offs[-1]) if offs is not None else a.shape[0]
+    return 2 * rows * a.shape[1] * b.shape[2]
+
+
+_grouped_mm_flops._get_raw = True  # FlopCounterMode passes the tensors, not their shapes
 
 
 def _forward_flops(m, x, idx, w) -> int:
     mapping = {torch.ops.aten._grouped_mm: _grouped_mm_flops}
+    if hasattr(torch.ops, "tuckerize") and hasattr(torch.ops.tuckerize, "grouped_mm"):
+        mapping[torch.ops.tuckerize.grouped_mm] = _grouped_mm_flops
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         m(x, idx, w)
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm-if-available", "per-expert-loop"])
-def test_forward_flops_follow_design_formula(grouped, monkeypatch):
+@pytest.mark.parametrize("kernel", ["grouped", "gather"])
+def test_forward_flops_follow_design_formula(kernel):
     E, H, I, K = 16, 64, 48, 4
     rE, rH, rI = 16, 32, 24
     ranks = {p: (rE, rH, rI) for p in PROJECTIONS}
-    m = TuckerExperts(E, H, I, ranks, parallel=ParallelContext())
+    m = TuckerExperts(E, H, I, ranks, parallel=ParallelContext(), kernel=kernel)
     m.load_factors(R.random_factors(E, H, I, ranks, seed=2))
-    if not grouped:
-        monkeypatch.setitem(te._GROUPED_OK, ("cpu", torch.float32), False)
+    assert m.kernel.name == kernel
     flops = {}
     for T in (64, 128):
         x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
@@ -528,7 +534,7 @@ def test_block_dtype_from_caller(dtype, tucker_factory):
             t = getattr(getattr(block.experts, p), name)
             assert t.dtype == dtype and t.device.type == "cpu", (p, name, t.dtype)
     for name, t in [*block.named_parameters(), *block.named_buffers()]:
-        if name.endswith("e_score_correction_bias"):
+        if name.endswith("e_score_correction_bias") or not t.is_floating_point():  # integer index tables
             continue
         assert t.dtype == dtype, (name, t.dtype)
     ref_block = build_moe_block(source, layer)
@@ -672,11 +678,13 @@ def test_hybrid_forward_across_ranks(world, layout):
         assert mods[0].shard_spec(f"{p}.core") is None and mods[0].shard_spec(f"{p}.U_I") is None
 
 
+@pytest.mark.parametrize("kernel", ["grouped", "gather"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_cost_per_token_counts_the_forward(layout, world):
+def test_cost_per_token_counts_the_forward(layout, world, kernel):
     """cost_per_token (from the module's own shapes) against torch's flop counter on the
-    forward of each simulated rank, with routing spread evenly over the experts."""
+    forward of each simulated rank, with routing spread evenly over the experts. The grouped
+    kernel stops at each rank's own pairs; the gather kernel computes every pair (and says so)."""
     E, H, I, K, T = 8, 32, 16, 2, 64
     factors = R.random_factors(E, H, I, R.PLAN, seed=4)
     x = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
@@ -684,14 +692,17 @@ def test_cost_per_token_counts_the_forward(layout, world):
     w = torch.full((T, K), 1.0 / K)
 
     def rank_fn(ctx):
-        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ctx)
+        m = TuckerExperts(E, H, I, R.PLAN, layout=layout, parallel=ctx, kernel=kernel)
+        design = m.cost_per_token(K)  # before loading: the layout's own shapes, unpadded
         m.load_factors(factors)
-        m.gather_pairs = 0
-        return _forward_flops(m, x, idx, w) / 2 / T, m.cost_per_token(K)
+        return _forward_flops(m, x, idx, w) / 2 / T, m.cost_per_token(K), design
 
     outs, _ = _run_ranks(world, rank_fn)
-    for counted, cost in outs:
+    for counted, cost, _ in outs:
         assert abs(counted - cost["macs"]) <= 1e-6 * cost["macs"], (counted, cost)
+    if kernel == "gather":
+        return
+    outs = [(counted, design) for counted, _, design in outs]
     single = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext()).cost_per_token(K)["macs"]
     if layout == "hybrid":  # the work is divided, not replicated
         assert sum(c["macs"] for _, c in outs) == pytest.approx(single)
@@ -747,7 +758,7 @@ def test_memory_bytes_from_shapes(layout, world):
             factors += e_r * rE + u_h + i_r * rI + rE * rH * rI
             cores += e_r * rH * rI
         got = m.memory_bytes()
-        assert got == {"factors": 2 * factors, "cores": 2 * cores, "total": 2 * (factors + cores)}
+        assert got == {"factors": 2 * factors, "cores": 2 * cores, "padded": 0, "total": 2 * (factors + cores)}
     mem = te.memory_per_layer([m, m, torch.nn.Linear(2, 2)])
     assert mem["layers"] == 2 and mem["total"] == got["total"]
     assert mem["dense_same_dtype"] == 3 * E * H * I * 2 / world

@@ -64,17 +64,27 @@ def test_entry_point_registers_tucker_classes():
 
     archs = set(ModelRegistry.get_supported_archs())
     for name in ("TuckerizeQwen3MoeForCausalLM", "TuckerizeMixtralForCausalLM", "TuckerizeOlmoeForCausalLM",
-                 "TuckerizeQwen2MoeForCausalLM"):
+                 "TuckerizeQwen2MoeForCausalLM", "TuckerizeQwen3NextForCausalLM", "TuckerizeDeepseekV2ForCausalLM",
+                 "TuckerizeDeepseekV3ForCausalLM"):
         assert name in archs
     cfg = AutoConfig.for_model("tuckerize_qwen3_moe", num_experts=4)
     assert type(cfg).__name__ == "TuckerizeQwen3MoeConfig" and cfg.num_experts == 4
+    # vLLM sees the source family's model type (e.g. to pick MLA for DeepSeek); the Tucker
+    # type stays what config.json is written with.
+    ds = AutoConfig.for_model("tuckerize_deepseek_v3")
+    assert ds.model_type == "deepseek_v3" and ds.to_dict()["model_type"] == "tuckerize_deepseek_v3"
 
 
 @needs_vllm
-def test_unsupported_architecture_is_one_line_naming_the_supported():
-    from tuckerize.integrations.vllm.models import unsupported_model_class
+def test_unsupported_architecture_is_one_line_naming_the_supported(monkeypatch):
+    from tuckerize.integrations.vllm import models
 
-    cls = unsupported_model_class("qwen2_moe")
+    # Every architecture of tuckerize.arch is served today: a stand-in for a future one.
+    from tuckerize.arch import ARCHITECTURES
+
+    assert models.NOT_YET == {} and set(models.SUPPORTED) == {a.name for a in ARCHITECTURES}
+    monkeypatch.setitem(models.NOT_YET, "qwen2_moe", ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"))
+    cls = models.unsupported_model_class("qwen2_moe")
     with pytest.raises(UnsupportedArchitectureError) as err:
         cls(vllm_config=None)
     msg = str(err.value)

@@ -61,13 +61,13 @@ def prompts():
 
 
 def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer=False, expert_parallel=False,
-             dtype="float32"):
+             dtype="float32", max_tokens=NEW_TOKENS, custom_ops=None, compile=False):
     """Greedy tokens, log-probabilities and tensor shapes per rank from a vLLM run; ``log``: its output."""
     out = tmp_path / f"vllm-tp{tp}.json"
     max_len = json.loads((Path(model) / "config.json").read_text()).get("max_position_embeddings", 256)
-    args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": NEW_TOKENS, "out": str(out),
+    args = {"model": str(model), "tp": tp, "prompts": prompts, "max_tokens": max_tokens, "out": str(out),
             "no_tokenizer": no_tokenizer, "max_model_len": min(256, max_len), "expert_parallel": expert_parallel,
-            "dtype": dtype}
+            "dtype": dtype, "custom_ops": custom_ops or [], "compile": compile}
     if tp > 1:
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0|1", **(env or {})}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(args)], env=_env(**(env or {})),
@@ -131,6 +131,20 @@ def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, one_ran
     assert offenders == []
     offenders = [(n, s) for rank in got["shapes"] for n, s in rank if len(s) == 3 and tuple(s) in dense]
     assert offenders == []
+
+
+@pytest.mark.slow  # one more vLLM engine (about 45 s on 2 cores); test_op.py checks the op's registration fast
+def test_compiled_model_matches_native_runtime(tucker, prompts, tmp_path):
+    """vLLM's torch.compile of the model (dynamo tracing, the CPU platform's mode; its eager
+    backend under VLLM_CPU_CI_ENV, as vLLM's CPU CI does) holds the MoE op through its fake
+    implementation and layer-name type: same greedy tokens as the native runtime; the kernel
+    is logged once."""
+    folder = tucker["qwen3_moe"]
+    got = run_vllm(tmp_path, folder, prompts, compile=True, env={"VLLM_CPU_CI_ENV": "1"})
+    ref_tokens, ref_logprobs = native_reference(folder, prompts)
+    assert_same_generation(got, {"tokens": ref_tokens, "logprobs": ref_logprobs})
+    assert "Tucker experts kernel grouped on cpu float32" in got["log"]
+    assert "'mode': <CompilationMode.DYNAMO_TRACE_ONCE" in got["log"]  # the model went through dynamo
 
 
 @pytest.mark.slow  # two more vLLM engines (about 2 minutes on 2 cores)

@@ -1,6 +1,7 @@
 """Run in a subprocess by the vLLM tests: serve a checkpoint with vLLM and write JSON with
-greedy tokens, prompt log-probabilities along prompt + generated tokens, and the name and
-shape of every tensor of the loaded model on every rank.
+greedy tokens, prompt log-probabilities along prompt + generated tokens, the name and
+shape of every tensor of the loaded model on every rank, and how each rank split vLLM's
+linear layers.
 
     python tests/vllm_plugin/vllm_worker.py '{"model": ..., "tp": 1, "prompts": [[ids]], "max_tokens": 32, "out": ...}'
 """
@@ -18,9 +19,11 @@ def main():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
 
-    from tuckerize.integrations.vllm.models import tensor_shapes  # importable by every worker
+    from tuckerize.integrations.vllm.models import linear_partitions, tensor_shapes  # importable by every worker
 
     extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
+    if args.get("custom_ops"):  # e.g. ["-rotary_embedding"]: that vLLM op's native torch path
+        extra["compilation_config"] = {"custom_ops": list(args["custom_ops"])}
     llm = LLM(model=args["model"], dtype=args.get("dtype", "float32"), tensor_parallel_size=tp, max_model_len=args.get("max_model_len", 256),
               max_num_seqs=8,
               enforce_eager=not args.get("compile", False), seed=0, max_logprobs=1,
@@ -36,8 +39,9 @@ def main():
         ids = req["prompt_token_ids"]
         logprobs.append([out.prompt_logprobs[t][ids[t]].logprob for t in range(1, len(ids))])
     shapes = llm.apply_model(tensor_shapes)
+    layers = llm.apply_model(linear_partitions)
     with open(args["out"], "w") as f:
-        json.dump({"tokens": tokens, "logprobs": logprobs, "shapes": shapes}, f)
+        json.dump({"tokens": tokens, "logprobs": logprobs, "shapes": shapes, "layers": layers}, f)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""``tuckerize eval``: perplexity and accuracy of a Tucker model against the original."""
+"""``tuckerize eval``: perplexity and accuracy of a Tucker model against the original.
+
+Prints the report (:mod:`tuckerize.evaluate.report`) as a table and closes with one summary
+line a newcomer reads (:func:`summary_line`): the routed experts' bytes the Tucker checkpoint
+stores against bf16 dense experts and the original as stored, and the perplexity against the
+original's on the same windows."""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from tuckerize.cli import app, run_or_exit
-from tuckerize.cli.ui import RichProgress, console, to_json
+from tuckerize.cli.ui import RichProgress, console, size, to_json
 
 
 @app.command("eval")
@@ -19,8 +24,10 @@ def eval_(
     text: Annotated[Optional[str], typer.Option(help="Text file, 'demo' or 'wikitext2'. Default: the model's held-out text, else WikiText-2.")] = None,
     seqlen: Annotated[int, typer.Option(help="Window length in tokens (non-overlapping).")] = 2048,
     max_windows: Annotated[Optional[int], typer.Option(help="Score at most this many windows.")] = None,
+    skip_windows: Annotated[int, typer.Option(help="Leave out the text's first N windows (e.g. text a setting was chosen on); windows are still cut from the first token.")] = 0,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     runtime: Annotated[str, typer.Option(help="auto, native (tensor-parallel), hf (transformers, one process) or vllm (the vLLM plugin).")] = "auto",
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size of --runtime vllm (vLLM starts the ranks); the native runtime's is torchrun's --nproc-per-node.")] = 1,
     kl_topk: Annotated[int, typer.Option(help="Top-k of the original's distribution kept for KL (and cached).")] = 256,
     layer_tokens: Annotated[int, typer.Option(help="Tokens used for the per-layer MoE output error.")] = 512,
     tasks_jsonl: Annotated[Optional[list[str]], typer.Option("--tasks-jsonl", help="Local multiple-choice JSONL task (repeatable), scored as lm-eval scores multiple_choice.")] = None,
@@ -44,12 +51,13 @@ def eval_(
     try:
         with RichProgress(enabled=rank0) as progress:
             report = run_or_exit(lambda: evaluate(
-                model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, backend=backend, dtype=dtype,
-                runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens, tasks_jsonl=tasks_jsonl,
-                tasks=[t for t in tasks.split(",") if t] if tasks else None, task_limit=task_limit,
+                model, baseline, text=text, seqlen=seqlen, max_windows=max_windows, skip_windows=skip_windows,
+                backend=backend, dtype=dtype, runtime=runtime, kl_topk=kl_topk, layer_tokens=layer_tokens,
+                tasks_jsonl=tasks_jsonl, tasks=[t for t in tasks.split(",") if t] if tasks else None,
+                task_limit=task_limit,
                 use_cache=not no_cache, verify=not no_verify, allow_baseline_mismatch=allow_baseline_mismatch,
                 on_note=(lambda line: progress.bar.console.print(line, markup=False, highlight=False, soft_wrap=True)) if rank0
-                else None, progress=progress),
+                else None, progress=progress, tensor_parallel=tp),
                 interrupted="interrupted; no report was written. eval does not resume: rerun the command "
                             "(a baseline already computed is reused from the cache)")
         done = True
@@ -59,6 +67,7 @@ def eval_(
         return
     _print_table(report)
     run_or_exit(lambda: _write_reports(report, json_out, plot))
+    console.print(summary_line(report), markup=False, highlight=False, soft_wrap=True)  # the closing line
     if runtime == "vllm":
         # vLLM 0.32 (CPU) can abort the interpreter's shutdown (a C++ thread still joinable:
         # "terminate called without an active exception", exit -6) after everything is written:
@@ -117,13 +126,51 @@ def _write_reports(report: dict, json_out: Optional[Path], plot: Optional[Path])
         console.print(f"plot written to {plot}")
 
 
+def _windows_phrase(t: dict) -> str:
+    """``windows 50-198 of demo-heldout`` (``window 3`` when one)."""
+    first, n = t.get("first_window", 0), t["windows"]
+    return (f"window {first}" if n == 1 else f"windows {first}-{first + n - 1}") + f" of {t['source']}"
+
+
+def _text_line(report: dict) -> str:
+    t, s = report["text"], report["settings"]
+    which = ""
+    if t.get("windows_in_text") and (t.get("first_window", 0) or t["windows"] < t["windows_in_text"]):
+        first = t.get("first_window", 0)
+        which = f" (windows {first}-{first + t['windows'] - 1} of the text's {t['windows_in_text']})"
+    return (f"text: {t['source']}: {t['tokens_in_text']:,} tokens, {t['windows']} windows of {s['seqlen']}{which}, "
+            f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s.get('tensor_parallel', s['world_size'])}")
+
+
+def _bytes_rows(report: dict) -> list[tuple[str, str, str]]:
+    """Table rows: the checkpoint's stored expert bytes against the original as stored and
+    against bf16 dense experts; a shard set's all ranks together and per rank."""
+    rows = []
+    b = report.get("compression_bytes")
+    if b:
+        src, dense = b.get("experts_source"), b["experts_dense_bf16"]
+        stored_as = "/".join((b.get("source_dtype") or {}).get("stored", []))
+        original = f"{size(src)}" + (f" ({stored_as})" if stored_as else "") if src else ""
+        rows.append(("expert bytes stored (checkpoint)", original, size(b["experts_stored"])))
+        if src:
+            rows.append(("  against the original as stored", "100%", f"{b['ratio_to_source']:.1%}"))
+        rows.append((f"  against bf16 dense ({size(dense)})", f"{src / dense:.1%}" if src else "",
+                     f"{b['ratio_to_bf16_dense']:.1%}"))
+    sb = report.get("shard_bytes")
+    if sb:
+        per_rank = sb.get("experts_stored_per_rank") or []
+        rows.append((f"shard set, tp={sb['tp']} {sb['layout']} layout: all ranks", "", size(sb["experts_stored"])))
+        rows.append(("  against bf16 dense", "", f"{sb['ratio_to_bf16_dense']:.1%}"))
+        if per_rank:
+            rows.append(("  per rank", "", f"{size(per_rank[0])} each" if len(set(per_rank)) == 1
+                         else ", ".join(size(r) for r in per_rank)))
+    return rows
+
+
 def _print_table(report: dict) -> None:
     from rich.table import Table
 
-    t = report["text"]
-    s = report["settings"]
-    console.print(f"text: {t['source']}: {t['tokens_in_text']:,} tokens, {t['windows']} windows of {s['seqlen']}, "
-                  f"{t['tokens_scored']:,} tokens scored; {s['runtime']} runtime on {s['device']}, tp={s['world_size']}")
+    console.print(_text_line(report))
     table = Table(title="original vs Tucker")
     table.add_column("metric")
     table.add_column("original", justify="right")
@@ -137,18 +184,62 @@ def _print_table(report: dict) -> None:
         table.add_row("tokens / s", f"{b['tokens_per_s']:,.0f}", f"{k['tokens_per_s']:,.0f}")
     if report.get("compression"):
         table.add_row("expert parameters kept", "100%", f"{report['compression']['experts_ratio']:.1%}")
-    if report.get("compression_bytes"):
-        table.add_row("expert bytes stored (vs bf16 dense)", "100%",
-                      f"{report['compression_bytes']['ratio_to_bf16_dense']:.1%}")
+    for row in _bytes_rows(report):
+        table.add_row(*row)
     if report.get("memory"):
         m = report["memory"]["experts_per_layer_bytes"]
-        table.add_row("expert memory per MoE layer (rank 0, as loaded)", f"{m['dense_same_dtype'] / 2**20:.2f} MiB",
-                      f"{m['total'] / 2**20:.2f} MiB")
+        table.add_row(f"experts per MoE layer as loaded (rank {report['memory']['rank']})",
+                      f"{m['dense_same_dtype'] / 2**20:.2f} MiB", f"{m['total'] / 2**20:.2f} MiB")
     for name, r in (report.get("tasks_jsonl") or {}).items():
         table.add_row(f"{name} acc", f"{r['baseline']['acc']:.3f}", f"{r['tucker']['acc']:.3f}")
     console.print(table)
     errs = f["layer_relative_error"]
     console.print("MoE block output error by layer: " + ", ".join(f"{l}: {e:.4f}" for l, e in errs.items()))
+
+
+def _in_unit(*values: int) -> list[str]:
+    """Byte counts in one unit (the largest value's: KiB, MiB or GiB), so that they compare at a glance."""
+    unit, scale = next(((u, s) for u, s in (("GiB", 2**30), ("MiB", 2**20)) if max(values) >= s), ("KiB", 2**10))
+    return [f"{v / scale:.{1 if unit == 'KiB' else 2}f} {unit}" for v in values]
+
+
+def _change(ratio: float) -> str:
+    import math
+
+    return f"{ratio - 1:+.2%}" if math.isfinite(ratio) else "overflowed"
+
+
+#: safetensors dtype names as the summary line says them (others, e.g. F8_E4M3, as they are)
+_STORED_NAMES = {"F32": "float32", "BF16": "bf16", "F16": "float16"}
+
+
+def summary_line(report: dict) -> str:
+    """The one line a newcomer reads: the routed experts' bytes the Tucker checkpoint stores
+    (what stays on disk) against bf16 dense experts and against the original as stored, the
+    perplexity against the original's on the same windows, and for a shard set its bytes on
+    all ranks together and per rank (a factor every rank holds counts on each)."""
+    b, k = report["baseline_result"]["perplexity"], report["tucker_result"]["perplexity"]
+    ppl = (f"perplexity {k:.2f} against {b:.2f} for the original ({_change(report['perplexity_ratio'])}) "
+           f"on {_windows_phrase(report['text'])}")
+    nb = report.get("compression_bytes")
+    if not nb:
+        return f"summary: {ppl} (no stored bytes recorded for this checkpoint)"
+    src, dense, stored = nb.get("experts_source"), nb["experts_dense_bf16"], nb["experts_stored"]
+    stored_s, dense_s, src_s = _in_unit(stored, dense, src or dense)
+    source = ""
+    if src:
+        stored_as = "/".join(_STORED_NAMES.get(d, d) for d in (nb.get("source_dtype") or {}).get("stored", []))
+        source = ("; the original stores them in bf16" if stored_as == "bf16"
+                  else f"; {src_s} as the {stored_as + ' ' if stored_as else ''}original stores them")
+    line = (f"summary: the Tucker checkpoint's routed experts take {stored_s} instead of {dense_s} in bf16 "
+            f"({nb['ratio_to_bf16_dense']:.1%}{source}), {ppl}")
+    sb = report.get("shard_bytes")
+    if sb and sb.get("experts_stored_per_rank"):
+        per_rank = sb["experts_stored_per_rank"]
+        all_s, *rank_s = _in_unit(sb["experts_stored"], *per_rank)
+        each = f"{rank_s[0]} each" if len(set(per_rank)) == 1 else "per rank " + ", ".join(rank_s)
+        line += f"; the tp={sb['tp']} shard set: {all_s} on {sb['tp']} ranks together, {each}"
+    return line
 
 
 def _leave_process_group(done: bool) -> None:

@@ -4,9 +4,10 @@
 its baseline (by default the source its Tucker manifest records), checks that the baseline
 is that source (the same folder, or the same safetensors by the sha256s recorded at
 decomposition; :func:`baseline_mismatch`), that both share vocabulary and shapes, the dtype,
-the window length (clamped to ``max_position_embeddings``, with a note), the runtime, and the
-task files: every mistake is one line before a model is loaded. :func:`read_windows` then
-reads and tokenises the text and cuts its windows (:class:`EvalText`).
+the window length (clamped to ``max_position_embeddings``, with a note), which windows
+(``skip_windows``, ``max_windows``), the runtime, and the task files: every mistake is one line
+before a model is loaded. :func:`read_windows` then reads and tokenises the text and cuts its
+windows (:class:`EvalText`).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from tuckerize.checkpoint import Checkpoint, load_config, resolve_model
 from tuckerize.demo import resolve_demo
 from tuckerize.errors import InputError, TuckerizeError
 from tuckerize.evaluate.cache import verified_cache
-from tuckerize.evaluate.runtimes import Runtime, get_runtime
+from tuckerize.evaluate.runtimes import Runtime, check_tensor_parallel, get_runtime
 from tuckerize.evaluate.scoring import token_windows
 from tuckerize.evaluate.tasks import resolve_tasks
 from tuckerize.format import MANIFEST_NAME
 from tuckerize.integrity import verify_files
-from tuckerize.shardset import tucker_manifest
+from tuckerize.shardset import SHARD_MANIFEST, check_shard_manifest, tucker_manifest
 from tuckerize.text import read_text
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +48,10 @@ class EvalInputs:
     seqlen: int
     seqlen_requested: int
     runtime: Runtime
+    skip_windows: int = 0
+    max_windows: int | None = None
+    shard_manifest: dict[str, Any] | None = None
+    tensor_parallel: int = 1
     given_text: tuple[str, str] | None = None
     task_files: list[Path] = field(default_factory=list)
     lm_tasks: list[Any] | None = None
@@ -54,13 +59,16 @@ class EvalInputs:
 
 @dataclass
 class EvalText:
-    """The text, tokenised whole (``ids``), and its windows ``[n, seqlen]``."""
+    """The text, tokenised whole (``ids``), and the windows scored ``[n, seqlen]``: windows
+    ``first_window`` to ``first_window + n - 1`` of the text's ``windows_in_text``."""
 
     label: str
     sha256: str
     ids: torch.Tensor
     windows: torch.Tensor
     tokenizer: Any
+    first_window: int = 0
+    windows_in_text: int = 0
 
 
 def load_text(text: str | None, model_folder: Path | None) -> tuple[str, str]:
@@ -145,6 +153,14 @@ def _window_length(seqlen: int, configs: tuple[dict[str, Any], ...], note: Calla
     return seqlen
 
 
+def _window_range(skip_windows: int, max_windows: int | None) -> None:
+    if skip_windows < 0:
+        raise InputError(f"--skip-windows {skip_windows} must be 0 or more (the number of windows to leave out "
+                         "at the start of the text)")
+    if max_windows is not None and max_windows < 1:
+        raise InputError(f"--max-windows {max_windows} must be at least 1; leave it out to score every window")
+
+
 def _task_files(paths: list[str] | None) -> list[Path]:
     files = [Path(p) for p in paths or ()]
     for p in files:
@@ -155,17 +171,22 @@ def _task_files(paths: list[str] | None) -> list[Path]:
 
 def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: int, dtype: str, runtime: str,
                  verify: bool, allow_baseline_mismatch: bool, tasks_jsonl: list[str] | None, tasks: list[str] | None,
-                 note: Callable[[str], None]) -> EvalInputs:
+                 note: Callable[[str], None], skip_windows: int = 0, max_windows: int | None = None,
+                 tensor_parallel: int = 1) -> EvalInputs:
     """Every check of the module docstring, in the order a user fixes them; ``note`` receives
     the notes and warnings."""
+    _window_range(skip_windows, max_windows)
     # A given --text is checked first (missing, binary): before any model is opened.
     given_text = load_text(text, None) if text is not None else None
+    chosen = get_runtime(runtime)
+    check_tensor_parallel(chosen, tensor_parallel)
     model = resolve_demo(model)
     folder = Path(model)
     if not folder.is_dir():
         raise InputError(f"--model {model} does not exist; pass a Tucker checkpoint or shard folder")
     tucker_config = load_config(folder)
     manifest = tucker_manifest(folder)
+    shard_manifest = check_shard_manifest(folder / SHARD_MANIFEST) if (folder / SHARD_MANIFEST).is_file() else None
     baseline = _resolve_baseline(model, baseline, (manifest or {}).get("source") or {})
     base_config = load_config(Path(baseline))
     check_comparable(model, tucker_config, baseline, base_config)
@@ -175,12 +196,15 @@ def check_inputs(model: str, baseline: str | None, *, text: str | None, seqlen: 
     window = _window_length(seqlen, (base_config, tucker_config), note)
     return EvalInputs(model=model, baseline=baseline, tucker_config=tucker_config, base_config=base_config,
                       manifest=manifest, dtype=dtype, torch_dtype=DTYPES[dtype], seqlen=window,
-                      seqlen_requested=seqlen, runtime=get_runtime(runtime), given_text=given_text,
+                      seqlen_requested=seqlen, runtime=chosen, tensor_parallel=tensor_parallel,
+                      skip_windows=skip_windows,
+                      max_windows=max_windows, shard_manifest=shard_manifest, given_text=given_text,
                       task_files=_task_files(tasks_jsonl), lm_tasks=resolve_tasks(tasks) if tasks else None)
 
 
-def read_windows(inputs: EvalInputs, max_windows: int | None) -> EvalText:
-    """The baseline's tokenizer, the text (``--text`` or the baseline's own) and its windows."""
+def read_windows(inputs: EvalInputs) -> EvalText:
+    """The baseline's tokenizer, the text (``--text`` or the baseline's own) and the windows
+    to score (the first ``inputs.skip_windows`` left out, at most ``inputs.max_windows``)."""
     from transformers import AutoTokenizer
 
     from tuckerize.runtime.hf import quiet_transformers
@@ -190,6 +214,7 @@ def read_windows(inputs: EvalInputs, max_windows: int | None) -> EvalText:
     label, raw = inputs.given_text if inputs.given_text is not None else load_text(None, Path(inputs.baseline))
     with quiet_transformers():  # the whole text is longer than model_max_length; windows are cut below
         ids = torch.tensor(tokenizer(raw, add_special_tokens=False)["input_ids"], dtype=torch.long)
-    windows = token_windows(ids, inputs.seqlen, max_windows)
+    windows = token_windows(ids, inputs.seqlen, inputs.max_windows, inputs.skip_windows)
     return EvalText(label=label, sha256=hashlib.sha256(raw.encode()).hexdigest(), ids=ids, windows=windows,
-                    tokenizer=tokenizer)
+                    tokenizer=tokenizer, first_window=inputs.skip_windows,
+                    windows_in_text=ids.numel() // inputs.seqlen)

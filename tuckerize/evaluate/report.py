@@ -1,13 +1,21 @@
 """The ``eval`` report: one JSON-ready dict (:func:`build_report`) and its PNG (:func:`plot_report`).
 
-Keys: ``settings`` (window length asked and used, device, dtype, runtime, world size, KL
-top-k and whether the KL is exact), ``text`` (source, sha256, tokens, windows),
-``baseline_result`` / ``tucker_result`` (perplexity, mean NLL, tokens per second),
-``fidelity`` (mean KL, top-1 agreement, each MoE layer's relative output error),
-``perplexity_ratio``, ``compression`` and ``compression_bytes`` (from the Tucker manifest),
-``memory`` (this rank's experts as loaded, per MoE layer), then the task scores, ``notes`` and
-``wall_seconds`` (added by :func:`tuckerize.evaluate.run.evaluate`). A perplexity that
-overflows is ``inf`` (written ``null`` in JSON by the CLI).
+Keys: ``settings`` (window length asked and used, device, dtype, runtime, world size (torchrun's
+ranks), tensor-parallel size (torchrun's ranks, or a serving runtime's own: ``eval --tp``), KL
+top-k and whether the KL is exact), ``text`` (source, sha256, tokens, which windows:
+``first_window``, ``windows`` scored, ``windows_in_text``), ``baseline_result`` /
+``tucker_result`` (perplexity, mean NLL, tokens per second), ``fidelity`` (mean KL, top-1
+agreement, each MoE layer's relative output error), ``perplexity_ratio``, ``compression``
+(parameters, from the Tucker manifest), ``compression_bytes`` (:func:`checkpoint_bytes`: the
+routed experts' bytes the Tucker checkpoint stores, against the source's experts as stored,
+``experts_source`` / ``ratio_to_source``, and against bf16 dense experts,
+``experts_dense_bf16`` / ``ratio_to_bf16_dense``), ``shard_bytes`` when a shard set is
+evaluated (:func:`shard_set_bytes`: the same for all ranks together, a factor every rank holds
+counted on each, and ``experts_stored_per_rank``), ``memory`` (this rank's experts as loaded,
+per MoE layer: quantised factors are dequantised at load, so it can exceed the stored bytes),
+then the task scores, ``notes`` and ``wall_seconds`` (added by
+:func:`tuckerize.evaluate.run.evaluate`). A perplexity that overflows is ``inf`` (written
+``null`` in JSON by the CLI).
 """
 
 from __future__ import annotations
@@ -26,10 +34,38 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf
 
 
+def checkpoint_bytes(inputs: EvalInputs) -> dict[str, Any] | None:
+    """The Tucker checkpoint's ``bytes`` (its manifest's, :func:`tuckerize.compress.manifest.expert_bytes`).
+    For a shard set whose checkpoint folder is gone, what the shard manifest recorded of it
+    (``experts_unsharded``), against the same source and bf16 sizes; None when neither says."""
+    if inputs.manifest and inputs.manifest.get("bytes"):
+        return dict(inputs.manifest["bytes"])
+    shard = (inputs.shard_manifest or {}).get("bytes") or {}
+    if not shard.get("experts_unsharded") or not shard.get("experts_dense_bf16"):
+        return None
+    out = {"experts_stored": shard["experts_unsharded"], "experts_dense_bf16": shard["experts_dense_bf16"],
+           "ratio_to_bf16_dense": shard["experts_unsharded"] / shard["experts_dense_bf16"], "from": "shard manifest"}
+    if shard.get("experts_source"):
+        out.update(experts_source=shard["experts_source"], ratio_to_source=shard["experts_unsharded"] /
+                   shard["experts_source"], source_dtype=shard.get("source_dtype"))
+    return out
+
+
+def shard_set_bytes(inputs: EvalInputs) -> dict[str, Any] | None:
+    """A shard set's ``bytes`` (all ranks together and per rank, :func:`tuckerize.shard.sharding.shard_bytes`)
+    with its ``tp`` and ``layout``; None for an unsharded checkpoint or a shard set written before
+    the bytes were recorded."""
+    m = inputs.shard_manifest
+    if not m or not m.get("bytes"):
+        return None
+    return {"tp": int(m["tp"]), "layout": str(m["layout"]), **m["bytes"]}
+
+
 def build_report(inputs: EvalInputs, text: EvalText, base: dict[str, Any], base_cached: bool, tk: dict[str, Any],
                  per_layer: dict[int, float], tucker_model: EvalModel, parallel, device,
                  settings: dict[str, Any]) -> dict[str, Any]:
-    """The report of one evaluation; ``settings``: backend, kl_topk, layer_tokens, verify."""
+    """The report of one evaluation; ``settings``: backend, kl_topk, layer_tokens, verify and
+    (optional) the serving runtime's own tensor_parallel size."""
     windows = text.windows
     n_tokens = int(base["nll"].numel())
     kl = ("exact" if base["lp_top"].shape[-1] >= base["vocab"]
@@ -39,10 +75,13 @@ def build_report(inputs: EvalInputs, text: EvalText, base: dict[str, Any], base_
         "model": str(Path(inputs.model)), "baseline": str(inputs.baseline),
         "settings": {"seqlen": inputs.seqlen, "seqlen_requested": inputs.seqlen_requested,
                      "backend": settings["backend"], "device": str(device), "dtype": inputs.dtype,
-                     "runtime": tucker_model.runtime, "world_size": parallel.world, "kl_topk": settings["kl_topk"],
+                     "runtime": tucker_model.runtime, "world_size": parallel.world,
+                     "tensor_parallel": max(parallel.world, int(settings.get("tensor_parallel", 1))),
+                     "kl_topk": settings["kl_topk"],
                      "kl": kl, "layer_tokens": settings["layer_tokens"], "verified": settings["verify"]},
         "text": {"source": text.label, "sha256": text.sha256, "tokens_in_text": int(text.ids.numel()),
-                 "windows": len(windows), "tokens_scored": n_tokens},
+                 "first_window": text.first_window, "windows": len(windows),
+                 "windows_in_text": text.windows_in_text, "tokens_scored": n_tokens},
         "baseline_result": {"perplexity": safe_exp(float(base["nll"].mean())), "mean_nll": float(base["nll"].mean()),
                             "cached": base_cached, "tokens_per_s": None if base_cached else
                             windows.numel() / max(base["seconds"], 1e-9)},
@@ -56,8 +95,9 @@ def build_report(inputs: EvalInputs, text: EvalText, base: dict[str, Any], base_
     report["perplexity_ratio"] = t_ppl / b_ppl if math.isfinite(b_ppl) and math.isfinite(t_ppl) else math.inf
     if inputs.manifest:
         report["compression"] = inputs.manifest.get("params")
-        if inputs.manifest.get("bytes"):
-            report["compression_bytes"] = inputs.manifest["bytes"]
+    for key, value in (("compression_bytes", checkpoint_bytes(inputs)), ("shard_bytes", shard_set_bytes(inputs))):
+        if value is not None:
+            report[key] = value
     from tuckerize.runtime.tucker_experts import memory_per_layer
 
     mem = memory_per_layer([getattr(b, "experts", None) for b in tucker_model.moe_blocks.values()])

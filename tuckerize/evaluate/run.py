@@ -48,8 +48,9 @@ class _Notes:
 def _baseline_scores(inputs: EvalInputs, text: EvalText, parallel: ParallelContext, device, kl_topk: int,
                      use_cache: bool, note: Callable[[str], None], progress: Progress) -> tuple[dict[str, Any], bool]:
     """The original's scores on the windows, from the cache or computed (and cached)."""
-    cache_file = baseline_path(inputs.baseline, text.sha256, inputs.seqlen, len(text.windows), inputs.dtype, kl_topk)
-    base = load_cached_baseline(cache_file, len(text.windows), inputs.seqlen, kl_topk) if use_cache else None
+    which = (text.first_window, len(text.windows))
+    cache_file = baseline_path(inputs.baseline, text.sha256, inputs.seqlen, which, inputs.dtype, kl_topk)
+    base = load_cached_baseline(cache_file, which, inputs.seqlen, kl_topk) if use_cache else None
     if base is not None:
         return base, True
     runtime = inputs.runtime.baseline_runtime
@@ -58,7 +59,7 @@ def _baseline_scores(inputs: EvalInputs, text: EvalText, parallel: ParallelConte
     del base_model
     if use_cache and parallel.rank == 0:
         try:
-            save_cached_baseline(cache_file, base)
+            save_cached_baseline(cache_file, base, which)
         except (OSError, OutputError) as exc:  # a cache is optional: never lose the evaluation to it
             note(f"note: the baseline could not be cached in {cache_file.parent} "
                  f"({getattr(exc, 'strerror', None) or exc}); it will be recomputed next time")
@@ -98,6 +99,7 @@ def evaluate(
     text: str | None = None,
     seqlen: int = 2048,
     max_windows: int | None = None,
+    skip_windows: int = 0,
     backend: str = "cpu",
     dtype: str = "float32",
     runtime: str = "auto",
@@ -111,6 +113,7 @@ def evaluate(
     allow_baseline_mismatch: bool = False,
     on_note: Callable[[str], None] | None = None,
     progress: Progress | None = None,
+    tensor_parallel: int = 1,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (Tucker checkpoint or shard set) against ``baseline`` (the original;
     by default the source recorded in the Tucker manifest). Returns the report
@@ -121,7 +124,11 @@ def evaluate(
     (a different model is refused unless ``allow_baseline_mismatch``, then the report carries
     a warning), vocabulary and shapes against the Tucker model's, and ``seqlen`` is clamped to
     the model's ``max_position_embeddings`` (:func:`tuckerize.evaluate.inputs.check_inputs`).
-    ``runtime``: a name of :mod:`tuckerize.evaluate.runtimes`. ``tasks_jsonl``: local JSONL
+    The text's windows are cut from its first token; ``skip_windows`` leaves out the first ones
+    (e.g. the text a setting was chosen on), ``max_windows`` scores at most that many of the rest.
+    ``runtime``: a name of :mod:`tuckerize.evaluate.runtimes`; ``tensor_parallel``: the
+    tensor-parallel size of a runtime that starts its own ranks (``vllm``; the native runtime's
+    is torchrun's world size). ``tasks_jsonl``: local JSONL
     files; ``tasks``: lm-eval task names or task YAML files / folders
     (:mod:`tuckerize.evaluate.tasks`). ``on_note(line)`` receives each note or warning as it
     happens (they are also in ``report["notes"]``). Under torchrun every rank agrees on these
@@ -132,24 +139,26 @@ def evaluate(
     note = _Notes(on_note)
     inputs = check_inputs(model, baseline, text=text, seqlen=seqlen, dtype=dtype, runtime=runtime, verify=verify,
                           allow_baseline_mismatch=allow_baseline_mismatch, tasks_jsonl=tasks_jsonl, tasks=tasks,
-                          note=note)
+                          note=note, skip_windows=skip_windows, max_windows=max_windows,
+                          tensor_parallel=tensor_parallel)
+    windows = read_windows(inputs)  # a window range the text cannot give is said before any model file is read
     parallel, device = init_from_env(backend, flag="--backend")
     if inputs.lm_tasks and parallel.world > 1:
         raise BackendError("--tasks (lm-eval) runs in one process; start without torchrun")
     # Every rank checks its own files; all agree before any collective work starts.
     agreed(parallel, lambda: TensorSource.open(inputs.model, parallel, verify=verify))
-    windows = read_windows(inputs, max_windows)
     note.release()
 
     base, base_cached = _baseline_scores(inputs, windows, parallel, device, kl_topk, use_cache, note, progress)
     tucker_model = agreed(parallel, lambda: load_model(inputs.model, parallel, device, inputs.torch_dtype,
                                                        inputs.runtime.name, verify=False, seqlen=inputs.seqlen,
-                                                       kl_topk=kl_topk))
+                                                       kl_topk=kl_topk, tensor_parallel=inputs.tensor_parallel))
     tk = score_tucker(tucker_model, windows.windows, base, device, layer_tokens, progress)
     per_layer = layer_errors(tucker_model, inputs.baseline, tk.pop("inputs"), parallel, device, inputs.torch_dtype,
                              progress)
     report = build_report(inputs, windows, base, base_cached, tk, per_layer, tucker_model, parallel, device,
-                          {"backend": backend, "kl_topk": kl_topk, "layer_tokens": layer_tokens, "verify": verify})
+                          {"backend": backend, "kl_topk": kl_topk, "layer_tokens": layer_tokens, "verify": verify,
+                           "tensor_parallel": inputs.tensor_parallel})
     report.update(_task_scores(inputs, windows, tucker_model, parallel, device, task_limit))
     report["notes"] = note.lines
     report["wall_seconds"] = time.time() - started

@@ -18,7 +18,9 @@ integration by an import statement; a name it does not know yet is loaded on fir
    called once that registers it).
 
 A runtime may name another for the original model (``baseline``): vLLM serves the model
-under test, the baseline is scored by ``auto``.
+under test, the baseline is scored by ``auto``. A runtime that starts its own tensor-parallel
+workers (``tensor_parallel=True``: vLLM) is handed ``eval --tp N`` as ``tensor_parallel=N``;
+the others take their ranks from torchrun, and ``--tp`` is refused for them.
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ class EvalModel:
 
 @dataclass(frozen=True)
 class Runtime:
-    """A registered runtime: its ``load`` function and the runtime that scores the original
-    model (``baseline``; None: this one)."""
+    """A registered runtime: its ``load`` function, the runtime that scores the original
+    model (``baseline``; None: this one), and whether it takes a tensor-parallel size of its
+    own (``tensor_parallel``: ``load(..., tensor_parallel=N)``)."""
 
     name: str
     load: Callable[..., EvalModel]
     baseline: str | None = None
+    tensor_parallel: bool = False
 
     @property
     def baseline_runtime(self) -> str:
@@ -67,9 +71,21 @@ class Runtime:
 _RUNTIMES: dict[str, Runtime] = {}
 
 
-def register_runtime(name: str, load: Callable[..., EvalModel], *, baseline: str | None = None) -> None:
+def register_runtime(name: str, load: Callable[..., EvalModel], *, baseline: str | None = None,
+                     tensor_parallel: bool = False) -> None:
     """Register (or replace) the runtime ``name``; integrations call this when imported."""
-    _RUNTIMES[name] = Runtime(name, load, baseline)
+    _RUNTIMES[name] = Runtime(name, load, baseline, tensor_parallel)
+
+
+def check_tensor_parallel(runtime: Runtime, size: int) -> None:
+    """``eval --tp size`` for ``runtime``: a one-line :class:`InputError` where it makes no sense."""
+    if size < 1:
+        raise InputError(f"--tp {size} must be at least 1")
+    if size != 1 and not runtime.tensor_parallel:
+        how = ("runs in one process" if runtime.name == "hf" else
+               f"takes its ranks from torchrun: torchrun --nproc-per-node {size} -m tuckerize eval ...")
+        raise InputError(f"--tp {size} is the tensor-parallel size of a serving runtime (--runtime vllm); "
+                         f"--runtime {runtime.name} {how}")
 
 
 def _entry_point(name: str):
@@ -95,9 +111,13 @@ def get_runtime(name: str) -> Runtime:
 
 
 def load_model(path: str, parallel: ParallelContext, device, dtype, runtime: str = "auto", verify: bool = True,
-               seqlen: int = 2048, kl_topk: int = 256) -> EvalModel:
-    """``path`` loaded by the runtime ``runtime`` (:func:`get_runtime`)."""
-    return get_runtime(runtime).load(path, parallel, device, dtype, verify=verify, seqlen=seqlen, kl_topk=kl_topk)
+               seqlen: int = 2048, kl_topk: int = 256, tensor_parallel: int = 1) -> EvalModel:
+    """``path`` loaded by the runtime ``runtime`` (:func:`get_runtime`), at ``tensor_parallel``
+    ranks of its own where it starts them (:func:`check_tensor_parallel`)."""
+    chosen = get_runtime(runtime)
+    check_tensor_parallel(chosen, tensor_parallel)
+    extra = {"tensor_parallel": tensor_parallel} if chosen.tensor_parallel else {}
+    return chosen.load(path, parallel, device, dtype, verify=verify, seqlen=seqlen, kl_topk=kl_topk, **extra)
 
 
 def _load_local(path: str, parallel: ParallelContext, device, dtype, *, runtime: str, verify: bool = True,

@@ -2,7 +2,8 @@
 the per-layer error of the MoE blocks.
 
 Conventions (DESIGN.md): the text is tokenised whole and cut into non-overlapping windows of
-``seqlen`` tokens (the remainder dropped, :func:`token_windows`); each window is scored on its
+``seqlen`` tokens (the remainder dropped, :func:`token_windows`; the first ones may be skipped,
+e.g. the text a setting was chosen on); each window is scored on its
 ``seqlen - 1`` next-token predictions. :func:`score_baseline` keeps the original's negative
 log-likelihoods, top-1 and top-``k`` log-probabilities (what the cache stores);
 :func:`score_tucker` scores the Tucker model on the same windows: its negative
@@ -26,14 +27,22 @@ from tuckerize.progress import Progress
 from tuckerize.runtime.loader import TensorSource, build_moe_block
 
 
-def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None) -> torch.Tensor:
-    n = ids.numel() // seqlen
-    if max_windows:
-        n = min(n, max_windows)
-    if n == 0:
+def token_windows(ids: torch.Tensor, seqlen: int, max_windows: int | None, skip: int = 0) -> torch.Tensor:
+    """Windows ``skip, skip + 1, ...`` (at most ``max_windows``) of the text cut from its
+    first token into non-overlapping windows of ``seqlen``: window ``k`` is always tokens
+    ``[k * seqlen, (k + 1) * seqlen)``, whatever is skipped, so ``skip=50`` scores exactly
+    the windows a run of all windows scores from its 51st on."""
+    total = ids.numel() // seqlen
+    if total == 0:
         raise InputError(f"the text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
                          "use a longer text or a smaller --seqlen")
-    return ids[: n * seqlen].view(n, seqlen)
+    if skip >= total:
+        raise InputError(f"--skip-windows {skip} leaves no window: the text has {total} windows of --seqlen "
+                         f"{seqlen} ({ids.numel():,} tokens); skip fewer, or use a longer text or a smaller --seqlen")
+    n = total - skip
+    if max_windows:
+        n = min(n, max_windows)
+    return ids[skip * seqlen: (skip + n) * seqlen].view(n, seqlen)
 
 
 @torch.no_grad()

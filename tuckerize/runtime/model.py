@@ -270,9 +270,6 @@ class CausalLM(nn.Module):
         self.lm_head = ParallelLMHead(vocab, hidden, parallel, dtype, device)
         self.rotary = Rotary(head_dim, rope_theta(config), device=device)
         self._load(source, arch)
-        from tuckerize.runtime.kernels import install  # kernels hook: static decode path for few tokens
-
-        install(self)
 
     def _load(self, source: TensorSource, arch) -> None:
         source.load_into(self, "embed_tokens.weight", arch.embed_name)

@@ -114,6 +114,15 @@ class Router(nn.Module):
         return route(x, self.weight, self.spec, self.e_score_correction_bias)
 
 
+def routed_experts(x: torch.Tensor, router_weight: torch.Tensor, spec: RouterSpec, experts: nn.Module,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[T, H] -> [T, H]: route (transformers' router semantics), then the experts' forward
+    (their collectives included). What the vLLM plugin's MoE op runs per layer, and what
+    bench/gpu.py captures in a CUDA graph without vLLM."""
+    top_w, top_i = route(x, router_weight, spec, bias)
+    return experts(x, top_i, top_w)
+
+
 class MoEBlock(nn.Module):
     """Router + routed experts + (optional) shared expert, with one all-reduce."""
 

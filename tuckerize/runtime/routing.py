@@ -1,7 +1,11 @@
 """Routers of the supported architectures, identical to transformers' implementations,
 registered by kind (:data:`ROUTERS`, keyed by ``Architecture.router_kind``).
 
-``route(logits_input, weight, ...) -> (top_k_weights [T, K], top_k_index [T, K])``.
+``route(hidden, weight, spec, bias) -> (top_k_weights [T, K], top_k_index [T, K])`` computes the
+router logits as transformers does (in the hidden states' dtype for the softmax routers, in
+float32 for DeepSeek's) and selects from them; ``select_experts(logits, spec, bias)`` is the
+selection alone, for a serving engine that computes the logits with its own gate layer
+(tuckerize.integrations.vllm.families).
 """
 
 from __future__ import annotations
@@ -49,8 +53,7 @@ def _group_mask(scores: torch.Tensor, group_scores: torch.Tensor, spec: RouterSp
     return group_mask.unsqueeze(-1).expand(-1, n_group, per).reshape(-1, spec.num_experts).bool()
 
 
-def _softmax_topk(hidden, weight, spec: RouterSpec, bias):
-    logits = F.linear(hidden, weight)
+def _softmax_topk(logits, spec: RouterSpec, bias):
     probs = torch.softmax(logits, dim=-1, dtype=torch.float)
     top_w, top_i = torch.topk(probs, spec.top_k, dim=-1)
     if spec.norm_topk_prob:
@@ -58,9 +61,8 @@ def _softmax_topk(hidden, weight, spec: RouterSpec, bias):
     return top_w.to(logits.dtype), top_i
 
 
-def _deepseek_v2(hidden, weight, spec: RouterSpec, bias):
-    logits = F.linear(hidden.float(), weight.float())
-    scores = logits.softmax(dim=-1, dtype=torch.float32)
+def _deepseek_v2(logits, spec: RouterSpec, bias):
+    scores = logits.float().softmax(dim=-1, dtype=torch.float32)
     if spec.topk_method == "group_limited_greedy":
         n_group = int(spec.n_group)  # type: ignore[arg-type]
         group_scores = scores.view(-1, n_group, spec.num_experts // n_group).max(dim=-1).values
@@ -69,9 +71,8 @@ def _deepseek_v2(hidden, weight, spec: RouterSpec, bias):
     return top_w * spec.routed_scaling_factor, top_i
 
 
-def _deepseek_v3(hidden, weight, spec: RouterSpec, bias):
-    logits = F.linear(hidden.float(), weight.float())
-    scores = logits.sigmoid()
+def _deepseek_v3(logits, spec: RouterSpec, bias):
+    scores = logits.float().sigmoid()
     choice = scores + (bias if bias is not None else 0.0)
     n_group = int(spec.n_group or 1)
     group_scores = choice.view(-1, n_group, spec.num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
@@ -85,18 +86,20 @@ def _deepseek_v3(hidden, weight, spec: RouterSpec, bias):
 
 @dataclass(frozen=True)
 class RouterKind:
-    """One router semantics: ``fn(hidden, weight, spec, bias) -> (top_k_weights, top_k_index)``;
-    ``bias``: whether it reads a per-expert score correction bias (``Architecture.router_bias``)."""
+    """One router semantics: ``fn(logits, spec, bias) -> (top_k_weights, top_k_index)``;
+    ``bias``: whether it reads a per-expert score correction bias (``Architecture.router_bias``);
+    ``float32_logits``: whether transformers computes its logits in float32."""
 
     fn: Callable
     bias: bool = False
+    float32_logits: bool = False
 
 
 #: Routers by ``Architecture.router_kind``.
 ROUTERS: dict[str, RouterKind] = {
     "softmax_topk": RouterKind(_softmax_topk),
-    "deepseek_v2": RouterKind(_deepseek_v2),
-    "deepseek_v3": RouterKind(_deepseek_v3, bias=True),
+    "deepseek_v2": RouterKind(_deepseek_v2, float32_logits=True),
+    "deepseek_v3": RouterKind(_deepseek_v3, bias=True, float32_logits=True),
 }
 
 
@@ -104,9 +107,22 @@ def route(
     hidden: torch.Tensor, weight: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing weights and expert indices for ``hidden`` [T, H]."""
+    if ROUTERS[_kind(spec)].float32_logits:
+        return select_experts(F.linear(hidden.float(), weight.float()), spec, bias)
+    return select_experts(F.linear(hidden, weight), spec, bias)
+
+
+def select_experts(
+    logits: torch.Tensor, spec: RouterSpec, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing weights and expert indices from router logits [T, E]."""
+    return ROUTERS[_kind(spec)].fn(logits, spec, bias)
+
+
+def _kind(spec: RouterSpec) -> str:
     if spec.kind not in ROUTERS:
         raise ValueError(f"unknown router kind {spec.kind}")
-    return ROUTERS[spec.kind].fn(hidden, weight, spec, bias)
+    return spec.kind
 
 
 def sorted_pairs(top_k_index: torch.Tensor, top_k_weights: torch.Tensor):

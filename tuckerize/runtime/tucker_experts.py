@@ -18,6 +18,13 @@ them per token (as the first draft did) costs r_E r_H r_I multiply-adds per pair
 more than the dense expert it replaces. Routed pairs are sorted by expert so that
 each expert's core multiplies all of its tokens in one matrix product.
 
+The forward has static shapes and no host synchronisation in every layout and on every rank
+(so ``torch.compile(fullgraph=True, dynamic=True)`` compiles it and a CUDA graph captures it):
+each pair's expert is mapped to this rank's index of it by a table built at construction
+(``expert_slot``; another rank's expert gets the index past this rank's, so its pairs sort last
+and fall outside every group), counts and offsets stay on the device, and the kernel that
+multiplies (:mod:`tuckerize.runtime.kernels`) is chosen once, when the factors are loaded.
+
 Tensor-parallel layouts (activations replicated on every rank):
 
 ``intermediate``
@@ -58,10 +65,10 @@ from typing import Mapping, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.errors import ShardError
+from tuckerize.runtime.kernels import ExpertFactors, KernelChoice, choose_kernel
 from tuckerize.parallel import (EXPERT_SPLIT_LAYOUTS, INPUT_SPLIT_LAYOUTS, LAYOUTS, ParallelContext, Split, activation,
                                 check_layout, split_range, split_sizes, take)
 
@@ -100,6 +107,9 @@ class TuckerExperts(nn.Module):
         ``ParallelContext.current()`` at a runtime entry point for tensor parallelism.
     experts : the experts this rank holds in ``expert`` and ``hybrid`` (the shard set's
         assignment by measured load); by default the contiguous split.
+    kernel : ``auto`` (default: ``TUCKERIZE_KERNEL``, else by device and dtype), ``grouped``,
+        ``triton`` or ``gather`` (:func:`tuckerize.runtime.kernels.choose_kernel`); chosen when
+        the factors are loaded, recorded in :attr:`kernel`.
     """
 
     def __init__(
@@ -113,6 +123,7 @@ class TuckerExperts(nn.Module):
         parallel: ParallelContext | None = None,
         act: str = "silu",
         experts: Sequence[int] | None = None,
+        kernel: str | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ):
@@ -133,9 +144,12 @@ class TuckerExperts(nn.Module):
         self.expert_ids: tuple[int, ...] | None = None
         if experts is not None and split_experts and tuple(experts) != tuple(range(*self.expert_range)):
             self.expert_ids = tuple(int(e) for e in experts)
-            lut = torch.full((num_experts,), -1, dtype=torch.long, device=device)
-            lut[list(self.expert_ids)] = torch.arange(len(self.expert_ids), device=device)
-            self.register_buffer("local_index", lut, persistent=False)
+        local = list(self.expert_ids) if self.expert_ids is not None else list(range(*self.expert_range))
+        #: global expert id -> this rank's index of it, len(local) for another rank's expert
+        slot = torch.full((num_experts,), len(local), dtype=torch.long)
+        slot[local] = torch.arange(len(local))
+        self.register_buffer("expert_slot", slot.to(device) if device is not None else slot, persistent=False)
+        self.layout_splits_experts = split_experts and len(local) < num_experts
         self.inter_range = split_range(intermediate_size, world, rank) if layout == "intermediate" else (0, intermediate_size)
         split_in, split_out = layout in INPUT_SPLIT_LAYOUTS, layout == "hybrid"
         self.rh_sizes = {p: split_sizes(self.ranks[p][1], world) if split_in else [self.ranks[p][1]] for p in ("gate", "up")}
@@ -145,10 +159,11 @@ class TuckerExperts(nn.Module):
         self.hidden_range = split_range(hidden_size, world, rank) if split_out else (0, hidden_size)
         e_local = self.expert_range[1] - self.expert_range[0] if self.expert_ids is None else len(self.expert_ids)
         i_local = self.inter_range[1] - self.inter_range[0]
-        #: At most this many routed pairs take the gather + batched-product path (decoding).
-        self.gather_pairs = 16
-        #: kernels hook: ``decode_impl(self, x, index, weights) -> s | None`` (tuckerize.runtime.kernels)
-        self.decode_impl = None
+        #: the kernel of the per-pair chain and the factors it reads, chosen and prepared at
+        #: load (:meth:`materialize`) and again after a move to another device or dtype
+        self.kernel: KernelChoice | None = None
+        self._factors: ExpertFactors | None = None
+        self._requested_kernel = kernel
         for p in PROJECTIONS:
             rE, rH, rI = self.ranks[p]
             if p == "down":
@@ -215,9 +230,23 @@ class TuckerExperts(nn.Module):
         return self.num_experts if f == "U_E" else self.intermediate_size
 
     def materialize(self) -> None:
-        """Form the per-expert cores of every projection (after loading)."""
+        """Form the per-expert cores of every projection (after loading), choose the kernel
+        for the factors' device and dtype and prepare what it reads (once, not per call)."""
         for p in PROJECTIONS:
             getattr(self, p).materialize()
+        self._prepare()
+
+    def _prepare(self) -> None:
+        G = self.gate.G
+        self.kernel = choose_kernel(G.device, G.dtype, self.act_name, self._requested_kernel)
+        self._factors = ExpertFactors.prepare(self, self.kernel.align)
+
+    def _apply(self, fn, recurse=True):
+        """After ``.to()``/``.cuda()``/``.half()``: the kernel and its prepared factors follow."""
+        super()._apply(fn, recurse)
+        if self._factors is not None:
+            self._prepare()
+        return self
 
     # -- forward -------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -226,66 +255,34 @@ class TuckerExperts(nn.Module):
         return self.finish(s).to(hidden_states.dtype)
 
     def _projected_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x U_H,gate`` and ``x U_H,up`` [T, r_H]: once per token, shared by its experts.
-        In the hybrid layouts each rank projects onto its r_H/N columns and one all-gather
-        (r_H,gate + r_H,up values per token) assembles the whole."""
-        xg, xu = x @ self.gate.U_H, x @ self.up.U_H
+        """``x U_H,gate`` and ``x U_H,up`` [T, r_H] (as wide as the kernel's factors: padded
+        columns are zero): once per token, shared by its experts. In the hybrid layouts each
+        rank projects onto its r_H/N columns and one all-gather (r_H,gate + r_H,up values per
+        token) assembles the whole."""
+        f = self._factors
         if self.layout not in INPUT_SPLIT_LAYOUTS or self.parallel.world == 1:
-            return xg, xu
+            return x @ f.U_H["gate"], x @ f.U_H["up"]
+        xg, xu = x @ self.gate.U_H, x @ self.up.U_H
         sizes = [a + b for a, b in zip(self.rh_sizes["gate"], self.rh_sizes["up"])]
         both = self.parallel.all_gather_cat(torch.cat([xg, xu], dim=-1), sizes, dim=-1)
         pieces = both.split([n for pair in zip(self.rh_sizes["gate"], self.rh_sizes["up"]) for n in pair], dim=-1)
-        return torch.cat(pieces[0::2], dim=-1), torch.cat(pieces[1::2], dim=-1)
+        return (f.pad_input(torch.cat(pieces[0::2], dim=-1), "gate"),
+                f.pad_input(torch.cat(pieces[1::2], dim=-1), "up"))
 
     def partial(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """This rank's share of ``s = sum_e w_e (a_e U_I,d) G_d[e]^T`` [T, r_H,d]; the
-        sum over ranks of ``partial`` is the single-device ``s``."""
-        if self.decode_impl is not None:  # kernels hook: static-shape / Triton decode path
-            s = self.decode_impl(self, hidden_states, top_k_index, top_k_weights)
-            if s is not None:
-                return s
+        sum over ranks of ``partial`` is the single-device ``s``. Static shapes, no host
+        synchronisation (:mod:`tuckerize.runtime.kernels`)."""
+        if self._factors is None:
+            raise ShardError("the Tucker experts have no factors yet: load them (load_factors) before the forward")
         T, K = top_k_index.shape
-        gate, up, down = self.gate, self.up, self.down
-        x = hidden_states.to(gate.U_H.dtype)
-
-        # Routed pairs, restricted to this rank's experts, sorted by expert.
-        flat_e = top_k_index.reshape(-1)
-        flat_w = top_k_weights.reshape(-1)
-        flat_t = torch.arange(T, device=x.device).repeat_interleave(K)
-        e0, e1 = self.expert_range
-        if self.expert_ids is not None:
-            local = self.local_index[flat_e]
-            keep = local >= 0
-            flat_e, flat_w, flat_t = local[keep], flat_w[keep], flat_t[keep]
-            e0, e1 = 0, len(self.expert_ids)
-        elif (e0, e1) != (0, self.num_experts):
-            keep = (flat_e >= e0) & (flat_e < e1)
-            flat_e, flat_w, flat_t = flat_e[keep] - e0, flat_w[keep], flat_t[keep]
-        if flat_e.numel() <= self.gather_pairs:
-            # Few pairs (decoding): gather each pair's core and use one batched product;
-            # no sort, no grouping, fewer kernels.
-            pair_e, pair_t, pair_w = flat_e, flat_t, flat_w
-
-            def by_expert(rows, cores, transpose):
-                g = cores[pair_e]
-                return torch.bmm(rows.unsqueeze(1), g.transpose(1, 2) if transpose else g).squeeze(1)
-        else:
-            order = torch.argsort(flat_e, stable=True)
-            pair_e, pair_t, pair_w = flat_e[order], flat_t[order], flat_w[order]
-            counts = torch.bincount(pair_e, minlength=e1 - e0)
-
-            def by_expert(rows, cores, transpose):
-                return _per_expert(rows, cores, counts, transpose)
-
-        xg, xu = self._projected_input(x)
-        zg = by_expert(xg[pair_t], gate.G, False)
-        zu = by_expert(xu[pair_t], up.G, False)
-        a = self.act_fn(zg @ gate.U_I.T) * (zu @ up.U_I.T)  # [P, I_local]
-        zd = by_expert(a @ down.U_I, down.G, True)  # [P, r_H,d]
-        zd = zd * pair_w.to(zd.dtype)[:, None]
-        s = torch.zeros(T, zd.shape[1], dtype=zd.dtype, device=x.device)
-        s.index_add_(0, pair_t, zd)
-        return s
+        f = self._factors
+        x = hidden_states.to(f.dtype)
+        xg, xu = self._projected_input(x)  # before any early return: hybrid's all-gather is collective
+        if T == 0 or f.n_experts == 0:
+            return x.new_zeros(T, f.rank_hd)
+        expert = self.expert_slot[top_k_index.reshape(-1)]  # this rank's index, n_experts: another rank's
+        return self.kernel.partial(f, xg, xu, expert, top_k_weights.reshape(-1), K)
 
     def finish(self, s: torch.Tensor) -> torch.Tensor:
         """``s U_H,d^T``, once per token, after the all-reduce of ``s``. In ``hybrid`` each
@@ -302,16 +299,22 @@ class TuckerExperts(nn.Module):
 
         ``macs``: the products of :meth:`partial` and :meth:`finish`; ``sent``: values this
         rank sends in its collectives (ring all-reduce of n values: 2 n (N-1)/N; ring
-        all-gather of n values in all: n (N-1)/N); ``payload``: the collectives' sizes."""
-        g, u, d = self.gate, self.up, self.down
+        all-gather of n values in all: n (N-1)/N); ``payload``: the collectives' sizes.
+        With a kernel whose products do not stop at this rank's pair count (``gather``:
+        :attr:`KernelChoice.bounded`), every pair is computed, other ranks' with weight 0.
+        Once loaded, the shapes are those the kernel multiplies (ranks zero-padded to 16
+        bytes where a grouped kernel needs it; real ranks usually need none)."""
         N = self.parallel.world
-        pairs = top_k * g.U_E.shape[0] / self.num_experts
-        per_pair = 0
-        for f in (g, u):
-            per_pair += f.G.shape[1] * f.G.shape[2] + f.U_I.shape[1] * f.U_I.shape[0]  # core, U_I^T
-        per_pair += d.U_I.shape[0] * d.U_I.shape[1] + d.G.shape[1] * d.G.shape[2]  # U_I, core^T
-        macs = g.U_H.numel() + u.U_H.numel() + pairs * per_pair + d.U_H.numel()
-        reduce_s = d.G.shape[1]
+        f = self._factors
+        G = {p: f.G[p] if f else getattr(self, p).G for p in PROJECTIONS}
+        U_I = {p: f.U_I[p] if f else getattr(self, p).U_I for p in PROJECTIONS}
+        split_in = self.layout in INPUT_SPLIT_LAYOUTS and N > 1
+        U_H = {p: f.U_H[p] if f and not split_in else getattr(self, p).U_H for p in ("gate", "up")}
+        bounded = self.kernel is None or self.kernel.bounded
+        pairs = top_k * self.gate.U_E.shape[0] / self.num_experts if bounded else float(top_k)
+        per_pair = sum(G[p][0].numel() + U_I[p].numel() for p in PROJECTIONS)  # cores, U_I products
+        macs = U_H["gate"].numel() + U_H["up"].numel() + pairs * per_pair + self.down.U_H.numel()
+        reduce_s = self.down.G.shape[1]
         payload = {"all_reduce": reduce_s}
         sent = 2 * reduce_s * (N - 1) / N
         if self.layout in INPUT_SPLIT_LAYOUTS and N > 1:
@@ -324,19 +327,22 @@ class TuckerExperts(nn.Module):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the layer: ``factors`` (U_E, U_H, U_I, core of the three
-        projections, as loaded: quantised factors are dequantised at load) and ``cores``
-        (the per-expert cores G formed from them)."""
+        projections, as loaded: quantised factors are dequantised at load), ``cores``
+        (the per-expert cores G formed from them) and ``padded`` (zero-padded copies a
+        grouped kernel needs where a rank is not a multiple of 16 bytes; usually 0)."""
         def nbytes(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
         factors = sum(nbytes(getattr(getattr(self, p), f)) for p in PROJECTIONS for f in FACTORS)
         cores = sum(nbytes(getattr(self, p).G) for p in PROJECTIONS)
-        return {"factors": factors, "cores": cores, "total": factors + cores}
+        padded = self._factors.extra_bytes(self) if self._factors is not None else 0
+        return {"factors": factors, "cores": cores, "padded": padded, "total": factors + cores + padded}
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, ranks={self.ranks}, "
                 f"layout={self.layout}, rank={self.parallel.rank}/{self.parallel.world}, "
-                f"experts={self.expert_range}, intermediate={self.inter_range}")
+                f"experts={self.expert_range}, intermediate={self.inter_range}, "
+                f"kernel={self.kernel.name if self.kernel else None}")
 
 
 def memory_per_layer(experts: Sequence[TuckerExperts]) -> dict[str, float] | None:
@@ -348,45 +354,8 @@ def memory_per_layer(experts: Sequence[TuckerExperts]) -> dict[str, float] | Non
         return None
     mems = [m.memory_bytes() for m in experts]
     n = len(mems)
-    out: dict[str, float] = {k: sum(m[k] for m in mems) / n for k in ("factors", "cores", "total")}
+    out: dict[str, float] = {k: sum(m[k] for m in mems) / n for k in ("factors", "cores", "padded", "total")}
     dense = [3 * m.num_experts * m.hidden_size * m.intermediate_size * m.gate.core.element_size() / m.parallel.world
              for m in experts]
     out.update(layers=n, dense_same_dtype=sum(dense) / n)
-    return out
-
-
-_GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
-
-
-def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor | None:
-    """``torch.nn.functional.grouped_mm`` where this torch, device and dtype support it
-    (one kernel, no host synchronisation); None where they do not."""
-    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-    key = (rows.device.type, rows.dtype)
-    if fn is None or _GROUPED_OK.get(key) is False:
-        return None
-    try:
-        out = fn(rows, weights, offs=offs)
-    except (RuntimeError, NotImplementedError, TypeError):
-        _GROUPED_OK[key] = False
-        return None
-    _GROUPED_OK[key] = True
-    return out
-
-
-def _per_expert(rows: torch.Tensor, cores: torch.Tensor, counts: torch.Tensor, transpose: bool) -> torch.Tensor:
-    """``rows[pairs of e] @ cores[e]`` (or ``@ cores[e].T``) for rows sorted by expert;
-    ``counts[e]`` rows belong to expert e."""
-    weights = cores.transpose(1, 2) if transpose else cores
-    if rows.shape[0] == 0:
-        return rows.new_zeros(0, weights.shape[2])
-    out = _grouped_mm(rows.contiguous(), weights, torch.cumsum(counts, 0).to(torch.int32))
-    if out is not None:
-        return out
-    out = rows.new_empty(rows.shape[0], weights.shape[2])
-    start = 0
-    for e, n in enumerate(counts.tolist()):  # one host sync for the whole loop
-        if n:
-            torch.matmul(rows[start : start + n], weights[e], out=out[start : start + n])
-            start += n
     return out

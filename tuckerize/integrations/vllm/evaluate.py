@@ -90,9 +90,14 @@ def load_vllm_eval_model(path: str, dtype: torch.dtype, *, seqlen: int, kl_topk:
     return EvalModel(path, forward, torch.nn.Module(), "vllm", {})
 
 
-def _load(path: str, parallel, device, dtype: torch.dtype, *, seqlen: int, kl_topk: int, **_: object) -> EvalModel:
-    """The runtime ``vllm``: one vLLM engine in this process (``parallel`` and ``device`` are vLLM's)."""
-    return load_vllm_eval_model(path, dtype, seqlen=seqlen, kl_topk=kl_topk)
+def _load(path: str, parallel, device, dtype: torch.dtype, *, seqlen: int, kl_topk: int, tensor_parallel: int = 1,
+          **_: object) -> EvalModel:
+    """The runtime ``vllm``: one vLLM engine started from this process, at ``tensor_parallel``
+    ranks (``eval --tp``; vLLM starts the worker processes and picks the devices)."""
+    if parallel.world > 1:
+        raise BackendError("--runtime vllm starts its own tensor-parallel workers: run eval without torchrun "
+                           "and pass --tp N")
+    return load_vllm_eval_model(path, dtype, seqlen=seqlen, kl_topk=kl_topk, tensor_parallel_size=tensor_parallel)
 
 
-register_runtime("vllm", _load, baseline="auto")
+register_runtime("vllm", _load, baseline="auto", tensor_parallel=True)

@@ -2,16 +2,25 @@
 
 For each supported architecture, ``Tuckerize<Original>ForCausalLM`` subclasses vLLM's
 ``<Original>ForCausalLM`` and, while the parent's ``__init__`` builds the model, has the
-decoder layers construct :class:`~tuckerize.integrations.vllm.moe.TuckerMoE` instead of
-vLLM's fused-MoE block (the block's name in the vLLM module is rebound for the duration of
-the construction only). So vLLM's FusedMoE, which allocates the dense [E, 2I, H] / [E, H, I]
-expert weights, is never built. Attention, KV cache, scheduling, sampling and the server
-are vLLM's. Weights load through vLLM's own loader; the factor tensors reach
-``TuckerExperts.load_weights``.
+decoder layers construct a Tucker MoE block instead of vLLM's fused-MoE block (the block's
+name in the vLLM module is rebound for the duration of the construction only; vLLM's own
+bookkeeping that asks ``isinstance(layer.mlp, <block>)`` during construction sees ours):
+:class:`~tuckerize.integrations.vllm.moe.TuckerMoE` for Qwen3-MoE, Mixtral and OLMoE, the
+blocks of :mod:`.families` (vLLM's own shared experts and gates around the Tucker experts,
+DeepSeek's grouped routing) for Qwen2-MoE, Qwen3-Next and DeepSeek-V2/V3. So vLLM's
+FusedMoE, which allocates the dense [E, 2I, H] / [E, H, I] expert weights, is never built.
+Attention (MLA, gated delta-net included), KV cache, scheduling, sampling and the server are
+vLLM's. Weights load through vLLM's own loader; the factor tensors reach
+``TuckerExperts.load_weights`` (DeepSeek's hand-rolled loader is given them by
+:func:`~tuckerize.integrations.vllm.families.load_routed_factors`).
 
-Architectures whose vLLM model has something our block does not yet cover (shared experts:
-Qwen2-MoE, Qwen3-Next; DeepSeek's MLA and grouped routing) are registered too, with a
-constructor that raises a one-line error naming what is supported.
+The config vLLM parses keeps the original ``model_type`` on the instance (the Tucker type
+only selects the config class), so vLLM treats the model as its family wherever it asks
+the model type (DeepSeek's MLA, for one).
+
+Architectures of :mod:`tuckerize.arch` that this plugin cannot serve go in :data:`NOT_YET`
+(none today): registered with a constructor that raises a one-line error naming what is
+supported.
 """
 
 from __future__ import annotations
@@ -24,19 +33,27 @@ from tuckerize.arch import ARCHITECTURES, TUCKER_CLASS_PREFIX, TUCKER_TYPE_PREFI
 from tuckerize.errors import UnsupportedArchitectureError
 from tuckerize.integrations.vllm.checks import check_loading, not_yet_message, refuse, unavailable_message
 
-#: arch.name -> (vLLM module, model class, MoE block class replaced by TuckerMoE)
+#: arch.name -> (vLLM module, model class, MoE block class replaced by a Tucker block)
 SUPPORTED = {
     "qwen3_moe": ("vllm.model_executor.models.qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeSparseMoeBlock"),
     "mixtral": ("vllm.model_executor.models.mixtral", "MixtralForCausalLM", "MixtralMoE"),
     "olmoe": ("vllm.model_executor.models.olmoe", "OlmoeForCausalLM", "OlmoeMoE"),
+    "qwen2_moe": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2MoeSparseMoeBlock"),
+    "qwen3_next": ("vllm.model_executor.models.qwen3_next", "Qwen3NextForCausalLM", "Qwen3NextSparseMoeBlock"),
+    "deepseek_v2": ("vllm.model_executor.models.deepseek_v2", "DeepseekV2ForCausalLM", "DeepseekV2MoE"),
+    "deepseek_v3": ("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM", "DeepseekV2MoE"),
 }
+#: arch.name -> the block of :mod:`.families` standing in for vLLM's (default: TuckerMoE).
+FAMILY_BLOCKS = {
+    "qwen2_moe": "QwenSharedTuckerMoE",
+    "qwen3_next": "QwenSharedTuckerMoE",
+    "deepseek_v2": "DeepseekTuckerMoE",
+    "deepseek_v3": "DeepseekTuckerMoE",
+}
+#: Families whose vLLM loader is hand-rolled over the model's parameters (the factors are buffers).
+OWN_LOADER = frozenset({"deepseek_v2", "deepseek_v3"})
 #: Registered so that loading fails with a clear message (vLLM implements them; the plugin not yet).
-NOT_YET = {
-    "qwen2_moe": ("vllm.model_executor.models.qwen2_moe", "Qwen2MoeForCausalLM"),
-    "qwen3_next": ("vllm.model_executor.models.qwen3_next", "Qwen3NextForCausalLM"),
-    "deepseek_v2": ("vllm.model_executor.models.deepseek_v2", "DeepseekV2ForCausalLM"),
-    "deepseek_v3": ("vllm.model_executor.models.deepseek_v2", "DeepseekV3ForCausalLM"),
-}
+NOT_YET: dict[str, tuple[str, str]] = {}
 
 
 def supported_list() -> str:
@@ -82,23 +99,39 @@ def _log_experts(model: Any, vllm_config: Any) -> None:
     init_logger("vllm.tuckerize").info(experts_summary(model, storage))
 
 
+def _block_class(arch_name: str) -> type:
+    from tuckerize.integrations.vllm import families
+    from tuckerize.integrations.vllm.moe import TuckerMoE
+
+    return getattr(families, FAMILY_BLOCKS[arch_name]) if arch_name in FAMILY_BLOCKS else TuckerMoE
+
+
 def tucker_model_class(arch_name: str):
     """``Tuckerize<Original>ForCausalLM`` for ``arch_name``."""
-    from tuckerize.integrations.vllm.moe import TuckerMoE, register_op
+    from tuckerize.integrations.vllm.moe import register_op
 
     module_name, cls_name, block_name = SUPPORTED[arch_name]
     module = importlib.import_module(module_name)
     base = getattr(module, cls_name)
+    block = _block_class(arch_name)
 
     def __init__(self, *, vllm_config, prefix: str = ""):
         check_loading(vllm_config, SUPPORTED, NOT_YET)  # tucker section, architecture, files: one line
         register_op()
-        with _rebound(module, block_name, TuckerMoE):
+        with _rebound(module, block_name, block):
             base.__init__(self, vllm_config=vllm_config, prefix=prefix)
         _log_experts(self, vllm_config)
 
-    doc = f"vLLM's {cls_name} with Tucker experts (tuckerize.integrations.vllm.moe.TuckerMoE)."
-    return _publish(type(TUCKER_CLASS_PREFIX + cls_name, (base,), {"__init__": __init__, "__doc__": doc}))
+    body: dict[str, Any] = {"__init__": __init__, "__doc__": (
+        f"vLLM's {cls_name} with Tucker experts ({block.__module__}.{block.__qualname__}).")}
+    if arch_name in OWN_LOADER:
+        def load_weights(self, weights):
+            from tuckerize.integrations.vllm.families import load_routed_factors
+
+            return load_routed_factors(self, weights, lambda rest: base.load_weights(self, rest))
+
+        body["load_weights"] = load_weights
+    return _publish(type(TUCKER_CLASS_PREFIX + cls_name, (base,), body))
 
 
 def unsupported_model_class(arch_name: str):
@@ -142,8 +175,20 @@ def register_configs() -> None:
             if tucker_type in CONFIG_MAPPING or model_type not in CONFIG_MAPPING:
                 continue
             base = CONFIG_MAPPING[model_type]
-            cls = _publish(type(TUCKER_CLASS_PREFIX + base.__name__, (base,), {"model_type": tucker_type}))
+            cls = _publish(type(TUCKER_CLASS_PREFIX + base.__name__, (base,),
+                                {"model_type": tucker_type, "__init__": _keep_original_type(base)}))
             AutoConfig.register(tucker_type, cls)
+
+
+def _keep_original_type(base: type):
+    """``__init__`` of a Tucker config class: the instance reports the source ``model_type``
+    (vLLM asks it, e.g. to choose MLA for DeepSeek), the class keeps the Tucker one (which
+    selects the class from config.json)."""
+    def __init__(self, *args: Any, **kwargs: Any):
+        base.__init__(self, *args, **kwargs)
+        self.model_type = base.model_type
+
+    return __init__
 
 
 def tensor_shapes(model: Any) -> list[list[Any]]:
@@ -151,6 +196,26 @@ def tensor_shapes(model: Any) -> list[list[Any]]:
     ``LLM(...).apply_model(tensor_shapes)``: one list per rank, to check what each rank holds."""
     named = list(model.named_parameters()) + list(model.named_buffers())
     return [[name, list(t.shape)] for name, t in named]
+
+
+def linear_partitions(model: Any) -> list[list[Any]]:
+    """``[[name, class, out_per_rank, in_per_rank], ...]`` of every vLLM linear layer of a loaded
+    model, and ``[name, class]`` of every Tucker MoE block, e.g. ``LLM(...).apply_model(
+    linear_partitions)``: one list per rank, to check how tensor parallelism split each layer
+    (on the CPU vLLM repacks linear weights, so their parameter shapes do not tell)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from tuckerize.integrations.vllm.moe import TuckerMoE
+
+    out: list[list[Any]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, TuckerMoE):
+            out.append([name, type(module).__name__])
+        elif isinstance(module, LinearBase):
+            out.append([name, type(module).__name__,
+                        int(getattr(module, "output_size_per_partition", module.output_size)),
+                        int(getattr(module, "input_size_per_partition", module.input_size))])
+    return out
 
 
 def weight_bytes(model: Any) -> dict[str, int]:

@@ -26,8 +26,14 @@ Forward: ``s = experts.partial(x, top_k_index, top_k_weights)`` [T, r_H] on each
 all-reduce of those r_H values per token over vLLM's tensor-parallel group, then
 ``experts.finish(s)`` (``s U_H,down^T``; in ``hybrid`` this rank's H/N columns and an
 all-gather). The collectives are vLLM's own (:class:`VllmParallel`).
-The whole block runs as one opaque custom op (``torch.ops.vllm.tuckerize_moe``) so that vLLM's
-torch.compile graph treats it like its own fused MoE op (routing is data dependent).
+The whole block runs as one opaque custom op (``torch.ops.vllm.tuckerize_moe``), registered as
+vLLM registers its own fused-MoE op (fake implementation, vLLM's stride tag read from its op,
+its layer-name type): vLLM's torch.compile graph holds it as a unit and its CUDA graphs
+capture it, since the experts' forward has static shapes and no host synchronisation. The
+kernel (:mod:`tuckerize.runtime.kernels`: Triton on CUDA, grouped products on the CPU) is
+chosen once per model and logged in one line; one that a CUDA graph cannot capture (only if
+forced with ``TUCKERIZE_KERNEL``) is kept out of vLLM's CUDA graphs at load
+(:func:`keep_out_of_cuda_graphs`), so that a capture never fails.
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ import torch.nn as nn
 from tuckerize.arch import FACTORS, PROJECTIONS, moe_spec
 from tuckerize.errors import InputError, ShardError
 from tuckerize.parallel import LAYOUTS, ParallelContext
-from tuckerize.runtime.routing import RouterSpec, route
+from tuckerize.runtime.kernels import KernelChoice, choose_kernel
+from tuckerize.runtime.moe import routed_experts
+from tuckerize.runtime.routing import RouterSpec
 from tuckerize.runtime.tucker_experts import TuckerExperts
 
 OP_NAME = "tuckerize_moe"
@@ -186,10 +194,12 @@ class TuckerMoE(nn.Module):
         E, H, I = spec.shape
         self.hidden_size = H
         self.layer_name = prefix
+        self._op_layer_name = encode_layer_name(prefix)
         self.router = RouterSpec.from_config(spec.arch, config, E, spec.top_k)
         tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
         self.plan = _plan_for(vllm_config, config, tp_size)
         self.tp_size = tp_size
+        self.kernel = serving_kernel(vllm_config)  # what the experts will choose at load (logged once)
         self.gate = nn.Linear(H, E, bias=False)
         self.experts = VllmTuckerExperts(E, H, I, ranks, layout=self.plan.layout,
                                          parallel=VllmParallel(rank=tp_rank, world=tp_size),
@@ -207,36 +217,136 @@ class TuckerMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_size)
-        out = torch.ops.vllm.tuckerize_moe(x, self.layer_name)
+        out = torch.ops.vllm.tuckerize_moe(x, self._op_layer_name)
         return out.view(shape)
 
     def forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         """[T, H] -> [T, H]: route, this rank's partial sum, one all-reduce of r_H values, U_H,d^T."""
-        top_w, top_i = route(x, self.gate.weight, self.router)
-        return self.experts(x, top_i, top_w)
+        return routed_experts(x, self.gate.weight, self.router, self.experts)
 
 
-def _tuckerize_moe(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
-    from vllm.forward_context import get_forward_context
+def _layer_names():
+    """``(type, encode, resolve)`` of layer names in this vLLM's custom ops, as its own MoE op
+    passes them: the hoisted opaque ``LayerName`` where vLLM has it (torch >= 2.11: lifted as
+    a graph input, so the layers' compiled pieces are one graph), else the plain string."""
+    from vllm.utils import torch_utils
 
-    layer = get_forward_context().no_compile_layers[layer_name]
-    return layer.forward_impl(hidden_states)
+    encode = getattr(torch_utils, "_encode_layer_name", None)
+    resolve = getattr(torch_utils, "_resolve_layer_name", None)
+    if encode is None or resolve is None:
+        return str, (lambda name: name), (lambda name: name)
+    return getattr(torch_utils, "LayerNameType", str), encode, resolve
 
 
-def _tuckerize_moe_fake(hidden_states: torch.Tensor, layer_name: str) -> torch.Tensor:
+def _stride_tags() -> tuple:
+    """The stride tag(s) vLLM's own fused-MoE op carries in the installed vLLM
+    (``needs_fixed_stride_order`` in 0.32, ``needs_exact_strides`` in 0.34), read from that
+    op; torch's newer tag where the op is not registered."""
+    import importlib
+
+    importlib.import_module("vllm.model_executor.layers.fused_moe")  # registers vllm::moe_forward
+    try:
+        own = torch.ops.vllm.moe_forward.default.tags
+    except (AttributeError, RuntimeError):
+        own = ()
+    tags = tuple(t for t in own if "stride" in str(t))
+    if not tags:
+        tag = getattr(torch.Tag, "needs_exact_strides", None) or getattr(torch.Tag, "needs_fixed_stride_order", None)
+        tags = (tag,) if tag is not None else ()
+    return tags
+
+
+def op_tags(capturable: bool = True) -> tuple:
+    """Tags of ``vllm::tuckerize_moe``: vLLM's MoE op's stride tag, and torch's
+    ``cudagraph_unsafe`` (where torch has it) when the experts' kernel is not capturable."""
+    tags = _stride_tags()
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    if not capturable and unsafe is not None:
+        tags += (unsafe,)
+    return tags
+
+
+def _tuckerize_moe_fake(hidden_states: torch.Tensor, layer_name) -> torch.Tensor:
     return torch.empty_like(hidden_states)
 
 
-_OP_REGISTERED = False
+_OP: dict[str, Any] = {}
+
+
+_KERNELS: dict[int, KernelChoice] = {}
+
+
+def serving_kernel(vllm_config: Any) -> KernelChoice:
+    """The kernel the Tucker experts of this model will run (they choose it again, the same
+    way, when their factors are loaded: :func:`tuckerize.runtime.kernels.choose_kernel` on
+    the device vLLM builds the model on, in the model's dtype), once per model: logged in one
+    line, and where it is not capturable on CUDA the op is kept out of vLLM's CUDA graphs
+    (:func:`keep_out_of_cuda_graphs`)."""
+    key = id(vllm_config)
+    if key not in _KERNELS:
+        from vllm.logger import init_logger
+
+        hf = vllm_config.model_config.hf_config
+        device = torch.get_default_device()  # vLLM builds the model under `with target_device:`
+        choice = choose_kernel(device, vllm_config.model_config.dtype, getattr(hf, "hidden_act", "silu"))
+        line = f"tuckerize: Tucker experts kernel {choice.describe()}"
+        if device.type == "cuda" and not choice.capturable:
+            line += "; " + keep_out_of_cuda_graphs(vllm_config.compilation_config)
+        init_logger("vllm.tuckerize").info(line)
+        _KERNELS[key] = choice
+    return _KERNELS[key]
+
+
+def keep_out_of_cuda_graphs(compilation_config: Any) -> str:
+    """Keep ``vllm::tuckerize_moe`` out of every CUDA graph vLLM captures: a splitting op
+    (piecewise graphs stop around it, it runs eagerly between them), and full graphs (which
+    would capture it with the rest) replaced by piecewise ones (none without piecewise
+    compilation). Returns what it did, for the log line."""
+    from vllm.config import CompilationMode, CUDAGraphMode
+
+    op = f"vllm::{OP_NAME}"
+    done = []
+    piecewise = compilation_config.mode == CompilationMode.VLLM_COMPILE
+    if piecewise:
+        if compilation_config.splitting_ops is None:
+            compilation_config.splitting_ops = []
+        if op not in compilation_config.splitting_ops:
+            compilation_config.splitting_ops.append(op)
+        done.append(f"{op} added to vLLM's splitting ops")
+    mode = compilation_config.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE if piecewise else CUDAGraphMode.NONE
+        done.append(f"cudagraph_mode {mode.name} -> {compilation_config.cudagraph_mode.name}")
+    return "kept out of CUDA graphs: " + (", ".join(done) or "none are captured")
 
 
 def register_op() -> None:
-    """Register ``torch.ops.vllm.tuckerize_moe`` once per process."""
-    global _OP_REGISTERED
-    if _OP_REGISTERED or hasattr(torch.ops.vllm, OP_NAME):
-        _OP_REGISTERED = True
+    """Register ``torch.ops.vllm.tuckerize_moe(hidden_states, layer_name) -> out`` once per
+    process, the way vLLM registers its own MoE op: an opaque op with a fake (shape-only)
+    implementation so that vLLM's torch.compile graph and CUDA graphs hold it as a unit,
+    no mutated arguments (it returns a new tensor), vLLM's stride tag, the layer name as
+    vLLM's own ops take it (:func:`_layer_names`)."""
+    if _OP:
         return
+    from vllm.config import get_current_vllm_config
+    from vllm.forward_context import get_forward_context
     from vllm.utils.torch_utils import direct_register_custom_op
 
-    direct_register_custom_op(op_name=OP_NAME, op_func=_tuckerize_moe, fake_impl=_tuckerize_moe_fake)
-    _OP_REGISTERED = True
+    name_type, encode, resolve = _layer_names()
+
+    def op(hidden_states: torch.Tensor, layer_name) -> torch.Tensor:
+        layer = get_forward_context().no_compile_layers[resolve(layer_name)]
+        return layer.forward_impl(hidden_states)
+
+    # the schema is inferred from the annotations: the real types, not postponed strings
+    op.__annotations__ = {"hidden_states": torch.Tensor, "layer_name": name_type, "return": torch.Tensor}
+    _tuckerize_moe_fake.__annotations__ = dict(op.__annotations__)
+    if not hasattr(torch.ops.vllm, OP_NAME):
+        direct_register_custom_op(op_name=OP_NAME, op_func=op, mutates_args=[], fake_impl=_tuckerize_moe_fake,
+                                  tags=op_tags(serving_kernel(get_current_vllm_config()).capturable))
+    _OP.update(encode=encode)
+
+
+def encode_layer_name(name: str):
+    """``name`` as the op takes it (after :func:`register_op`)."""
+    return _OP["encode"](name) if _OP else name
