@@ -94,7 +94,7 @@ class TuckerRows:
         if self.uses_bytes:
             kw, cli = tucker_request(budget_bytes, setting, dense_bytes=self.dense_bytes)
             out, manifest = self._run(kw)
-            return out, manifest, manifest["bytes"][key], cli
+            return out, manifest, manifest["bytes"]["experts_stored"], cli
         bpp = _BPP.get(dtype, 0.56)
         ratio = min(0.95, budget_bytes / (self.dense_bytes // 2 * bpp) * 0.985)
         for _ in range(5):
