@@ -289,10 +289,10 @@ class Checkpoint:
         """One tensor, read now, in its stored dtype; with ``dequantize``, an FP8 weight
         comes back in float32 multiplied out by its scale tensor, on ``device``
         (:mod:`tuckerize.fp8`); other tensors are unchanged. A factor stored quantised
-        (:mod:`tuckerize.quant`) comes back dequantised, in float32."""
+        (:mod:`tuckerize.quant`, either layout) comes back dequantised, in float32."""
         import torch
 
-        if name not in self.weight_map and f"{name}.qweight" in self.weight_map:
+        if name not in self.weight_map and (f"{name}.qweight" in self.weight_map or f"{name}.qcodes" in self.weight_map):
             from tuckerize.quant import read_dequantised
 
             return read_dequantised(self, name)

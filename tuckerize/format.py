@@ -19,7 +19,10 @@ with the shard-set format, :mod:`tuckerize.shardset`) and read access
 Factor names say layer, projection and factor, after the experts prefix of the
 source architecture, e.g. ``model.layers.3.mlp.experts.gate.U_H``. Shapes:
 ``U_E [E, r_E]``, ``U_H [H, r_H]``, ``U_I [I, r_I]``, ``core [r_E, r_H, r_I]``,
-the same semantic axes for gate, up and down.
+the same semantic axes for gate, up and down. A projection stored with a quantised base
+(``tuckerize decompose --bytes``) has ``<prefix>.<projection>.base`` (:func:`base_name`), packed,
+beside or instead of its factors; its config entry says ``base`` and ``ranks`` (None: no
+Tucker part).
 """
 
 from __future__ import annotations
@@ -65,6 +68,13 @@ def load_manifest(path: Path, fix: str) -> dict[str, Any]:
 def factor_name(experts_prefix: str, projection: str, factor: str) -> str:
     assert projection in PROJECTIONS and factor in FACTORS
     return f"{experts_prefix}.{projection}.{factor}"
+
+
+def base_name(experts_prefix: str, projection: str) -> str:
+    """The logical name of a projection's quantised base ``[E, out, in]`` (stored packed as
+    ``<name>.qcodes/.qscale/.qzero/.qshape``, :mod:`tuckerize.quant_packed`)."""
+    assert projection in PROJECTIONS
+    return f"{experts_prefix}.{projection}.base"
 
 
 def tucker_config(src_config: dict[str, Any], section: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,11 @@ and ``X = codes * scale`` (per group), returned as float32. The code type is rea
 as bfloat16 / float16; ``float32`` (format version 1) as float32. Which dtype a decomposition
 stores by default is the source checkpoint's (:meth:`tuckerize.compress.source.SourceModel.factor_dtype`). Checkpoints without any
 ``.qweight`` tensor are read exactly as before.
+
+``int3`` and ``int2`` are asymmetric (float16 scale and zero per group) and packed
+(``X.qcodes/.qscale/.qzero/.qshape``, :mod:`tuckerize.quant_packed`, the storage of a
+quantised expert base too); every reader here (:func:`decode`, :func:`slice_stored`,
+:func:`is_quantised`, :func:`logical_names`) takes both layouts.
 """
 
 from __future__ import annotations
@@ -34,17 +39,21 @@ from typing import Any, Mapping
 
 import torch
 
+from tuckerize import quant_packed
+from tuckerize.quant_grid import Grid, round_to_grid
 from tuckerize.errors import InputError
 
 FACTOR_KINDS = ("U_E", "U_H", "U_I", "core")
-DTYPES = ("float32", "bf16", "fp16", "fp8", "int8", "int4")
+DTYPES = ("float32", "bf16", "fp16", "fp8", "int8", "int4", "int3", "int2")
 #: Stored as the tensor itself (no codes and scales), with its torch dtype.
 PLAIN = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTISED = ("fp8", "int8", "int4")
+#: Asymmetric packed dtypes (:mod:`tuckerize.quant_packed`) and their bits.
+PACKED = {"int3": 3, "int2": 2}
 DEFAULT_GROUP = 128
 SUFFIXES = (".qweight", ".qscale", ".qshape")
 _QMAX = {"int8": 127.0, "int4": 7.0, "fp8": 448.0}
-_BITS = {"float32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
+_BITS = {"float32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
 SCALE_BYTES = 2  # float16
 
 
@@ -95,7 +104,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...] 
     n = scale.shape[-1]
     g = group or math.ceil(cols / n)
     grouped, _ = group_view(codes.float(), g)
-    out = (grouped * scale.float()[..., None]).view(rows, -1)[:, :cols]
+    out = (grouped * scale.float()[..., None]).reshape(rows, grouped.shape[1] * grouped.shape[2])[:, :cols]
     return out.reshape(tuple(shape)).contiguous()
 
 
@@ -103,6 +112,8 @@ def fake_quantize(x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -> to
     """``dequantize(quantize(x))``: what a reader of the stored tensor gets back (float32)."""
     if dtype in PLAIN:
         return x.to(PLAIN[dtype]).float()
+    if dtype in PACKED:
+        return decode(encode("x", x, dtype, group), "x")
     codes, scale = quantize(x, dtype, group)
     return dequantize(codes, scale, tuple(x.shape), min(group, x.shape[-1]))
 
@@ -118,7 +129,7 @@ def pack_int4(codes: torch.Tensor) -> torch.Tensor:
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     lo = (packed & 0x0F).to(torch.int8) - 8
     hi = (packed >> 4).to(torch.int8) - 8
-    return torch.stack([lo, hi], -1).view(packed.shape[0], -1)[:, :cols]
+    return torch.stack([lo, hi], -1).view(packed.shape[0], 2 * packed.shape[1])[:, :cols]
 
 
 # -- the layout -------------------------------------------------------------------------------
@@ -126,6 +137,8 @@ def encode(name: str, x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -
     """The stored tensors of ``x`` under ``name`` for ``dtype`` (see the module docstring)."""
     if dtype in PLAIN:
         return {name: x.to(PLAIN[dtype]).contiguous()}
+    if dtype in PACKED:
+        return _encode_packed(name, x, PACKED[dtype], group)
     codes, scale = quantize(x, dtype, group)
     if dtype == "int4":
         codes = pack_int4(codes)
@@ -133,10 +146,38 @@ def encode(name: str, x: torch.Tensor, dtype: str, group: int = DEFAULT_GROUP) -
             f"{name}.qshape": torch.tensor([*x.shape, min(group, x.shape[-1])], dtype=torch.int64)}
 
 
+def _encode_packed(name: str, x: torch.Tensor, bits: int, group: int) -> dict[str, torch.Tensor]:
+    """Round to nearest on the asymmetric clipped grid, packed (:mod:`tuckerize.quant_packed`)."""
+    codes, scale, zero, _ = round_to_grid(x.float(), Grid(bits=bits, group=group))
+    return quant_packed.encode(name, codes, scale, zero, bits, group)
+
+
+def encode_codes(name: str, q: Any, dtype: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of codes already chosen on a grid (e.g. by GPTQ:
+    :class:`tuckerize.decompose.factor_quant.StoredCodes` ``q``, in the tensor's own layout,
+    groups along its last axis) for ``dtype``: ``int8``/``int4`` (symmetric grids) or
+    ``int3``/``int2`` (asymmetric, packed)."""
+    shape = list(q.codes.shape)
+    g = min(q.grid.group, shape[-1])
+    if dtype in PACKED:
+        if q.grid.symmetric or q.grid.bits != PACKED[dtype]:
+            raise ValueError(f"{name}: {dtype} stores asymmetric {PACKED[dtype]}-bit codes, not {q.grid}")
+        return quant_packed.encode(name, q.codes, q.scale, q.zero, q.grid.bits, q.grid.group)
+    if dtype not in ("int8", "int4") or not q.grid.symmetric or q.grid.qmax != _QMAX[dtype]:
+        raise ValueError(f"{name}: {dtype} stores symmetric codes in [-{_QMAX.get(dtype)}, {_QMAX.get(dtype)}], not {q.grid}")
+    codes = q.codes.reshape(-1, shape[-1]).round().to(torch.int8)
+    if dtype == "int4":
+        codes = pack_int4(codes)
+    return {f"{name}.qweight": codes.contiguous(), f"{name}.qscale": q.scale.reshape(codes.shape[0], -1).to(torch.float16).contiguous(),
+            f"{name}.qshape": torch.tensor([*shape, g], dtype=torch.int64)}
+
+
 def decode(stored: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``name`` as float32 from the tensors :func:`encode` wrote (quantised or not)."""
+    """``name`` as float32 from the tensors :func:`encode` wrote (quantised or not, either layout)."""
     if name in stored:
         return stored[name].float()
+    if f"{name}.qcodes" in stored:
+        return quant_packed.decode(stored, name)
     codes, scale = stored[f"{name}.qweight"], stored[f"{name}.qscale"]
     *shape, group = [int(v) for v in stored[f"{name}.qshape"].tolist()]
     cols = shape[-1]
@@ -157,7 +198,9 @@ def slice_stored(stored: Mapping[str, torch.Tensor], name: str, axis: int, rows:
     (``rows``: the listed indices, else ``[start, stop)``), so codes and scales are sliced
     by rows. The last axis is cut along the groups: possible when ``start`` is a multiple
     of the group size and ``stop`` is one too, or the end (int4 codes also need ``start``
-    even: two codes per byte). Other axes: None."""
+    even: two codes per byte). Other axes: None. Packed tensors: :func:`tuckerize.quant_packed.slice_stored`."""
+    if f"{name}.qcodes" in stored:
+        return quant_packed.slice_stored(stored, name, axis, rows=rows, start=start, stop=stop)
     codes, scale = stored[f"{name}.qweight"], stored[f"{name}.qscale"]
     *shape, g = [int(v) for v in stored[f"{name}.qshape"].tolist()]
     if len(shape) < 2 or axis not in (0, len(shape) - 1):
@@ -184,12 +227,29 @@ def slice_stored(stored: Mapping[str, torch.Tensor], name: str, axis: int, rows:
 
 
 def is_quantised(keys, name: str) -> bool:
-    return f"{name}.qweight" in keys
+    """``name`` is stored quantised (either layout) among the tensor names ``keys``."""
+    return f"{name}.qweight" in keys or f"{name}.qcodes" in keys
+
+
+def stored_suffixes(keys, name: str) -> tuple[str, ...]:
+    """The suffixes of the tensors that store quantised ``name`` (either layout)."""
+    return quant_packed.SUFFIXES if f"{name}.qcodes" in keys else SUFFIXES
+
+
+def stored_shape(stored: Mapping[str, torch.Tensor], name: str) -> list[int]:
+    """The logical shape of quantised ``name`` from its ``.qshape``."""
+    meta = [int(v) for v in stored[f"{name}.qshape"].tolist()]
+    return meta[:-2] if f"{name}.qcodes" in stored else meta[:-1]
+
+
+def read_stored(ckpt: Any, name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of quantised ``name`` from a :class:`~tuckerize.checkpoint.Checkpoint`."""
+    return {f"{name}{s}": ckpt.get(f"{name}{s}") for s in stored_suffixes(ckpt.weight_map, name)}
 
 
 def read_dequantised(ckpt: Any, name: str) -> torch.Tensor:
     """``name`` from a :class:`~tuckerize.checkpoint.Checkpoint` where it is stored quantised."""
-    return decode({f"{name}{s}": ckpt.get(f"{name}{s}") for s in SUFFIXES}, name)
+    return decode(read_stored(ckpt, name), name)
 
 
 # -- per-factor choice --------------------------------------------------------------------------
@@ -223,6 +283,8 @@ def tensor_bytes(shape: tuple[int, ...] | list[int], dtype: str, group: int = DE
     ``qshape`` (8 bytes per axis, plus 8) is counted too)."""
     cols = shape[-1]
     rows = math.prod(shape[:-1]) if len(shape) > 1 else 1
+    if dtype in PACKED:
+        return quant_packed.packed_bytes(shape, PACKED[dtype], group)
     if dtype in PLAIN:
         return rows * cols * _BITS[dtype] // 8
     g = min(group, cols)
@@ -304,11 +366,12 @@ def checkpoint_bytes(spec, layers: Mapping[int, Mapping[str, Any]], dtypes: Mapp
 
 
 def logical_names(names) -> list[str]:
-    """Tensor names with each quantised triple (``X.qweight/.qscale/.qshape``) replaced by ``X``."""
+    """Tensor names with each quantised set (``X.qweight/.qscale/.qshape``, packed
+    ``X.qcodes/.qscale/.qzero/.qshape``) replaced by ``X``."""
     out = []
     for n in names:
-        if n.endswith(".qweight"):
-            out.append(n[: -len(".qweight")])
-        elif not n.endswith((".qscale", ".qshape")):
+        if n.endswith((".qweight", ".qcodes")):
+            out.append(n.rsplit(".", 1)[0])
+        elif not n.endswith((".qscale", ".qshape", ".qzero")):
             out.append(n)
     return out

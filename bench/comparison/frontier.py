@@ -122,6 +122,8 @@ class Frontier:
 
     def tucker_rows(self, budgets=BUDGETS, settings=TUCKER_SETTINGS) -> None:
         rows = TuckerRows(self.folder, self.work, self.d.dense_bytes, self.log)
+        if rows.uses_bytes:  # --bytes chooses the storage itself: one row per budget
+            settings = ({},)
         largest: set[str] = set()  # settings whose largest form fitted a smaller budget already
         for b in budgets:
             for setting in settings:

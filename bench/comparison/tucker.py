@@ -4,9 +4,10 @@
 :func:`tucker_request` is the one place that turns (budget, setting) into the product's
 arguments. Today's product has no byte budget, so it asks for ``--ratio R --factor-dtype D``
 and :meth:`TuckerRows.fit` searches ``R`` (guessed from the bytes per parameter, shrunk until
-the stored bytes fit). When ``decompose_checkpoint`` takes ``bytes=`` (issue 23's
-``--bytes B``), it is detected and the request becomes ``--bytes B`` plus the setting: one run
-per row, the allocator choosing ranks and storage.
+the stored bytes fit). When ``decompose_checkpoint`` takes ``bytes_budget=`` (issue 23's
+``--bytes B``, B the fraction of the bf16 dense experts' bytes), it is detected and the request
+becomes ``--bytes B``: one run per budget, the allocator choosing every projection's ranks and
+storage (a ``factor_dtype`` of the setting is not passed: the allocator chooses it).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from comparison.protocol import SAMPLES, SEQLEN
 
 #: the per-row settings tried at each budget (chosen among on the selection split)
 TUCKER_SETTINGS = ({"factor_dtype": "int4"}, {"factor_dtype": "int8,core=int4"}, {"factor_dtype": "int8"})
-BYTES_KWARG = "bytes"  # decompose_checkpoint's name for the budget, once it has one
+BYTES_KWARG = "bytes_budget"  # decompose_checkpoint's budget: a fraction of the bf16 dense experts' bytes
 #: bytes per kept parameter by factor dtype: the first guess of the ratio for a budget
 _BPP = {"bf16": 2.0, "float32": 2.0, "int8": 1.02, "int4": 0.53}
 
@@ -34,13 +35,16 @@ def setting_text(setting: dict) -> str:
     return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in setting.items())
 
 
-def tucker_request(budget_bytes: int, setting: dict, ratio: float | None = None) -> tuple[dict, str]:
+def tucker_request(budget_bytes: int, setting: dict, ratio: float | None = None,
+                   dense_bytes: int | None = None) -> tuple[dict, str]:
     """``(decompose_checkpoint keyword arguments, the CLI options they stand for)`` of one
-    tuckerize row: ``--bytes`` when the product takes it, else ``--ratio ratio``."""
+    tuckerize row: ``--bytes budget_bytes / dense_bytes`` when the product takes it (the
+    setting's ``factor_dtype`` left to the allocator), else ``--ratio ratio``."""
     kw = dict(setting)
     if ratio is None:
-        kw[BYTES_KWARG] = budget_bytes
-        return kw, f"--bytes {budget_bytes} {setting_text(setting)}".strip()
+        rest = {k: v for k, v in kw.items() if k != "factor_dtype"}
+        fraction = budget_bytes / dense_bytes
+        return {**rest, BYTES_KWARG: fraction}, f"--bytes {fraction:.4g} {setting_text(rest)}".strip()
     kw["ratio"] = ratio
     return kw, f"--ratio {ratio:.3f} {setting_text(setting)}".strip()
 
@@ -49,13 +53,13 @@ def tucker_macs(manifest: dict, H: int, I: int, K: int) -> int:
     """Multiply-adds per token of the native runtime's expert mixture (tucker_experts.py):
     x U_H per projection and U_H,d^T once per token; per routed pair G_g, G_u, G_d and the
     three U_I products."""
-    by_layer: dict = {}
-    for t in manifest["tensors"]:
-        by_layer.setdefault(t["layer"], {})[t["projection"]] = t["ranks"]
     macs = 0
-    for r in by_layer.values():
-        macs += H * (r["gate"][1] + r["up"][1] + r["down"][1])
-        macs += K * sum(r[p][1] * r[p][2] + I * r[p][2] for p in ("gate", "up", "down"))
+    for t in manifest["tensors"]:  # a projection stored with a quantised base (--bytes) adds H I per pair
+        r = t.get("ranks")
+        if r:
+            macs += H * r[1] + K * (r[1] * r[2] + I * r[2])
+        if t.get("base"):
+            macs += K * H * I
     return macs
 
 
@@ -88,9 +92,9 @@ class TuckerRows:
         dtype = setting.get("factor_dtype", "float32")
         key = "experts_factors_as_bf16" if dtype == "float32" else "experts_stored"
         if self.uses_bytes:
-            kw, cli = tucker_request(budget_bytes, setting)
+            kw, cli = tucker_request(budget_bytes, setting, dense_bytes=self.dense_bytes)
             out, manifest = self._run(kw)
-            return out, manifest, manifest["bytes"][key], cli
+            return out, manifest, manifest["bytes"]["experts_stored"], cli
         bpp = _BPP.get(dtype, 0.56)
         ratio = min(0.95, budget_bytes / (self.dense_bytes // 2 * bpp) * 0.985)
         for _ in range(5):

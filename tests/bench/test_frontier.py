@@ -123,8 +123,9 @@ def test_frontier_check_chooses_on_the_selection_split():
 def test_tucker_request_is_ratio_today_bytes_once_the_product_takes_it():
     kw, cli = tucker.tucker_request(1000, {"factor_dtype": "int4"}, ratio=0.5)
     assert kw == {"factor_dtype": "int4", "ratio": 0.5} and cli == "--ratio 0.500 --factor-dtype int4"
-    kw, cli = tucker.tucker_request(1000, {"factor_dtype": "int4"})
-    assert kw == {"factor_dtype": "int4", tucker.BYTES_KWARG: 1000} and cli.startswith("--bytes 1000")
+    kw, cli = tucker.tucker_request(1000, {"factor_dtype": "int4"}, dense_bytes=4000)
+    assert kw == {tucker.BYTES_KWARG: 0.25} and cli == "--bytes 0.25"  # the allocator chooses the storage
+    assert tucker.product_takes_bytes()
 
 
 def test_tucker_rows_fit_the_budget(dense, tmp_path, monkeypatch):

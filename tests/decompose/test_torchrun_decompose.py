@@ -247,3 +247,32 @@ def test_allocated_three_processes_equal_one(tmp_path):
         got[nproc] = contents(out)
     assert "rank_plan.yaml" in got[1]
     assert got[1] == got[3]
+
+
+def test_bytes_two_processes_equal_one(tmp_path):
+    """--bytes under torchrun: the candidates of each rank's layers gathered, the same choice on
+    every rank, every tensor (packed bases included) equal to one process's, from the same
+    statistics."""
+    args = ["--model", str(DEMOS["qwen3"]), "--samples", "16", "--seqlen", "32", "--bytes", "0.17"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r = decompose(1, [*args, "--calibration", "demo", "--out", str(one)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = decompose(2, [*args, "--calibration", str(one), "--out", str(two)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _factors(one), _factors(two)
+    assert sorted(a) == sorted(b) and any(n.endswith(".base.qcodes") for n in a)
+    for n in a:
+        assert a[n].dtype == b[n].dtype and a[n].shape == b[n].shape, n
+        assert torch_close(a[n], b[n]), n
+    m1 = json.loads((one / "tuckerize_manifest.json").read_text())
+    m2 = json.loads((two / "tuckerize_manifest.json").read_text())
+    assert m1["rank_plan"] == m2["rank_plan"] and m1["bytes"]["experts_stored"] == m2["bytes"]["experts_stored"]
+
+
+def torch_close(x, y) -> bool:
+    """Codes equal; float tensors within 1e-5 relative."""
+    import torch
+
+    if not x.is_floating_point():
+        return bool(torch.equal(x, y))
+    return float(torch.linalg.norm(x.double() - y.double())) <= 1e-5 * max(float(torch.linalg.norm(x.double())), 1e-30)

@@ -46,6 +46,7 @@ def decompose(
     ranks: Annotated[Optional[str], typer.Option(help="r_E,r_H,r_I for every MoE layer and projection, e.g. 64,512,256.")] = None,
     ratio: Annotated[Optional[float], typer.Option(help="Fraction of routed-expert parameters to keep, in (0, 1]; ranks allocated per layer.")] = None,
     params: Annotated[Optional[int], typer.Option(help="Routed-expert parameters to keep (instead of --ratio).")] = None,
+    bytes_budget: Annotated[Optional[float], typer.Option("--bytes", help="Store the routed experts in at most this fraction of their bf16 bytes, e.g. 0.15; ranks and storage (quantised base, Tucker, both) chosen per layer (method.bytes).")] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML rank plan and/or 'method:' settings (refit, sequential, ...: configs/method.yaml).")] = None,
     calibration: Annotated[Optional[str], typer.Option(help="Text (file, folder, .jsonl, hf:DATASET[:CONFIG[:SPLIT]], demo) or saved statistics (a folder holding calibration_stats.safetensors).")] = None,
     samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
@@ -79,7 +80,8 @@ def decompose(
 
     def call():
         return decompose_checkpoint(
-            model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, revision=revision,
+            model_path, out, ranks=ranks, config=config, ratio=ratio, params=params, bytes_budget=bytes_budget,
+            revision=revision,
             device=device, overwrite=overwrite, progress=progress, calibration=calibration, samples=samples,
             seqlen=seqlen, method=load_method(config), save_config=save_config, factor_dtype=factor_dtype,
             parallel=parallel,
@@ -102,17 +104,38 @@ def decompose(
 
     table = Table(title=f"Tucker decomposition of {manifest['source']['model']}")
     whitened = "calibration" in manifest and (manifest["calibration"].get("whitening") is not None)
-    cols = ["layer", "projection", "ranks (r_E, r_H, r_I)", "rel. error"]
+    budget = "budget" in manifest["bytes"]
+    cols = ["layer", "projection", "stored as" if budget else "ranks (r_E, r_H, r_I)", "rel. error"]
     cols += ["output error"] if whitened else []
-    for col in cols + ["params", "seconds"]:
+    for col in cols + ["bytes" if budget else "params", "seconds"]:
         table.add_column(col, justify="right")
     for t in manifest["tensors"]:
-        row = [str(t["layer"]), t["projection"], ",".join(map(str, t["ranks"])), f"{t['relative_error']:.4f}"]
+        row = [str(t["layer"]), t["projection"], form_text(t) if budget else ",".join(map(str, t["ranks"])),
+               f"{t['relative_error']:.4f}"]
         row += [f"{t['whitened_error']:.4f}"] if whitened else []
-        table.add_row(*row, f"{t['params']:,}", f"{t['seconds']:.2f}")
+        table.add_row(*row, f"{t['bytes' if budget else 'params']:,}", f"{t['seconds']:.2f}")
     console.print(table)
     for line in summary_lines(manifest):
         console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def form_text(t: dict) -> str:
+    """``int2 g128 base + Tucker 16,8,8 int4``: a projection's stored form (``--bytes``)."""
+    parts = []
+    if t.get("base"):
+        parts.append(f"int{t['base']['bits']} g{t['base']['group']} base")
+    if t.get("ranks"):
+        parts.append(f"Tucker {','.join(map(str, t['ranks']))} {t.get('storage') or ''}".strip())
+    return " + ".join(parts)
+
+
+def budget_line(b: dict) -> str:
+    """How a ``--bytes`` budget was spent, in one line."""
+    u = b["budget"]
+    forms = ", ".join(f"{n} {k}" for k, n in sorted(u["forms"].items()))
+    return (f"--bytes {u['fraction']:g}: {u['stored']:,} of {u['bytes']:,} bytes budgeted "
+            f"({u['stored'] / b['experts_dense_bf16']:.2%} of the bf16 dense experts; the smallest storable form "
+            f"{u['smallest_feasible_fraction']:.2%}); projections stored as {forms}")
 
 
 def summary_lines(manifest: dict) -> list[str]:
@@ -126,10 +149,14 @@ def summary_lines(manifest: dict) -> list[str]:
         lines.append(f"rank plan written to {Path(manifest['out']) / PLAN_NAME}" + (f" and {also}" if also else "")
                      + " (reuse with --config)")
     p = manifest["params"]
-    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "
+    b = manifest["bytes"]
+    what = "stored values (a base's codes and Tucker parameters)" if "budget" in b else "parameters"
+    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} {what} "
                  f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
                  f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s")
-    b = manifest["bytes"]
+    if "budget" in b:
+        lines += [budget_line(b), f"{bytes_line(b)}", f"written to {manifest['out']}"]
+        return lines
     dtypes = sorted(set(b["dtypes"].values()))
     stored_as = dtypes[0] if len(dtypes) == 1 else ", ".join(f"{k} {v}" for k, v in b["dtypes"].items())
     why = "the source's dtype" if b.get("dtypes_from") == "source" else "as asked"

@@ -14,6 +14,9 @@ One concept per module:
   resume, ``--overwrite``.
 * :mod:`~tuckerize.compress.statistics`: calibration statistics, reused or collected.
 * :mod:`~tuckerize.compress.allocation`: ranks allocated to a budget.
+* :mod:`~tuckerize.compress.bytes_plan`: stored forms chosen for a byte budget (``--bytes``);
+  :mod:`~tuckerize.compress.forms` each form's candidates and computation;
+  :mod:`~tuckerize.compress.form_stage` the layer stage that writes them.
 * :mod:`~tuckerize.compress.stages`: the per-layer stages and the decomposition strategy.
 * :mod:`~tuckerize.compress.manifest`: the manifest and config section, pure.
 * :mod:`~tuckerize.compress.run`: the run, step by step.

@@ -9,11 +9,11 @@ caller's choice (``save_config``, the CLI's ``--save-config``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuckerize.arch import PROJECTIONS
 from tuckerize.experts import stack_projection
 from tuckerize.ranks import RankPlan
 
@@ -41,30 +41,17 @@ def allocate_plan(request, source, budget: int, cal_stats, cal_settings, progres
     alloc_damp = request.method.alloc_damp
     alloc_options = dataclasses.replace(request.whiten_options,
                                         damp=alloc_damp if alloc_damp is not None else DEFAULT_ALLOC_DAMP)
-    spectra = {}
-    layers = list(spec.moe_layers)
-    if parallel is not None and parallel.world > 1:
-        from tuckerize.compress.distribute import assign_units, unit_work
+    from tuckerize.compress.distribute import per_projection
 
-        owner = assign_units(unit_work(source), parallel.world)
-        layers = [layer for layer in layers if owner[layer + 1] == parallel.rank]
-    progress.start("allocate", len(layers) * len(PROJECTIONS))
-    for layer in layers:
-        layer_stats = cal_stats.layers[layer] if whitening_on and cal_stats is not None else None
-        for proj in PROJECTIONS:
-            weights = mode_weights(layer_stats, proj, alloc_options) if layer_stats is not None else None
-            stacked = stack_projection(source.ckpt, spec, layer, proj).to(device)
-            spectra[(layer, proj)] = [v.cpu() for v in mode_spectra(stacked, weights)]
-            del stacked
-            progress.advance("allocate", 1, layer=layer, projection=proj)
-    progress.finish("allocate")
-    if parallel is not None and parallel.world > 1:
-        import torch.distributed as dist
+    stats_of = functools.lru_cache(maxsize=1)(lambda layer: cal_stats.layers[layer])  # read once per layer
 
-        parts: list = [None] * parallel.world
-        dist.all_gather_object(parts, spectra, group=parallel.group)
-        merged = {k: v for part in parts for k, v in part.items()}
-        spectra = {(layer, proj): merged[(layer, proj)] for layer in spec.moe_layers for proj in PROJECTIONS}
+    def spectrum(layer: int, proj: str):
+        layer_stats = stats_of(layer) if whitening_on and cal_stats is not None else None
+        weights = mode_weights(layer_stats, proj, alloc_options) if layer_stats is not None else None
+        stacked = stack_projection(source.ckpt, spec, layer, proj).to(device)
+        return [v.cpu() for v in mode_spectra(stacked, weights)]
+
+    spectra = per_projection(source, spectrum, progress, parallel)
     chosen = allocate(spectra, spec.shape, budget, expert_rank=request.expert_rank, normalise=request.normalise)
     plan = plan_from_ranks(chosen, source="allocated")
     plan.check(spec.moe_layers, spec.shape)

@@ -33,6 +33,34 @@ def assign_units(work: dict[int, int], world: int) -> dict[int, int]:
     return owner
 
 
+def per_projection(source, fn, progress, parallel=None, task: str = "allocate") -> dict:
+    """``{(layer, projection): fn(layer, projection)}`` for every MoE layer and projection of
+    ``source``. Under torchrun (``parallel`` of several ranks) each rank computes the layers it
+    decomposes (:func:`assign_units`) and the results are gathered, so every rank returns all
+    of them; progress is reported as ``task``."""
+    from tuckerize.arch import PROJECTIONS
+
+    layers = list(source.spec.moe_layers)
+    if parallel is not None and parallel.world > 1:
+        owner = assign_units(unit_work(source), parallel.world)
+        layers = [layer for layer in layers if owner[layer + 1] == parallel.rank]
+    out = {}
+    progress.start(task, len(layers) * len(PROJECTIONS))
+    for layer in layers:
+        for proj in PROJECTIONS:
+            out[(layer, proj)] = fn(layer, proj)
+            progress.advance(task, 1, layer=layer, projection=proj)
+    progress.finish(task)
+    if parallel is not None and parallel.world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * parallel.world
+        dist.all_gather_object(parts, out, group=parallel.group)
+        merged = {k: v for part in parts for k, v in part.items()}
+        out = {(layer, proj): merged[(layer, proj)] for layer in source.spec.moe_layers for proj in PROJECTIONS}
+    return out
+
+
 def unit_work(source) -> dict[int, int]:
     """unit -> routed-expert tensors of :class:`tuckerize.compress.source.SourceModel` ``source``."""
     from tuckerize.checkpoint import layer_of

@@ -26,11 +26,13 @@ def layer_ranks(plan, spec: MoESpec) -> dict[str, dict[str, list[int]]]:
 
 def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[str, Any],
                   factor_storage: Mapping[str, Any] | None = None,
-                  fp8: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  fp8: Mapping[str, Any] | None = None,
+                  forms: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
     """The output ``config.json``: the source's under Tucker class names
     (:func:`tuckerize.format.tucker_config`), plus the ``tucker`` section (with
     ``factor_storage`` and format version 2 where factors are stored quantised, and ``fp8``
-    where the source is FP8)."""
+    where the source is FP8). ``forms`` (``--bytes``): every projection's ``form``, ``base``
+    and ``storage`` beside its ranks (None where it has no Tucker part), format version 3."""
     E, H, I = spec.shape
     section: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -44,6 +46,11 @@ def tucker_config(src_config: Mapping[str, Any], spec: MoESpec, ranks: Mapping[s
     }
     if factor_storage is not None:
         section.update(format_version=2, factor_storage=dict(factor_storage))
+    if forms is not None:
+        section["format_version"] = 3
+        for layer, entry in section["layers"].items():
+            for p in PROJECTIONS:
+                entry[p].update(forms[layer][p])
     if fp8 is not None:  # quantization_config stays: it describes the non-expert FP8 tensors kept
         section["fp8"] = dict(fp8)
     return format_tucker_config(dict(src_config), section)
@@ -63,6 +70,27 @@ def expert_bytes(counted: Mapping[str, Any], source_bytes: int | None, source_dt
         out["source_dtype"] = dict(source_dtype)
         out["dtypes_from"] = "source" if factor_dtype is None else f"factor_dtype {factor_dtype}"
     return out
+
+
+def stored_values(shape, info: Mapping[str, Any]) -> int:
+    """Values a projection stores: its Tucker parameters, and ``E H I`` codes of a base."""
+    count = tucker_params(shape, info["ranks"]) if info.get("ranks") else 0
+    return count + (dense_params(shape) if info.get("base") else 0)
+
+
+def budget_bytes(spec: MoESpec, per_tensor, bytes_plan) -> dict[str, Any]:
+    """The manifest's ``bytes`` of a ``--bytes`` run: the stored bytes (every tensor written,
+    codes, scales, zeros and shapes), the budget and how it was spent
+    (:meth:`~tuckerize.compress.bytes_plan.BytesPlan.info`), and per projection its form,
+    ranks, storage, bytes and errors."""
+    E, H, I = spec.shape
+    dense = len(PROJECTIONS) * E * H * I * 2 * len(spec.moe_layers)
+    stored = sum(int(t["bytes"]) for t in per_tensor)
+    keys = ("form", "ranks", "base", "storage", "bytes", "estimated_error", "relative_error", "whitened_error")
+    return {"experts_dense_bf16": dense, "experts_stored": stored, "ratio_to_bf16_dense": stored / dense,
+            "dtypes": {"per_projection": "--bytes"}, "budget": {**bytes_plan.info(), "stored": stored},
+            "projections": [{"layer": t["layer"], "projection": t["projection"], **{k: t.get(k) for k in keys}}
+                            for t in per_tensor]}
 
 
 def build_manifest(
@@ -85,13 +113,16 @@ def build_manifest(
     source_bytes: int | None = None,
     source_dtype: Mapping[str, Any] | None = None,
     factor_dtype: str | None = None,
+    bytes_plan=None,
 ) -> dict[str, Any]:
     """``files``: the journal's entries in unit order; ``model_params``: parameters of the
     source model; ``side_files``: name -> {bytes, sha256} of every non-layer file written;
     ``factor_storage``: how factors are stored (:func:`tuckerize.quant.storage`; None: float32);
     ``source_bytes``: the routed experts' bytes in the source as stored; ``source_dtype``: the
     source's factor dtype and why (:meth:`tuckerize.compress.source.SourceModel.factor_dtype`);
-    ``factor_dtype``: the storage asked for (None: the source's dtype)."""
+    ``factor_dtype``: the storage asked for (None: the source's dtype); ``bytes_plan``: the
+    :class:`~tuckerize.compress.bytes_plan.BytesPlan` of a ``--bytes`` run (``bytes`` then
+    says how its budget was spent: :func:`budget_bytes`)."""
     from tuckerize.quant import DEFAULT_GROUP, checkpoint_bytes
 
     E, H, I = spec.shape
@@ -100,7 +131,7 @@ def build_manifest(
     per_tensor = []
     for entry in files.values():
         for proj, info in entry["errors"].items():
-            count = tucker_params(spec.shape, info["ranks"])
+            count = stored_values(spec.shape, info)
             tucker_expert += count
             per_tensor.append({"layer": entry["layer"], "projection": proj, **info, "params": count})
     per_tensor.sort(key=lambda d: (d["layer"], PROJECTIONS.index(d["projection"])))
@@ -138,9 +169,9 @@ def build_manifest(
     for t in per_tensor:
         layers.setdefault(t["layer"], {})[t["projection"]] = {"ranks": t["ranks"]}
     fs = factor_storage or {}
-    manifest["bytes"] = expert_bytes(checkpoint_bytes(spec, layers, fs.get("dtypes"),
-                                                      fs.get("group_size", DEFAULT_GROUP)),
-                                     source_bytes, source_dtype, factor_dtype)
+    counted = (budget_bytes(spec, per_tensor, bytes_plan) if bytes_plan is not None else
+               checkpoint_bytes(spec, layers, fs.get("dtypes"), fs.get("group_size", DEFAULT_GROUP)))
+    manifest["bytes"] = expert_bytes(counted, source_bytes, source_dtype, factor_dtype)
     if calibration is not None:
         manifest["calibration"] = dict(calibration)
     if allocation is not None:

@@ -26,11 +26,14 @@ class DecomposeRequest:
 
     model: str
     out: Path | None = None
-    # ranks: exactly one of ranks / config (with ranks) / ratio / params
+    # ranks: exactly one of ranks / config (with ranks) / ratio / params / bytes_budget
     ranks: str | tuple[int, int, int] | None = None
     config: Path | None = None
     ratio: float | None = None
     params: int | None = None
+    # a byte budget: the routed experts in at most this fraction of their bf16 dense bytes,
+    # every projection's ranks and storage chosen for it (tuckerize.compress.bytes_plan)
+    bytes_budget: float | None = None
     normalise: str = "relative"
     save_config: Path | None = None
     # calibration: text, or saved statistics (calibration_stats.safetensors or its folder)
@@ -85,6 +88,8 @@ class DecomposeRequest:
             return f"keep{self.ratio:g}"
         if self.params is not None:
             return f"params{self.params}"
+        if self.bytes_budget is not None:
+            return f"bytes{self.bytes_budget:g}"
         return None
 
     def validate(self) -> "DecomposeRequest":
@@ -97,10 +102,12 @@ class DecomposeRequest:
             plan = load_plan(self.config)
             if plan.empty:  # a config with only a method: section
                 plan = None
-        given = sum(x is not None for x in (self.ranks, plan, self.ratio, self.params))
+        if self.bytes_budget is not None:
+            self._check_bytes(plan)
+        given = sum(x is not None for x in (self.ranks, plan, self.ratio, self.params, self.bytes_budget))
         if given != 1:
             raise RankError("give exactly one of --ranks r_E,r_H,r_I, --config FILE.yaml (with ranks), "
-                            "--ratio F or --params N")
+                            "--ratio F, --params N or --bytes B")
         if self.ranks is not None:
             plan = uniform_plan(self.ranks)
         self.plan = plan
@@ -124,6 +131,9 @@ class DecomposeRequest:
             raise CalibrationError(f"--samples {self.samples} --seqlen {self.seqlen}: need at least 1 sample of at "
                                    "least 2 tokens")
         check_budget(self.ratio, self.params)
+        if self.bytes_budget is not None and not self.calibrated:
+            raise CalibrationError("--bytes needs --calibration TEXT (or saved statistics): the allocator and the "
+                                   "quantisers weigh every error by the calibration statistics")
         if self.factor_dtype is not None:
             from tuckerize.quant import parse_factor_dtype
 
@@ -139,6 +149,25 @@ class DecomposeRequest:
             self.calibration_text = read_text(self.calibration, "calibration")
         return self
 
+    def _check_bytes(self, plan) -> None:
+        """``--bytes B``: a fraction in (0, 1], alone (it chooses ranks and storage), calibrated."""
+        import math
+
+        b = self.bytes_budget
+        if not isinstance(b, (int, float)) or not (0.0 < b <= 1.0) or math.isnan(b):
+            raise RankError(f"--bytes {b} is outside (0, 1]; it is the fraction of the bf16 dense experts' bytes to "
+                            "store, e.g. 0.15")
+        for option, value in (("--ranks", self.ranks), ("--ratio", self.ratio), ("--params", self.params),
+                              ("--config with ranks", plan), ("--factor-dtype", self.factor_dtype)):
+            if value is not None:
+                raise RankError(f"--bytes chooses every projection's ranks and storage; drop {option}")
+        for name in ("refit", "sequential"):
+            if getattr(self.method, name):
+                raise RankError(f"method.{name} is not available with --bytes (its forms are fitted to the dense "
+                                "statistics); drop one")
+        if self.method.expert_rank != "full":
+            raise RankError("--bytes keeps r_E = number of experts; drop method.expert_rank: auto")
+
     def choose_storage(self, source_dtype: dict[str, Any]) -> None:
         """How factors are stored: ``factor_dtype`` as given, factors it leaves out (or all,
         when not given) in the source's dtype (``source_dtype``:
@@ -146,6 +175,8 @@ class DecomposeRequest:
         from tuckerize.quant import parse_factor_dtype, storage
 
         self.source_dtype = dict(source_dtype)
+        if self.bytes_budget is not None:  # chosen per projection (tuckerize.compress.bytes_plan)
+            return
         self.factor_dtypes = parse_factor_dtype(self.factor_dtype or source_dtype["dtype"], source_dtype["dtype"])
         self.factor_storage = storage(self.factor_dtypes)
 
@@ -164,6 +195,9 @@ class DecomposeRequest:
         if self.whitening_on:
             settings["algorithm"] = ("whitened-" + settings["algorithm"]
                                      + ("+expert-als" if self.whiten_options.method == "expert" else ""))
+        if self.bytes_budget is not None:
+            settings.update(factor_dtype="per projection (--bytes)", bytes_budget=self.bytes_budget,
+                            bytes_method=self.method.bytes.to_dict())
         return settings
 
 

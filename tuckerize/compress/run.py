@@ -44,6 +44,7 @@ def decompose_checkpoint(
     config: str | Path | None = None,
     ratio: float | None = None,
     params: int | None = None,
+    bytes_budget: float | None = None,
     revision: str | None = None,
     iters: int = DEFAULT_ITERS,
     tol: float = 1e-4,
@@ -81,7 +82,14 @@ def decompose_checkpoint(
     params : number of routed-expert parameters to keep; with ``ratio``/``params`` the
         ranks are allocated per layer and projection (:mod:`tuckerize.allocate`), written
         to ``out/rank_plan.yaml`` and returned in the manifest (``rank_plan``); also
-        written to ``save_config`` when given.
+        written to ``save_config`` when given; or
+    bytes_budget : ``B`` of ``--bytes B``: the routed experts stored in at most ``B`` times
+        the bytes of their bf16 dense weights (every scale, zero and shape counted), the
+        stored form of every layer and projection (Tucker factors, a GPTQ-quantised base, or
+        both; ranks and storage) chosen together for the budget
+        (:mod:`tuckerize.compress.bytes_plan`, settings in ``method.bytes``); needs
+        ``calibration``. The manifest's ``bytes`` says how the budget was spent
+        (``budget``, ``projections``); ``rank_plan`` holds every projection's choice.
     device : ``cpu``, ``cuda`` (or ``cuda:N``) or ``npu``.
     calibration : calibration text (see :func:`tuckerize.text.read_text`);
         with it, ``samples`` windows of ``seqlen`` tokens are run through the model one
@@ -123,7 +131,7 @@ def decompose_checkpoint(
     request = DecomposeRequest(
         model=model, out=Path(out) if out is not None else None, ranks=ranks,
         config=Path(config) if config is not None else None, ratio=ratio, params=params,
-        normalise=normalise, save_config=Path(save_config) if save_config is not None else None,
+        bytes_budget=bytes_budget, normalise=normalise, save_config=Path(save_config) if save_config is not None else None,
         calibration=calibration, samples=samples, seqlen=seqlen, stats=Path(stats) if stats is not None else None,
         calibration_batch=calibration_batch, method=method,
         whiten_options=whiten_options, per_expert_stats=per_expert_stats, revision=revision, device=device,
@@ -158,7 +166,11 @@ def run(request: DecomposeRequest, progress: Progress | None = None,
     if plan is not None:
         plan.check(spec.moe_layers, spec.shape)
     budget = None
-    if plan is None:
+    if request.bytes_budget is not None:
+        from tuckerize.compress.bytes_plan import check_bytes_budget
+
+        check_bytes_budget(spec, request.bytes_budget, request.method.bytes)
+    elif plan is None:
         from tuckerize.allocate import expert_budget
 
         budget = expert_budget(spec.shape, source.n_tensors, ratio=request.ratio, params=request.params,
@@ -226,8 +238,15 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
             request, source, source_files, out, progress, cal_device,
             need_dense=not request.sequential or plan is None, parallel=parallel))
 
-    allocation = None
-    if plan is None:
+    allocation = bytes_plan = None
+    if request.bytes_budget is not None:
+        from tuckerize.compress.bytes_plan import allocate_bytes_plan
+
+        # the candidates divided among the ranks; every rank chooses from all of them
+        bytes_plan = agreed(parallel, lambda: allocate_bytes_plan(request, source, request.bytes_budget, cal.stats,
+                                                                  progress, dev, request.method.bytes, parallel))
+        plan = bytes_plan
+    elif plan is None:
         from tuckerize.compress.allocation import allocate_plan
 
         # the spectra divided among the ranks; every rank allocates from all of them
@@ -237,13 +256,15 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
         if request.save_config is not None:
             on_rank0(parallel, lambda: save_plan(plan, request.save_config, allocation.header))
 
-    ranks = layer_ranks(plan, spec)
+    ranks = bytes_plan.layer_ranks() if bytes_plan is not None else layer_ranks(plan, spec)
     fingerprint: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "source_files": source_files,
         "ranks": ranks,
         "settings": settings,
     }
+    if bytes_plan is not None:
+        fingerprint["forms"] = bytes_plan.forms()
     if cal is not None:
         fingerprint["calibration"] = {
             "settings": cal.settings.key() if cal.settings is not None else None,
@@ -286,6 +307,7 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
         cal_stats=cal.stats if cal is not None else None, whitening_on=request.whitening_on,
         sequential=request.sequential, refit=request.refit, refit_damp=request.method.refit_damp,
         per_expert_stats=request.per_expert_stats, factor_storage=request.factor_storage,
+        bytes_plan=bytes_plan, bytes_method=request.method.bytes,
     )
     agreed(parallel, lambda: pipeline.run(done, units=mine))
     entries = dict(folder.journal["files"])
@@ -298,11 +320,12 @@ def _decompose(request, source, source_files, settings, folder: OutputFolder, pr
     files = {f: entries[f] for f, _ in source.units()}  # in unit order, however the work was divided
 
     return on_rank0(parallel, lambda: _finish(request, source, source_files, settings, folder, plan, ranks,
-                                              fingerprint, files, side, written, cal, allocation, started))
+                                              fingerprint, files, side, written, cal, allocation, started,
+                                              bytes_plan))
 
 
 def _finish(request, source, source_files, settings, folder, plan, ranks, fingerprint, files, side, written, cal,
-            allocation, started) -> dict[str, Any]:
+            allocation, started, bytes_plan=None) -> dict[str, Any]:
     """Config, index, side files and the manifest (rank 0, after every unit is written)."""
     from tuckerize.compress.manifest import build_manifest, tucker_config
 
@@ -310,8 +333,9 @@ def _finish(request, source, source_files, settings, folder, plan, ranks, finger
     folder.journal["files"] = files
     for name in side:
         copy_file(source.source.path / name, out / name)
+    forms = bytes_plan.forms() if bytes_plan is not None else None
     write_json(out / "config.json", tucker_config(source.config, spec, ranks, request.factor_storage,
-                                                 source.tucker_fp8(request.factor_dtypes)))
+                                                 source.tucker_fp8(request.factor_dtypes), forms))
     weight_map = {n: f for f, e in files.items() for n in e["tensors"]}
     total_size = sum((out / e["file"]).stat().st_size for e in files.values())
     write_json(out / INDEX_NAME,
@@ -329,7 +353,7 @@ def _finish(request, source, source_files, settings, folder, plan, ranks, finger
         calibration=cal.info if cal is not None else None,
         allocation=allocation.info if allocation is not None else None, factor_storage=request.factor_storage,
         source_info=source.describe(), source_bytes=source.expert_bytes(), source_dtype=request.source_dtype,
-        factor_dtype=request.factor_dtype,
+        factor_dtype=request.factor_dtype, bytes_plan=bytes_plan,
     )
     folder.finish(manifest)
     return manifest

@@ -8,7 +8,9 @@ Per output unit (unit 0: tensors outside decoder layers; unit L+1: decoder layer
                 layer-by-layer runner with method.sequential / refit)
     decompose   each projection's stacked experts [E, H, I] -> U_E [E, r_E],
                 U_H [H, r_H], U_I [I, r_I], core [r_E, r_H, r_I], by the strategy
-                chosen once for the run (:func:`choose_strategy`)
+                chosen once for the run (:func:`choose_strategy`); with ``--bytes``
+                each projection in the form its byte plan chose, encoded
+                (:func:`tuckerize.compress.form_stage.decompose_forms`)
     refit       each expert's core refitted to its own routed data (method.refit)
     write       the unit's safetensors file, atomically
     journal     the file's size, sha256, errors and tensors recorded in the journal
@@ -25,6 +27,7 @@ from typing import Any
 
 from tuckerize.arch import FACTORS, PROJECTIONS
 from tuckerize.checkpoint import save_safetensors, sha256_file
+from tuckerize.compress.form_stage import decompose_forms
 from tuckerize.experts import stack_projection
 from tuckerize.format import factor_name
 
@@ -154,6 +157,8 @@ class LayerPipeline:
     refit_damp: float = 1e-2
     per_expert_stats: bool = False
     factor_storage: dict[str, Any] | None = None  # tuckerize.quant.storage; None: float32 factors
+    bytes_plan: Any = None  # tuckerize.compress.bytes_plan.BytesPlan: every projection's form (--bytes)
+    bytes_method: Any = None  # tuckerize.compress.method.BytesMethod
 
     def run(self, done: dict[str, Any], units: Any = None) -> None:
         """Every unit in order (``units``: only these, e.g. a rank's share under torchrun);
@@ -173,7 +178,10 @@ class LayerPipeline:
             self.load(job)
             if job.is_moe:
                 self.statistics(job)
-                self.decompose(job)
+                if self.bytes_plan is not None:
+                    decompose_forms(self, job, self.bytes_plan, self.bytes_method)
+                else:
+                    self.decompose(job)
                 if self.refit:
                     self.refit_cores(job)
             self.advance_runner(job)
@@ -203,7 +211,7 @@ class LayerPipeline:
         job.tensors = {name: self.source.ckpt.get(name) for name in self.source.units_of[job.unit]}
 
     def statistics(self, job: LayerJob) -> None:
-        if not self.whitening_on:
+        if not self.whitening_on and self.bytes_plan is None:  # --bytes weighs every form by them
             return
         if self.runner is not None:
             from tuckerize.calibration.stats import LayerStats

@@ -41,11 +41,34 @@ def layer_costs(shape: tuple[int, int, int], top_k: int, ranks: Mapping[str, tup
     return worst
 
 
+def base_layer_costs(shape: tuple[int, int, int], top_k: int, entry: Mapping[str, Any], layout: str,
+                     tp: int) -> dict[str, float]:
+    """:func:`layer_costs` of a layer stored with a quantised base (``entry``: its config
+    section; :class:`~tuckerize.runtime.base_experts.BaseResidualExperts`); layouts it does not
+    run in cost infinity."""
+    import torch
+
+    from tuckerize.runtime.base_experts import BASE_LAYOUTS, BaseResidualExperts, projection_forms
+
+    if layout not in BASE_LAYOUTS:
+        return {"macs": float("inf"), "sent": float("inf"), "payload": {}}
+    E, H, I = shape
+    worst: dict[str, Any] = {"macs": 0.0, "sent": 0.0}
+    for rank in range(tp):
+        m = BaseResidualExperts(E, H, I, projection_forms(entry), layout=layout,
+                                parallel=ParallelContext(rank=rank, world=tp), device="meta", dtype=torch.float32)
+        c = m.cost_per_token(top_k)
+        worst = {"macs": max(worst["macs"], c["macs"]), "sent": max(worst["sent"], c["sent"]), "payload": c["payload"]}
+    return worst
+
+
 def layout_costs(config: Mapping[str, Any], tp: int) -> dict[str, dict[str, float]]:
     """Per token, summed over a Tucker checkpoint's MoE layers: the slowest rank's
-    multiply-adds and the values a rank sends, for every layout and for dense TP."""
+    multiply-adds and the values a rank sends, for every layout and for dense TP (infinity
+    for a layout some layer's stored form does not run in)."""
     from tuckerize.format import CONFIG_KEY
     from tuckerize.parallel import LAYOUTS
+    from tuckerize.runtime.base_experts import has_base
 
     spec = moe_spec(config)
     out: dict[str, dict[str, float]] = {}
@@ -53,8 +76,11 @@ def layout_costs(config: Mapping[str, Any], tp: int) -> dict[str, dict[str, floa
         total = {"macs": 0.0, "sent": 0.0}
         for layer in spec.moe_layers:
             entry = config[CONFIG_KEY]["layers"][str(layer)]
-            ranks = {p: tuple(entry[p]["ranks"]) for p in ("gate", "up", "down")}
-            c = layer_costs(spec.shape, spec.top_k, ranks, layout, tp)
+            if has_base(entry) and layout != "dense":
+                c = base_layer_costs(spec.shape, spec.top_k, entry, layout, tp)
+            else:
+                ranks = {p: tuple(entry[p]["ranks"]) for p in ("gate", "up", "down")}
+                c = layer_costs(spec.shape, spec.top_k, ranks, layout, tp)
             total = {k: total[k] + c[k] for k in total}
         out[layout] = total
     return out
@@ -67,7 +93,8 @@ def choose_layout(config: Mapping[str, Any], tp: int) -> tuple[str, dict[str, di
     from tuckerize.parallel import LAYOUTS
 
     costs = layout_costs(config, tp)
-    ok = [l for l in LAYOUTS if costs[l]["sent"] <= costs["dense"]["sent"]] or list(LAYOUTS)
+    runs = [l for l in LAYOUTS if costs[l]["macs"] != float("inf")]
+    ok = [l for l in runs if costs[l]["sent"] <= costs["dense"]["sent"]] or runs
     best = min(ok, key=lambda l: (round(costs[l]["macs"]), LAYOUTS.index(l)))
     return best, costs
 

@@ -25,6 +25,7 @@ from tuckerize.format import CONFIG_KEY, MANIFEST_NAME, factor_name
 from tuckerize.integrity import verify_checkpoint
 from tuckerize.parallel import ParallelContext, Split, take
 from tuckerize.runtime.layout import layout_plan, with_assignment
+from tuckerize.runtime.base_experts import BaseResidualExperts, has_base, projection_forms
 from tuckerize.runtime.moe import DenseExperts, MoEBlock
 from tuckerize.runtime.routing import RouterSpec
 from tuckerize.runtime.tucker_experts import TuckerExperts
@@ -109,6 +110,21 @@ class TensorSource:
         with torch.no_grad():
             dst.copy_(t)
 
+    def load_stored(self, module: torch.nn.Module, prefix: str) -> None:
+        """Fill a module that reads stored tensors itself (a packed base stays packed:
+        :class:`~tuckerize.runtime.base_experts.BaseResidualExperts`): every tensor it names
+        (``module.stored_names(prefix)``), as stored, sliced by the module for this rank or,
+        from a shard set, taken as the rank's file holds it."""
+        from tuckerize.quant import is_quantised, read_stored
+
+        stored: dict[str, torch.Tensor] = {}
+        for name in module.stored_names(prefix).values():
+            if is_quantised(self.tensors.weight_map, name):
+                stored.update(read_stored(self.tensors, name))
+            else:
+                stored[name] = self.tensors.get(name)
+        module.load_tensors(stored, prefix, sliced=self.kind == "shard")
+
     def load_into(self, module: torch.nn.Module, attr: str, name: str) -> None:
         """Fill ``module``'s parameter or buffer ``attr`` (dotted) from tensor ``name``,
         split as the module says (:func:`split_of`)."""
@@ -144,6 +160,12 @@ class SplitRecorder(TensorSource):
     def load_stacked(self, experts, layer: int) -> None:
         """Dense experts come from original checkpoints, which are never sharded."""
 
+    def load_stored(self, module: torch.nn.Module, prefix: str) -> None:
+        for attr, name in module.stored_names(prefix).items():
+            split = module.shard_spec(attr)
+            if split is not None:
+                self.splits[name] = split
+
 
 def tucker_ranks(config: dict[str, Any], layer: int) -> dict[str, tuple[int, int, int]]:
     entry = config[CONFIG_KEY]["layers"][str(layer)]
@@ -160,7 +182,9 @@ def assigned_experts(source: TensorSource, layer: int) -> list[int] | None:
 
 
 def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=None, device=None):
-    """Tucker experts from a Tucker checkpoint or shard set; dense experts from an original one."""
+    """Tucker experts from a Tucker checkpoint or shard set (experts with a packed quantised
+    base where the layer stores one, ``tuckerize decompose --bytes``); dense experts from an
+    original one."""
     spec = source.spec
     E, H, I = spec.shape
     act = source.config.get("hidden_act", "silu")
@@ -169,6 +193,13 @@ def build_experts(source: TensorSource, layer: int, dense: bool = False, dtype=N
             raise ShardError(f"{source.folder} is a Tucker checkpoint; dense experts need the original model")
         experts = DenseExperts(E, H, I, source.parallel, act=act, dtype=dtype, device=device)
         source.load_stacked(experts, layer)
+        return experts
+    entry = source.config[CONFIG_KEY]["layers"][str(layer)]
+    if has_base(entry):  # a packed quantised base in some projection
+        experts = BaseResidualExperts(E, H, I, projection_forms(entry), layout=source.layout,
+                                      parallel=source.parallel, act=act, experts=assigned_experts(source, layer),
+                                      dtype=dtype, device=device)
+        source.load_stored(experts, spec.arch.experts_prefix(layer))
         return experts
     experts = TuckerExperts(E, H, I, tucker_ranks(source.config, layer), layout=source.layout,
                             parallel=source.parallel, act=act, experts=assigned_experts(source, layer),

@@ -184,16 +184,18 @@ class _Stored:
     """One tensor of the source as the shard writer needs it: a factor stored quantised
     (:mod:`tuckerize.quant`) keeps its codes and scales, sliced without dequantising
     (:func:`tuckerize.quant.slice_stored`) where the split allows; everything else is read
-    (FP8 dequantised) and sliced (:func:`tuckerize.parallel.take`)."""
+    (FP8 dequantised) and sliced (:func:`tuckerize.parallel.take`). A packed quantised base
+    (:mod:`tuckerize.quant_packed`) is never written dequantised: a split through its groups
+    is an error (the runtime's splits keep whole groups)."""
 
     def __init__(self, tensors, name: str):
-        from tuckerize.quant import SUFFIXES, is_quantised
+        from tuckerize.quant import is_quantised, read_stored, stored_shape
 
         self.name = name
         self.stored = None
         if is_quantised(tensors.weight_map, name):
-            self.stored = {f"{name}{s}": tensors.get(f"{name}{s}") for s in SUFFIXES}
-            self.shape = [int(v) for v in self.stored[f"{name}.qshape"].tolist()[:-1]]
+            self.stored = read_stored(tensors, name)
+            self.shape = stored_shape(self.stored, name)
             self._full = None
         else:
             self._full = tensors.get(name, dequantize=True)
@@ -219,4 +221,7 @@ class _Stored:
             got = slice_stored(self.stored, self.name, sp.axis, rows=rows, start=sp.start, stop=sp.stop)
             if got is not None:
                 return got
+            if self.name.endswith(".base"):
+                raise ShardError(f"{self.name}: the split [{sp.start}, {sp.stop}) of axis {sp.axis} cuts the groups "
+                                 "of the packed base; choose another --tp or --layout")
         return {self.name: take(self.full(), sp).contiguous()}

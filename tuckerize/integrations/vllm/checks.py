@@ -101,6 +101,14 @@ def check_tucker_config(config: Mapping[str, Any], where: str, supported: Mappin
     if not isinstance(tucker.get("layers"), Mapping):
         raise InputError(f"{where}: the tucker section has no layers table: the checkpoint is incomplete or its "
                          "config.json was edited; decompose again with `tuckerize decompose`")
+    base = next(((L, p, e[p]) for L, e in tucker["layers"].items() if isinstance(e, Mapping)
+                 for p in ("gate", "up", "down") if isinstance(e.get(p), Mapping) and e[p].get("base")), None)
+    if base is not None:  # tuckerize decompose --bytes: no dense expansion, a refusal
+        L, p, e = base
+        form = f"a packed int{e['base']['bits']} base" + (" + a Tucker residual" if e.get("ranks") else "")
+        raise InputError(f"{where}: layer {L} stores {p} as {form} (tuckerize decompose --bytes); the vLLM plugin "
+                         "serves Tucker factors only: run it with the native runtime (tuckerize eval), or decompose "
+                         "with --ratio/--ranks to serve it")
     try:
         arch = resolve_architecture(config)
     except UnsupportedArchitectureError:

@@ -152,7 +152,7 @@ class VllmTuckerExperts(TuckerExperts):
     forms the per-expert cores."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        from tuckerize.quant import SUFFIXES, decode, logical_names
+        from tuckerize.quant import decode, logical_names, stored_suffixes
 
         stored = dict(weights)
         expected = {f"{p}.{f}" for p in PROJECTIONS for f in FACTORS}
@@ -162,8 +162,9 @@ class VllmTuckerExperts(TuckerExperts):
             raise ShardError(f"unexpected expert tensors {sorted(unexpected)[:3]}: this checkpoint's experts are not "
                              "Tucker factors; make it with `tuckerize decompose`")
         for name in names:
-            if name not in stored and any(f"{name}{s}" not in stored for s in SUFFIXES):
-                raise ShardError(f"factor {name} is stored quantised but incomplete (needs {', '.join(SUFFIXES)}); "
+            suffixes = stored_suffixes(stored, name)
+            if name not in stored and any(f"{name}{s}" not in stored for s in suffixes):
+                raise ShardError(f"factor {name} is stored quantised but incomplete (needs {', '.join(suffixes)}); "
                                  "the checkpoint is damaged: decompose again")
         tensors = {name: decode(stored, name) for name in names}
         with torch.no_grad():
