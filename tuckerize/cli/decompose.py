@@ -150,10 +150,14 @@ def summary_lines(manifest: dict) -> list[str]:
                      + " (reuse with --config)")
     p = manifest["params"]
     b = manifest["bytes"]
-    what = "stored values (a base's codes and Tucker parameters)" if "budget" in b else "parameters"
-    lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} {what} "
-                 f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
-                 f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s")
+    if "budget" in b:  # values of mixed widths (2-bit codes, int4 factors): the bytes line says the size
+        lines.append(f"experts: {p['experts_before']:,} weights stored as {p['experts_after']:,} values (codes of "
+                     f"quantised bases and Tucker parameters, of mixed widths: the bytes below are the size); "
+                     f"{manifest['wall_seconds']:.1f} s")
+    else:
+        lines.append(f"experts: {p['experts_before']:,} -> {p['experts_after']:,} parameters "
+                     f"({p['experts_ratio']:.1%} kept, {1 / p['experts_ratio']:.1f}x smaller); "
+                     f"whole model {p['model_ratio']:.1%} kept; {manifest['wall_seconds']:.1f} s")
     if "budget" in b:
         lines += [budget_line(b), f"{bytes_line(b)}", f"written to {manifest['out']}"]
         return lines
