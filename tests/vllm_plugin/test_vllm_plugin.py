@@ -308,3 +308,21 @@ def test_transformers_refuses_tucker_checkpoint(tucker):
     proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "tuckerize_mixtral" in proc.stderr
+
+
+def test_bytes_checkpoint_of_tucker_forms_matches_native_runtime(prompts, tmp_path):
+    """A ``decompose --bytes B`` checkpoint at a budget the allocator fills with Tucker forms
+    only (GPTQ-quantised factors and cores, the ranks and storage chosen per projection): vLLM serves it
+    with the same greedy tokens and prompt log-probabilities as the native runtime. (A checkpoint
+    with a quantised base is refused in one line: tests/test_bytes.py.)"""
+    from tuckerize.compress import decompose_checkpoint
+
+    folder = tmp_path / "bytes"
+    manifest = decompose_checkpoint(str(DEMOS["qwen3_moe"]), folder, bytes_budget=0.03, calibration="demo",
+                                    samples=8, seqlen=128)
+    forms = {p["form"] for p in manifest["bytes"]["projections"]}
+    assert forms == {"tucker"}, forms
+    assert all(p["storage"].startswith("int") for p in manifest["bytes"]["projections"])
+    got = run_vllm(tmp_path, folder, prompts)
+    ref_tokens, ref_logprobs = native_reference(folder, prompts)
+    assert_same_generation(got, {"tokens": ref_tokens, "logprobs": ref_logprobs})
