@@ -49,7 +49,7 @@ def test_cpu_choice_by_dtype(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         k = choose_kernel("cpu", dtype, "silu")
-        assert (k.name, k.capturable, k.bounded, k.align) == ("grouped", True, True, 1), dtype
+        assert (k.name, k.capturable, k.bounded, k.align) == ("bags", True, True, 1), dtype
         assert "no host synchronisation" in k.describe()
     assert choose_kernel("cpu", torch.float64, "silu", "gather").bounded is False
 
@@ -92,7 +92,7 @@ def test_module_chooses_once_at_load_and_after_a_move(factors, monkeypatch):
     m = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext())
     assert m.kernel is None
     m.load_factors(factors)
-    assert m.kernel.name == "grouped" and m.kernel.dtype == torch.float32
+    assert m.kernel.name == "bags" and m.kernel.dtype == torch.float32
     calls = []
     monkeypatch.setattr(te, "choose_kernel", lambda *a, **k: calls.append(a) or choose_kernel(*a, **k))
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(0))
@@ -167,7 +167,7 @@ def test_native_runtime_installs_nothing(tucker_factory):
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
     model = CausalLM(TensorSource.open(tucker, parallel=ParallelContext()), dtype=torch.float32).eval()
     experts = [b.experts for b in model.moe_blocks().values()]
-    assert experts and all(e.kernel.name == "grouped" for e in experts)
+    assert experts and all(e.kernel.name == "bags" for e in experts)
     with torch.no_grad():
         got = model(ids)
     assert R.rel_err(M.hf_logits(src, ids, tucker=tucker), got) < 1e-4
@@ -208,7 +208,7 @@ def test_padded_factors_change_nothing(factors, layout, world, rank):
     m = _module(factors, layout, rank, world)
     padded = ExpertFactors.prepare(m, align=8)
     assert padded.G["up"].shape[1:] == (16, 8) and padded.U_I["down"].shape[1] == 8
-    assert padded.extra_bytes(m) > 0 and m._factors.extra_bytes(m) == 0
+    assert padded.extra_bytes(m) > 0 and m._factors.extra_bytes(m) == m._factors.linear_bytes  # bags: no padding
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(3))
     idx, w = _routing(9, 2, seed=4)
     expert = m.expert_slot[idx.reshape(-1)]
