@@ -13,7 +13,8 @@ one run:
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
   each (ignore EOS), tokens / wall time;
 * each rate is the median of three runs, interleaved (every run is kept in the JSON: ``runs``);
-* the kernel each Tucker model's experts chose at load (:func:`kernels_used`);
+* the kernel each Tucker model's experts chose at load
+  (:func:`tuckerize.integrations.vllm.models.kernels_used`);
 * weight memory: bytes of every parameter and buffer of the loaded model (the Tucker
   model's include the per-expert cores formed at load), and the checkpoint size on disk;
 * the bytes bound: weight bytes one decode step reads, dense over Tucker (attention and the LM
@@ -187,19 +188,12 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     res = {k: statistics.median(v) for k, v in runs.items()}
     res["runs"] = runs
 
-    from tuckerize.integrations.vllm.models import weight_bytes  # importable by every worker
+    from tuckerize.integrations.vllm.models import kernels_used, weight_bytes  # importable by every worker
 
     res["weight_bytes"] = max(llm.apply_model(weight_bytes), key=lambda b: b["all"])  # the fullest rank
     res["kv_cache_bytes"] = kv
     res["kernels"] = sorted(set().union(*llm.apply_model(kernels_used)))
     return res
-
-
-def kernels_used(model) -> list[str]:
-    """The Tucker experts' kernels of a loaded model, as each module chose at load
-    (:class:`~tuckerize.runtime.kernels.KernelChoice`); [] for dense experts."""
-    return sorted({m.kernel.describe() for m in model.modules() if getattr(m, "kernel", None) is not None
-                   and hasattr(m.kernel, "describe")})
 
 
 def machine_state() -> dict:

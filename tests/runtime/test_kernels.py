@@ -117,13 +117,44 @@ def test_gather_equals_grouped_and_float64(factors, T, K, act, layout):
     with torch.no_grad():
         grouped = _module(factors, layout, act=act, kernel="grouped")(x, idx, w)
         gather = _module(factors, layout, act=act, kernel="gather")(x, idx, w)
-    assert R.rel_err(grouped, gather) < TOL
+        bags = _module(factors, layout, act=act, kernel="bags")(x, idx, w)
+    assert R.rel_err(grouped, gather) < TOL and R.rel_err(grouped, bags) < TOL
     act_fn = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act]
     exact = R.moe_reference(x, idx, w, R.dense_from_flat({k: v.double() for k, v in factors.items()}), act=act_fn)
-    assert R.rel_err(exact, grouped.double()) < TOL and R.rel_err(exact, gather.double()) < TOL
+    for got in (grouped, gather, bags):
+        assert R.rel_err(exact, got.double()) < TOL
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "gather"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
+@pytest.mark.parametrize("T", [2, 40])  # 2 tokens: the bags; 40 (120 pairs > BAG_ROWS * E): per-expert products
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bags_both_paths_against_float64(factors, monkeypatch, onednn, T, dtype):
+    """The CPU kernel's two paths (bags while decoding, one product per expert above
+    ``BAG_ROWS`` pairs per expert), with its dense products through oneDNN (packed ``U_H``)
+    or plain matrix products, equal a float64 einsum; the single-device module and the sum
+    of three expert-split ranks alike."""
+    import tuckerize.runtime.kernels.cpu_moe as cm
+
+    if not onednn:
+        monkeypatch.setattr(cm, "onednn_dtype", lambda dt: False)
+    elif not cm.onednn_dtype(dtype):
+        pytest.skip(f"oneDNN does not multiply {dtype} on this CPU")
+    assert (T * 3 > cm.BAG_ROWS * E) == (T == 40)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
+    idx, w = _routing(T, 3, seed=T)
+    fac = {k: v.to(dtype) for k, v in factors.items()}
+    with torch.no_grad():
+        m = _module(fac, kernel="bags")
+        assert bool(m._factors.linear) == onednn and (m._factors.linear_bytes > 0) == onednn
+        single = m(x, idx, w)
+        parts = [_module(fac, "expert", r, 3, kernel="bags").partial(x, idx, w) for r in range(3)]
+        split = m.finish(sum(parts))
+    exact = R.moe_reference(x.double(), idx, w.double(), R.dense_from_flat({k: v.double() for k, v in fac.items()}))
+    tol = TOL if dtype == torch.float32 else 2e-2
+    assert R.rel_err(exact, single.double()) < tol and R.rel_err(exact, split.double()) < tol
+
+
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "gather"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_expert_split_ranks_sum_to_single_device(factors, kernel, world):
     """Each rank computes only (grouped) or with weight 0 (gather) the pairs of other ranks'
