@@ -180,10 +180,10 @@ def main():
 
     mem = {"dense_bytes": dense_bytes}
     for r, (m, _) in tuckers.items():
-        total = bytes_of(m)
-        g = sum(getattr(m, p).G.numel() * getattr(m, p).G.element_size() for p in ("gate", "up", "down"))
-        mem[",".join(map(str, r))] = {"held_bytes": total, "materialized_cores_bytes": g,
-                                      "fraction_of_dense": total / dense_bytes}
+        held = m.memory_bytes()  # factors, formed cores, and the kernel's own copies (packed weights)
+        mem[",".join(map(str, r))] = {"held_bytes": held["total"], "materialized_cores_bytes": held["cores"],
+                                      "kernel_bytes": held["kernel"], "kernel": m.kernel.describe(),
+                                      "fraction_of_dense": held["total"] / dense_bytes}
     results["memory"] = mem
     print(json.dumps(mem, indent=1))
 

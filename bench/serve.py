@@ -12,6 +12,9 @@ one run:
 * prefill tokens/s: ``--prefill-prompts`` prompts of ``--prefill-len`` tokens, one new token;
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
   each (ignore EOS), tokens / wall time;
+* each rate is the median of three runs, interleaved (every run is kept in the JSON: ``runs``);
+* the kernel each Tucker model's experts chose at load
+  (:func:`tuckerize.integrations.vllm.models.kernels_used`);
 * weight memory: bytes of every parameter and buffer of the loaded model (the Tucker
   model's include the per-expert cores formed at load), and the checkpoint size on disk;
 * the bytes bound: weight bytes one decode step reads, dense over Tucker (attention and the LM
@@ -144,10 +147,12 @@ def kv_cache_bytes(layers: int, max_len: int) -> int:
 
 
 def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int, tp: int = 1,
-            layers: int = 2) -> dict:
+            layers: int = 2, repeats: int = 3) -> dict:
     """Runs in a child process: one vLLM engine, in-process at one rank, else vLLM's
-    multiprocessing executor with one worker per rank."""
+    multiprocessing executor with one worker per rank. Each rate is measured ``repeats``
+    times (fresh prompts each time); the median is reported, every run is kept (``runs``)."""
     import random
+    import statistics
 
     if tp == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -166,24 +171,28 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     def prompts(n, length):
         return [{"prompt_token_ids": [rng.randrange(2, 4000) for _ in range(length)]} for _ in range(n)]
 
-    def timed(reqs, params):
+    def rate(n, length, new_tokens):
+        """Generated (or, with one new token, prompt) tokens per second of one batch."""
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0)
         t = time.perf_counter()
-        out = llm.generate(reqs, params, use_tqdm=False)
-        return time.perf_counter() - t, out
+        out = llm.generate(prompts(n, length), params, use_tqdm=False)
+        sec = time.perf_counter() - t
+        return (n * length if new_tokens == 1 else sum(len(o.outputs[0].token_ids) for o in out)) / sec
 
-    timed(prompts(2, 16), SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    res = {}
-    sec, _ = timed(prompts(prefill_prompts, prefill_len), SamplingParams(max_tokens=1, ignore_eos=True))
-    res["prefill_tokens_per_s"] = prefill_prompts * prefill_len / sec
-    for b in (1, 8, 32):
-        sec, out = timed(prompts(b, 16), SamplingParams(max_tokens=decode_tokens, ignore_eos=True, temperature=0.0))
-        n = sum(len(o.outputs[0].token_ids) for o in out)
-        res[f"decode_b{b}_tokens_per_s"] = n / sec
+    rate(2, 16, 4)  # warm-up
+    runs = {"prefill_tokens_per_s": [], **{f"decode_b{b}_tokens_per_s": [] for b in (1, 8, 32)}}
+    for _ in range(repeats):  # interleaved, so that a slow spell of the machine spreads over all rates
+        runs["prefill_tokens_per_s"].append(rate(prefill_prompts, prefill_len, 1))
+        for b in (1, 8, 32):
+            runs[f"decode_b{b}_tokens_per_s"].append(rate(b, 16, decode_tokens))
+    res = {k: statistics.median(v) for k, v in runs.items()}
+    res["runs"] = runs
 
-    from tuckerize.integrations.vllm.models import weight_bytes  # importable by every worker
+    from tuckerize.integrations.vllm.models import kernels_used, weight_bytes  # importable by every worker
 
     res["weight_bytes"] = max(llm.apply_model(weight_bytes), key=lambda b: b["all"])  # the fullest rank
     res["kv_cache_bytes"] = kv
+    res["kernels"] = sorted(set().union(*llm.apply_model(kernels_used)))
     return res
 
 
@@ -300,6 +309,10 @@ def main() -> None:
         m = r["machine"]
         print(f"| {name} | " + " | ".join(bound) + f" | {m['load_before']:.1f} / {m['load_after']:.1f} | "
               f"{m['other_processes_cores']:.2f} |")
+    print()
+    for name, r in results.items():
+        kernel = ", ".join(r["kernels"]) or "vLLM's own MoE layer"
+        print(f"{name}: kernel {kernel}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ FLOORS: list[tuple[str, list[str]]] = [
                "tuckerize.allocate_bytes"]),
     ("runtime", ["tuckerize.runtime", "tuckerize.runtime.routing", "tuckerize.runtime.tucker_experts",
                  "tuckerize.runtime.base_experts",
-                 "tuckerize.runtime.moe", "tuckerize.runtime.kernels", "tuckerize.runtime.kernels.torch_moe",
+                 "tuckerize.runtime.moe", "tuckerize.runtime.kernels", "tuckerize.runtime.kernels.cpu_moe", "tuckerize.runtime.kernels.torch_moe",
                  "tuckerize.runtime.kernels.triton_moe", "tuckerize.runtime.layout", "tuckerize.runtime.loader",
                  "tuckerize.runtime.model", "tuckerize.runtime.plan", "tuckerize.runtime.hf",
                  "tuckerize.runtime.layerwise"]),

@@ -49,7 +49,7 @@ def test_cpu_choice_by_dtype(monkeypatch):
     monkeypatch.delenv(ENV, raising=False)
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         k = choose_kernel("cpu", dtype, "silu")
-        assert (k.name, k.capturable, k.bounded, k.align) == ("grouped", True, True, 1), dtype
+        assert (k.name, k.capturable, k.bounded, k.align) == ("bags", True, True, 1), dtype
         assert "no host synchronisation" in k.describe()
     assert choose_kernel("cpu", torch.float64, "silu", "gather").bounded is False
 
@@ -92,7 +92,7 @@ def test_module_chooses_once_at_load_and_after_a_move(factors, monkeypatch):
     m = TuckerExperts(E, H, I, R.PLAN, parallel=ParallelContext())
     assert m.kernel is None
     m.load_factors(factors)
-    assert m.kernel.name == "grouped" and m.kernel.dtype == torch.float32
+    assert m.kernel.name == "bags" and m.kernel.dtype == torch.float32
     calls = []
     monkeypatch.setattr(te, "choose_kernel", lambda *a, **k: calls.append(a) or choose_kernel(*a, **k))
     x = torch.randn(5, H, generator=torch.Generator().manual_seed(0))
@@ -117,13 +117,44 @@ def test_gather_equals_grouped_and_float64(factors, T, K, act, layout):
     with torch.no_grad():
         grouped = _module(factors, layout, act=act, kernel="grouped")(x, idx, w)
         gather = _module(factors, layout, act=act, kernel="gather")(x, idx, w)
-    assert R.rel_err(grouped, gather) < TOL
+        bags = _module(factors, layout, act=act, kernel="bags")(x, idx, w)
+    assert R.rel_err(grouped, gather) < TOL and R.rel_err(grouped, bags) < TOL
     act_fn = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}[act]
     exact = R.moe_reference(x, idx, w, R.dense_from_flat({k: v.double() for k, v in factors.items()}), act=act_fn)
-    assert R.rel_err(exact, grouped.double()) < TOL and R.rel_err(exact, gather.double()) < TOL
+    for got in (grouped, gather, bags):
+        assert R.rel_err(exact, got.double()) < TOL
 
 
-@pytest.mark.parametrize("kernel", ["grouped", "gather"])
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "plain"])
+@pytest.mark.parametrize("T", [2, 40])  # 2 tokens: the bags; 40 (120 pairs > BAG_ROWS * E): per-expert products
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_bags_both_paths_against_float64(factors, monkeypatch, onednn, T, dtype):
+    """The CPU kernel's two paths (bags while decoding, one product per expert above
+    ``BAG_ROWS`` pairs per expert), with its dense products through oneDNN (packed ``U_H``)
+    or plain matrix products, equal a float64 einsum; the single-device module and the sum
+    of three expert-split ranks alike."""
+    import tuckerize.runtime.kernels.cpu_moe as cm
+
+    if not onednn:
+        monkeypatch.setattr(cm, "onednn_dtype", lambda dt: False)
+    elif not cm.onednn_dtype(dtype):
+        pytest.skip(f"oneDNN does not multiply {dtype} on this CPU")
+    assert (T * 3 > cm.BAG_ROWS * E) == (T == 40)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(T)).to(dtype)
+    idx, w = _routing(T, 3, seed=T)
+    fac = {k: v.to(dtype) for k, v in factors.items()}
+    with torch.no_grad():
+        m = _module(fac, kernel="bags")
+        assert bool(m._factors.linear) == onednn and (m._factors.linear_bytes > 0) == onednn
+        single = m(x, idx, w)
+        parts = [_module(fac, "expert", r, 3, kernel="bags").partial(x, idx, w) for r in range(3)]
+        split = m.finish(sum(parts))
+    exact = R.moe_reference(x.double(), idx, w.double(), R.dense_from_flat({k: v.double() for k, v in fac.items()}))
+    tol = TOL if dtype == torch.float32 else 2e-2
+    assert R.rel_err(exact, single.double()) < tol and R.rel_err(exact, split.double()) < tol
+
+
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "gather"])
 @pytest.mark.parametrize("world", [2, 3])
 def test_expert_split_ranks_sum_to_single_device(factors, kernel, world):
     """Each rank computes only (grouped) or with weight 0 (gather) the pairs of other ranks'
@@ -167,7 +198,7 @@ def test_native_runtime_installs_nothing(tucker_factory):
     ids = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(0))
     model = CausalLM(TensorSource.open(tucker, parallel=ParallelContext()), dtype=torch.float32).eval()
     experts = [b.experts for b in model.moe_blocks().values()]
-    assert experts and all(e.kernel.name == "grouped" for e in experts)
+    assert experts and all(e.kernel.name == "bags" for e in experts)
     with torch.no_grad():
         got = model(ids)
     assert R.rel_err(M.hf_logits(src, ids, tucker=tucker), got) < 1e-4
@@ -208,7 +239,7 @@ def test_padded_factors_change_nothing(factors, layout, world, rank):
     m = _module(factors, layout, rank, world)
     padded = ExpertFactors.prepare(m, align=8)
     assert padded.G["up"].shape[1:] == (16, 8) and padded.U_I["down"].shape[1] == 8
-    assert padded.extra_bytes(m) > 0 and m._factors.extra_bytes(m) == 0
+    assert padded.extra_bytes(m) > 0 and m._factors.extra_bytes(m) == m._factors.linear_bytes  # bags: no padding
     x = torch.randn(9, H, generator=torch.Generator().manual_seed(3))
     idx, w = _routing(9, 2, seed=4)
     expert = m.expert_slot[idx.reshape(-1)]

@@ -758,7 +758,7 @@ def test_memory_bytes_from_shapes(layout, world):
             factors += e_r * rE + u_h + i_r * rI + rE * rH * rI
             cores += e_r * rH * rI
         got = m.memory_bytes()
-        assert got == {"factors": 2 * factors, "cores": 2 * cores, "padded": 0, "total": 2 * (factors + cores)}
+        assert got == {"factors": 2 * factors, "cores": 2 * cores, "kernel": 0, "total": 2 * (factors + cores)}
     mem = te.memory_per_layer([m, m, torch.nn.Linear(2, 2)])
     assert mem["layers"] == 2 and mem["total"] == got["total"]
     assert mem["dense_same_dtype"] == 3 * E * H * I * 2 / world

@@ -60,7 +60,7 @@ def test_op_registered_like_vllms_moe_op():
     assert not any("cudagraph_unsafe" in t for t in got["tags"])  # the CPU kernel is static
     assert got["fake"] == [[5, 8], "torch.bfloat16"]
     assert got["layer_name_type"] == got["vllm_layer_name_type"]  # LayerName where vLLM hoists it
-    assert got["kernel"].startswith("grouped on cpu float32")
+    assert got["kernel"].startswith("bags on cpu float32")
 
 
 def test_a_kernel_that_cannot_be_captured_is_kept_out_of_cuda_graphs():

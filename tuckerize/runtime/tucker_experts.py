@@ -239,7 +239,7 @@ class TuckerExperts(nn.Module):
     def _prepare(self) -> None:
         G = self.gate.G
         self.kernel = choose_kernel(G.device, G.dtype, self.act_name, self._requested_kernel)
-        self._factors = ExpertFactors.prepare(self, self.kernel.align)
+        self._factors = self.kernel.prepare(self)
 
     def _apply(self, fn, recurse=True):
         """After ``.to()``/``.cuda()``/``.half()``: the kernel and its prepared factors follow."""
@@ -260,8 +260,8 @@ class TuckerExperts(nn.Module):
         rank projects onto its r_H/N columns and one all-gather (r_H,gate + r_H,up values per
         token) assembles the whole."""
         f = self._factors
-        if self.layout not in INPUT_SPLIT_LAYOUTS or self.parallel.world == 1:
-            return x @ f.U_H["gate"], x @ f.U_H["up"]
+        if not f.split_input:
+            return f.project_in(x)
         xg, xu = x @ self.gate.U_H, x @ self.up.U_H
         sizes = [a + b for a, b in zip(self.rh_sizes["gate"], self.rh_sizes["up"])]
         both = self.parallel.all_gather_cat(torch.cat([xg, xu], dim=-1), sizes, dim=-1)
@@ -287,7 +287,7 @@ class TuckerExperts(nn.Module):
     def finish(self, s: torch.Tensor) -> torch.Tensor:
         """``s U_H,d^T``, once per token, after the all-reduce of ``s``. In ``hybrid`` each
         rank computes its H/N output columns and one all-gather (H values) assembles them."""
-        out = s @ self.down.U_H.T
+        out = s @ self.down.U_H.T if self._factors is None else self._factors.product("out", s)
         if self.layout == "hybrid":
             out = self.parallel.all_gather_cat(out, self.hidden_sizes, dim=-1)
         return out
@@ -328,15 +328,16 @@ class TuckerExperts(nn.Module):
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the layer: ``factors`` (U_E, U_H, U_I, core of the three
         projections, as loaded: quantised factors are dequantised at load), ``cores``
-        (the per-expert cores G formed from them) and ``padded`` (zero-padded copies a
-        grouped kernel needs where a rank is not a multiple of 16 bytes; usually 0)."""
+        (the per-expert cores G formed from them) and ``kernel`` (the kernel's own copies:
+        zero-padded factors where a grouped kernel needs 16-byte ranks, usually none; on the
+        CPU the ``U_H`` weights packed for oneDNN)."""
         def nbytes(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
         factors = sum(nbytes(getattr(getattr(self, p), f)) for p in PROJECTIONS for f in FACTORS)
         cores = sum(nbytes(getattr(self, p).G) for p in PROJECTIONS)
-        padded = self._factors.extra_bytes(self) if self._factors is not None else 0
-        return {"factors": factors, "cores": cores, "padded": padded, "total": factors + cores + padded}
+        kernel = self._factors.extra_bytes(self) if self._factors is not None else 0
+        return {"factors": factors, "cores": cores, "kernel": kernel, "total": factors + cores + kernel}
 
     def extra_repr(self) -> str:
         return (f"E={self.num_experts}, H={self.hidden_size}, I={self.intermediate_size}, ranks={self.ranks}, "
@@ -354,7 +355,7 @@ def memory_per_layer(experts: Sequence[TuckerExperts]) -> dict[str, float] | Non
         return None
     mems = [m.memory_bytes() for m in experts]
     n = len(mems)
-    out: dict[str, float] = {k: sum(m[k] for m in mems) / n for k in ("factors", "cores", "padded", "total")}
+    out: dict[str, float] = {k: sum(m[k] for m in mems) / n for k in ("factors", "cores", "kernel", "total")}
     dense = [3 * m.num_experts * m.hidden_size * m.intermediate_size * m.gate.core.element_size() / m.parallel.world
              for m in experts]
     out.update(layers=n, dense_same_dtype=sum(dense) / n)

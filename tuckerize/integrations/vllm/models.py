@@ -227,6 +227,13 @@ def weight_bytes(model: Any) -> dict[str, int]:
     return {"all": sum(t.numel() * t.element_size() for _, t in named), "moe": moe}
 
 
+def kernels_used(model: Any) -> list[str]:
+    """The Tucker experts' kernels of a loaded vLLM model, as each chose at load (e.g.
+    ``LLM(...).apply_model(kernels_used)``: one list per rank; [] for dense experts)."""
+    return sorted({m.kernel.describe() for m in model.modules()
+                   if getattr(m, "kernel", None) is not None and hasattr(m.kernel, "describe")})
+
+
 def register_all() -> None:
     from vllm import ModelRegistry
 

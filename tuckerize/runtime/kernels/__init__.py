@@ -7,6 +7,12 @@ Every kernel has static shapes and no host synchronisation, so the module's forw
 with ``torch.compile(fullgraph=True, dynamic=True)``; ``capturable`` says whether a CUDA graph
 can also capture it on that device.
 
+* ``bags`` (:mod:`~tuckerize.runtime.kernels.cpu_moe`): the CPU's. Decoding-sized calls as a
+  dozen operations whatever the routing: every pair's core product in one ``embedding_bag`` per
+  projection (weighted sums of the cores' rows, no per-expert product), the dense products
+  through oneDNN with ``U_H`` packed at load; prefill-sized calls (more than
+  :data:`~tuckerize.runtime.kernels.cpu_moe.BAG_ROWS` pairs per expert) through ``grouped``'s
+  per-expert products with the same dense products.
 * ``grouped`` (:func:`~tuckerize.runtime.kernels.torch_moe.grouped_partial`): pairs sorted by
   expert, offsets kept on the device, one grouped product per core. On the CPU one matrix
   product per expert that has rows, any dtype; on CUDA torch's grouped_mm, without host
@@ -18,7 +24,8 @@ can also capture it on that device.
   per pair and batched products; any device, memory-bound, the fallback.
 
 ``auto``: CUDA -> ``triton`` when Triton is installed (else ``grouped`` where capturable,
-else ``gather``); CPU -> ``grouped``; other devices (NPU) -> ``gather``. ``TUCKERIZE_KERNEL=auto|grouped|triton|gather`` overrides it.
+else ``gather``); CPU -> ``bags``; other devices (NPU) -> ``gather``.
+``TUCKERIZE_KERNEL=auto|bags|grouped|triton|gather`` overrides it.
 """
 
 from __future__ import annotations
@@ -31,10 +38,11 @@ from typing import Callable
 import torch
 
 from tuckerize.errors import InputError
+from tuckerize.runtime.kernels import cpu_moe
 from tuckerize.runtime.kernels.torch_moe import (ExpertFactors, alignment, gather_partial, grouped_op, grouped_partial,
                                                  torch_grouped_mm)
 
-KERNELS = ("grouped", "triton", "gather")
+KERNELS = ("bags", "grouped", "triton", "gather")
 #: environment variable overriding the choice (auto, or one of KERNELS)
 ENV = "TUCKERIZE_KERNEL"
 #: activations the Triton kernels implement
@@ -76,10 +84,17 @@ class KernelChoice:
     reason: str
     align: int = 1
     _fn: Callable | None = None
+    _prepare: Callable | None = None
 
     def partial(self, f: ExpertFactors, xg: torch.Tensor, xu: torch.Tensor, expert: torch.Tensor,
                 weight: torch.Tensor, top_k: int) -> torch.Tensor:
         return self._fn(f, xg, xu, expert, weight, top_k)
+
+    def prepare(self, module) -> ExpertFactors:
+        """What this kernel reads from a loaded module (once per load or move)."""
+        if self._prepare is not None:
+            return self._prepare(module)
+        return ExpertFactors.prepare(module, self.align)
 
     def describe(self) -> str:
         if self.device == "cuda":
@@ -100,6 +115,10 @@ def _grouped(device: torch.device, dtype: torch.dtype, reason: str) -> KernelCho
         return grouped_partial(f, mm, xg, xu, expert, weight, top_k)
 
     return KernelChoice("grouped", device.type, dtype, capturable, True, reason, align, fn)
+
+
+def _bags(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:
+    return KernelChoice("bags", device.type, dtype, True, True, reason, 1, cpu_moe.bag_partial, cpu_moe.prepare)
 
 
 def _triton(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:
@@ -132,7 +151,7 @@ def choose_kernel(device: torch.device | str, dtype: torch.dtype, act: str, requ
         if device.type == "cuda" and triton_available() and act in TRITON_ACTS:
             return _triton(device, dtype, "auto: CUDA with Triton")
         if device.type == "cpu":
-            return _grouped(device, dtype, "auto: cpu, one product per expert with rows")
+            return _bags(device, dtype, "auto: cpu, a dozen operations per call")
         if device.type == "cuda" and cuda_grouped and _grouped_capturable(device, dtype):
             return _grouped(device, dtype, "auto: CUDA bfloat16 with torch's grouped_mm")
         return _gather(device, dtype, f"auto: no capturable grouped product on {device.type} {dtype}")
@@ -142,6 +161,10 @@ def choose_kernel(device: torch.device | str, dtype: torch.dtype, act: str, requ
             raise InputError(f"{why}: torch's grouped_mm ({torch.__version__}) does not multiply {dtype} on "
                              f"{device.type}; use {ENV}=gather")
         return _grouped(device, dtype, why)
+    if name == "bags":
+        if device.type != "cpu":
+            raise InputError(f"{why}: the bags kernel runs on the CPU; use {ENV}=auto on {device.type}")
+        return _bags(device, dtype, why)
     if name == "triton":
         if not triton_available():
             raise InputError(f"{why} needs the triton package: pip install triton")

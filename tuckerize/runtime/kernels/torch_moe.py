@@ -29,11 +29,13 @@ runtime.kernels` records which).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from tuckerize.parallel import INPUT_SPLIT_LAYOUTS
 
 #: most bytes of gathered cores per projection per chunk on the ``gather`` path
 GATHER_BYTES = 256 << 20
@@ -124,13 +126,17 @@ def _pad(t: torch.Tensor, dims: tuple[int, ...], align: int) -> torch.Tensor:
 class ExpertFactors:
     """What the kernels read from a Tucker experts module, prepared once at load.
 
-    ``U_H`` gate/up [H, r_Hp] (the input projection; this rank's columns in hybrid),
-    ``U_I`` [I_locp, r_Ip], ``G`` [E_loc, r_Hp, r_Ip] per projection: zero-padded so that r_H,
-    r_I and I_loc are multiples of ``align`` elements (16 bytes: what grouped products need; the
-    zeros change no sum). They are the module's own tensors, not copies, when the ranks are
-    already multiples (real ranks such as 512/256 are). ``rank_hd``: r_H of down unpadded
-    (the width of ``s``). ``split``: this rank holds some experts only (pairs of others get
-    the index ``n_experts``)."""
+    ``U_H`` gate/up [H, r_Hp] (the input projection; this rank's columns in hybrid) and down
+    [H_r, r_H,d], ``U_I`` [I_locp, r_Ip], ``G`` [E_loc, r_Hp, r_Ip] per projection: zero-padded so
+    that r_H, r_I and I_loc of gate and up are multiples of ``align`` elements (16 bytes: what
+    grouped products need; the zeros change no sum). They are the module's own tensors, not
+    copies, when the ranks are already multiples (real ranks such as 512/256 are). ``rank_hd``:
+    r_H of down unpadded (the width of ``s``). ``split``: this rank holds some experts only
+    (pairs of others get the index ``n_experts``); ``experts_total``: E of the layer;
+    ``split_input``: ``x U_H`` is projected onto this rank's columns and gathered (hybrid).
+    ``linear``: weights [N, K] of the dense products that a kernel runs through oneDNN
+    (:mod:`~tuckerize.runtime.kernels.cpu_moe`), by name (:meth:`product`); empty: plain
+    matrix products. ``linear_bytes``: the bytes of the copies among them (packed weights)."""
 
     U_H: dict[str, torch.Tensor]
     U_I: dict[str, torch.Tensor]
@@ -140,23 +146,52 @@ class ExpertFactors:
     split: bool
     act: str
     act_fn: Callable[[torch.Tensor], torch.Tensor]
+    experts_total: int = 0
+    split_input: bool = False
+    linear: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    linear_bytes: int = 0
 
     @classmethod
     def prepare(cls, module, align: int = 1) -> "ExpertFactors":
         """From a :class:`~tuckerize.runtime.tucker_experts.TuckerExperts` whose cores are formed."""
-        U_H, U_I, G = {}, {}, {}
+        U_H, U_I, G = {"down": module.down.U_H}, {}, {}
         for p in ("gate", "up", "down"):
             f = getattr(module, p)
             G[p] = _pad(f.G, (1, 2), align)
             U_I[p] = _pad(f.U_I, (0, 1), align)  # I too: the rows of the U_I products' outputs
             if p != "down":
                 U_H[p] = _pad(f.U_H, (1,), align)
+        split_input = module.layout in INPUT_SPLIT_LAYOUTS and module.parallel.world > 1
         return cls(U_H=U_H, U_I=U_I, G=G, n_experts=int(module.gate.G.shape[0]), rank_hd=int(module.down.G.shape[1]),
-                   split=module.layout_splits_experts, act=module.act_name, act_fn=module.act_fn)
+                   split=module.layout_splits_experts, act=module.act_name, act_fn=module.act_fn,
+                   experts_total=int(module.num_experts), split_input=split_input)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.G["gate"].dtype
+
+    def product(self, name: str, x: torch.Tensor, rows: torch.Tensor | None = None,
+                mm: Callable | None = None) -> torch.Tensor:
+        """The dense product ``name`` of ``x`` [M, K]: ``gate``/``up``: ``x U_I,p^T``; ``down``:
+        ``x U_I,d``; ``out``: ``x U_H,d^T``. With ``rows`` (a one-element tensor, on the
+        device) only the first ``rows[0]`` rows are computed: the others are zero through
+        oneDNN, unwritten through the grouped product ``mm`` (:func:`grouped_op`)."""
+        w = self.linear.get(name)
+        if w is not None:
+            return torch.ops.tuckerize.linear(x, w, rows)
+        if name == "out":
+            b = self.U_H["down"].T
+        else:
+            b = self.U_I["down"] if name == "down" else self.U_I[name].T
+        return x @ b if rows is None else mm(x, b.unsqueeze(0), rows)
+
+    def project_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x U_H,gate`` and ``x U_H,up`` [T, r_Hp] (one product where ``linear`` has both)."""
+        w = self.linear.get("in")
+        if w is None:
+            return x @ self.U_H["gate"], x @ self.U_H["up"]
+        both = torch.ops.tuckerize.linear(x, w, None)
+        return both.split([self.U_H["gate"].shape[1], self.U_H["up"].shape[1]], dim=1)
 
     def pad_input(self, t: torch.Tensor, p: str) -> torch.Tensor:
         """[T, r_H,p] -> [T, r_Hp] (zero columns), for an input projected and gathered elsewhere."""
@@ -164,8 +199,9 @@ class ExpertFactors:
         return t if t.shape[1] == n else torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1])], dim=1)
 
     def extra_bytes(self, module) -> int:
-        """Bytes of the padded copies (0 when the ranks need no padding)."""
-        total = 0
+        """Bytes of the kernel's own copies: padded factors (0 when the ranks need no padding)
+        and packed weights of the dense products (``linear_bytes``)."""
+        total = self.linear_bytes
         for p in ("gate", "up", "down"):
             f = getattr(module, p)
             pairs = [(self.G[p], f.G), (self.U_I[p], f.U_I)] + ([(self.U_H[p], f.U_H)] if p != "down" else [])
@@ -189,16 +225,15 @@ def grouped_partial(f: ExpertFactors, mm: Callable, xg: torch.Tensor, xu: torch.
     tok = order // top_k
     zg = mm(xg[tok], f.G["gate"], offs)  # [P, r_Ip,g]
     zu = mm(xu[tok], f.G["up"], offs)
-    ug, uu, ud = f.U_I["gate"], f.U_I["up"], f.U_I["down"]
     if f.split:  # rows past this rank's pair count: computed by no product below, selected away
         n = offs[-1:]
-        a = f.act_fn(mm(zg, ug.T.unsqueeze(0), n)) * mm(zu, uu.T.unsqueeze(0), n)
-        zd = mm(mm(a, ud.unsqueeze(0), n), f.G["down"].transpose(1, 2), offs)
+        a = f.act_fn(f.product("gate", zg, n, mm)) * f.product("up", zu, n, mm)
+        zd = mm(f.product("down", a, n, mm), f.G["down"].transpose(1, 2), offs)
         valid = torch.arange(P, device=expert.device, dtype=torch.int32).unsqueeze(1) < n
         zd = torch.where(valid, zd, torch.zeros((), dtype=zd.dtype, device=zd.device))
     else:  # every pair is this rank's: offs[-1] == P, every row is written
-        a = f.act_fn(zg @ ug.T) * (zu @ uu.T)  # [P, I_loc]
-        zd = mm(a @ ud, f.G["down"].transpose(1, 2), offs)  # [P, r_Hp,d]
+        a = f.act_fn(f.product("gate", zg)) * f.product("up", zu)  # [P, I_loc]
+        zd = mm(f.product("down", a), f.G["down"].transpose(1, 2), offs)  # [P, r_Hp,d]
     zd = zd * weight[order].to(zd.dtype).unsqueeze(1)
     s = torch.zeros(xg.shape[0], zd.shape[1], dtype=zd.dtype, device=zd.device)
     s.index_add_(0, tok, zd)
