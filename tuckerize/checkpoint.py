@@ -420,9 +420,50 @@ def copy_file(src: Path, path: Path) -> None:
         shutil.copyfile(src, tmp)
 
 
-def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Serialise in memory, then write through :func:`atomic_write` (safetensors' own file
-    writer reports a full disk as its own error type, not as an ``OSError``)."""
+def safetensors_header(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
+    """The 8-byte length and JSON header safetensors writes for ``tensors``, and the order
+    their data follow in. The order is safetensors' own (by dtype, then name), asked of it
+    with empty tensors of the same names and dtypes, so the file is byte-identical to
+    ``safetensors.torch.save``'s; the header lists shapes and byte offsets, padded with
+    spaces to 8 bytes as safetensors pads it."""
+    import struct
+
+    import torch
     from safetensors.torch import save
 
-    write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+    probe = save({k: torch.empty(0, dtype=v.dtype) for k, v in tensors.items()}, metadata=metadata)
+    n = struct.unpack("<Q", probe[:8])[0]
+    probed = json.loads(probe[8:8 + n])
+    order = [k for k in probed if k != "__metadata__"]
+    header: dict[str, Any] = {"__metadata__": probed["__metadata__"]} if "__metadata__" in probed else {}
+    offset = 0
+    for k in order:
+        t = tensors[k]
+        size = t.numel() * t.element_size()
+        header[k] = {"dtype": probed[k]["dtype"], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def save_safetensors(tensors: dict[str, Any], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file through :func:`atomic_write`, streamed: the
+    header, then each tensor's bytes straight from its memory (safetensors' own ``save`` and
+    ``save_file`` copy every tensor to bytes first, and ``save`` the whole file again: three
+    times the non-expert unit of a large vocabulary, GBs, at the peak). The bytes are
+    safetensors' own (:func:`safetensors_header`); a full disk is an ``OSError`` here, which
+    :func:`atomic_write` names."""
+    import torch
+
+    head, order = safetensors_header(tensors, metadata)
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(head)
+            for k in order:
+                t = tensors[k].detach().cpu().contiguous()
+                if t.numel():
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
