@@ -18,7 +18,6 @@ does not hold in a release (the record is written anyway, to read what broke).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tuckerize.checkpoint import sha256_file  # noqa: E402
 from tuckerize.integrations.vllm import SUPPORTED_VLLM  # noqa: E402
 from tuckerize.integrations.vllm.api_check import SourceTree, check_release  # noqa: E402
 from tuckerize.integrations.vllm.api_uses import plugin_uses  # noqa: E402
@@ -69,14 +69,6 @@ def wheel_for(spec: str, cache: Path) -> Path:
     return found[-1]
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check(spec: str, wheel: Path, uses: list[str]) -> dict:
     tree = SourceTree.from_wheel(wheel)
     results = check_release(tree, uses)
@@ -89,7 +81,7 @@ def check(spec: str, wheel: Path, uses: list[str]) -> dict:
         result["defs"] = names
     for rel in WATCHED:
         tree.module(rel[:-3].replace("/", "."))
-    return {"wheel": wheel.name, "sha256": sha256(wheel), "results": results, "definitions": defs,
+    return {"wheel": wheel.name, "sha256": sha256_file(wheel), "results": results, "definitions": defs,
             "files": dict(sorted(tree.used.items()))}
 
 

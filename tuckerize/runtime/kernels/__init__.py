@@ -118,7 +118,12 @@ def _grouped(device: torch.device, dtype: torch.dtype, reason: str) -> KernelCho
 
 
 def _bags(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:
-    return KernelChoice("bags", device.type, dtype, True, True, reason, 1, cpu_moe.bag_partial, cpu_moe.prepare)
+    mm = grouped_op(dtype, device.type)
+
+    def fn(f, xg, xu, expert, weight, top_k):
+        return cpu_moe.bag_partial(f, mm, xg, xu, expert, weight, top_k)
+
+    return KernelChoice("bags", device.type, dtype, True, True, reason, 1, fn, cpu_moe.prepare)
 
 
 def _triton(device: torch.device, dtype: torch.dtype, reason: str) -> KernelChoice:

@@ -41,7 +41,7 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from tuckerize.runtime.kernels.torch_moe import ExpertFactors, grouped_op, grouped_partial
+from tuckerize.runtime.kernels.torch_moe import ExpertFactors, grouped_partial
 
 #: most pairs per expert (P / E, on average) for which the bags run; above, grouped products
 BAG_ROWS = 8
@@ -132,13 +132,15 @@ def _bags(table: torch.Tensor, expert: torch.Tensor, x: torch.Tensor, local: tor
                            include_last_offset=True)
 
 
-def bag_partial(f: ExpertFactors, xg: torch.Tensor, xu: torch.Tensor, expert: torch.Tensor,
+def bag_partial(f: ExpertFactors, mm, xg: torch.Tensor, xu: torch.Tensor, expert: torch.Tensor,
                 weight: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``s`` [T, r_H,d]; see the module docstring."""
+    """``s`` [T, r_H,d]; see the module docstring. ``mm``: the grouped product
+    (:func:`~tuckerize.runtime.kernels.torch_moe.grouped_op`) of the prefill path and of the
+    ``U_I`` products that stop at a rank's pair count without oneDNN."""
     P = expert.numel()
     E = f.n_experts
     if P > BAG_ROWS * f.experts_total:  # prefill: one product per expert (a guard on the size, not on values)
-        return grouped_partial(f, grouped_op(f.dtype, "cpu"), xg, xu, expert, weight, top_k)
+        return grouped_partial(f, mm, xg, xu, expert, weight, top_k)
     order = torch.argsort(expert, stable=True)  # by expert; other ranks' pairs (index E) last
     tok = order // top_k
     e = expert[order].clamp(max=E - 1).to(torch.int32)  # other ranks': a valid row, in an empty bag
@@ -146,7 +148,6 @@ def bag_partial(f: ExpertFactors, xg: torch.Tensor, xu: torch.Tensor, expert: to
     Gg, Gu, Gd = f.G["gate"], f.G["up"], f.G["down"].transpose(1, 2)  # Gd: [E, r_I,d, r_H,d], contiguous
     zg = _bags(Gg.reshape(-1, Gg.shape[2]), e, xg[tok], local)  # [P, r_I,g]
     zu = _bags(Gu.reshape(-1, Gu.shape[2]), e, xu[tok], local)
-    mm = grouped_op(f.dtype, "cpu")
     a = f.act_fn(f.product("gate", zg, local, mm)) * f.product("up", zu, local, mm)  # [P, I_loc]
     y = f.product("down", a, local, mm) * weight[order].to(a.dtype).unsqueeze(1)  # [P, r_I,d], weighted
     zd = _bags(Gd.reshape(-1, Gd.shape[2]), e, y, local)  # [P, r_H,d]; other ranks' pairs: 0
