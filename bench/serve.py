@@ -19,6 +19,8 @@ one run:
   model's include the per-expert cores formed at load), and the checkpoint size on disk;
 * the bytes bound: weight bytes one decode step reads, dense over Tucker (attention and the LM
   head included: :func:`step_bytes`), what a memory-bound decode's speed-up cannot exceed;
+* a warm-up (``--warm-up`` seconds of CPU and memory work, :func:`warm_up`) before the first
+  model, so that no model is measured in the slow spell that follows an idle machine;
 * how busy the machine was during each model's run: load average before and after, and the
   cores other processes kept busy (from /proc/stat): compare ratios only within a quiet run.
 
@@ -196,6 +198,21 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     return res
 
 
+def warm_up(seconds: float) -> None:
+    """Keep every core reading and multiplying for ``seconds`` before the first model. Measured
+    here: the first minute or two after an idle spell runs this VM up to 1.5x slower (every
+    model alike; no steal time shows in /proc/stat), so without it the first model measured
+    (dense) lands in that spell and the ratios drift from run to run."""
+    import torch
+
+    a = torch.randn(4096, 4096)
+    b = torch.empty_like(a)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        b.copy_(a)
+        torch.mm(a[:256], b)
+
+
 def machine_state() -> dict:
     """Load average, and CPU-seconds: the whole machine's busy time since boot and this
     process's reaped children's (the vLLM runs); differences of two readings give what other
@@ -250,6 +267,8 @@ def main() -> None:
     ap.add_argument("--shape", default=f"{E},{H},{I}", help="E,H,I of the experts (a smaller one for a smoke run)")
     ap.add_argument("--layouts", default="intermediate,expert,hybrid,hybrid-replicated-out",
                     help="Tucker layouts served at --tp > 1")
+    ap.add_argument("--warm-up", type=float, default=90.0,
+                    help="seconds of CPU and memory work before the first model (0: none)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -264,6 +283,7 @@ def main() -> None:
         layouts = [None] if name == "dense" or args.tp == 1 else args.layouts.split(",")
         runs += [(name if layout is None else f"{name} {layout}", folder, layout) for layout in layouts]
     results = {}
+    warm_up(args.warm_up)
     for name, folder, layout in runs:
         env = dict(os.environ)
         if layout is not None:
@@ -289,6 +309,7 @@ def main() -> None:
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "vllm": vllm.__version__, "torch": torch.__version__, "dtype": "float32", "tp": args.tp,
+              "warm_up_seconds": args.warm_up,
               "shapes": {"E": E, "H": H, "I": I, "top_k": K, "layers": args.layers, "vocab": args.vocab},
               "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
