@@ -110,6 +110,30 @@ def moe_block_worker(rank: int, world: int, init_method: str, jobs_file: str, ou
         dist.destroy_process_group()
 
 
+def exit_worker(rank: int, world: int, init_method: str, out_dir: str) -> None:
+    """A CLI entry point's life under torchrun: the group from ``init_from_env`` (torchrun's
+    environment), a collective, then transformers' AutoTokenizer imported (it imports
+    torch._dynamo), then ``leave_process_group``; writes the names of the threads still
+    alive to ``out_dir/threads-r<rank>.json``."""
+    import torch
+
+    host, port = init_method.removeprefix("tcp://").rsplit(":", 1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR=host,
+                      MASTER_PORT=port)
+    torch.set_num_threads(1)
+    from tuckerize.parallel import ParallelContext, init_from_env, leave_process_group
+
+    parallel, _ = init_from_env("cpu")
+    total = parallel.all_reduce(torch.ones(2))
+    from transformers import AutoTokenizer  # noqa: F401
+
+    leave_process_group(True)
+    tasks = Path("/proc/self/task")
+    names = sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+    (Path(out_dir) / f"threads-r{rank}.json").write_text(json.dumps(
+        {"threads": names, "sum": total.tolist(), "after": ParallelContext.current().world}))
+
+
 def failing_worker(rank: int, world: int, init_method: str) -> None:
     """Rank 1 raises before the collective that rank 0 waits in (for testing the harness)."""
     import torch

@@ -325,9 +325,33 @@ def init_from_env(device: str, flag: str = "--device") -> tuple[ParallelContext,
         import torch.distributed as dist
 
         if not dist.is_initialized():
+            # torch._dynamo (torch 2.13), when first imported after the group exists (transformers'
+            # AutoTokenizer imports it), keeps ten references to the group where no Python object
+            # shows them: destroy_process_group then frees nothing, gloo's threads outlive it and
+            # the interpreter's teardown races them ("terminate called without an active
+            # exception", SIGABRT after a good run). Imported first, it holds none.
+            import torch._dynamo  # noqa: F401
+
             if dev.type == "cuda":
                 import torch
 
                 torch.cuda.set_device(dev)
             dist.init_process_group(collective_backend(dev))
     return ParallelContext.current(), dev
+
+
+def leave_process_group(done: bool) -> None:
+    """Leave torchrun's process group before the process exits (after a barrier when every
+    rank finished), so that the group and its threads are freed before the interpreter's
+    teardown (a gloo group left to it made ranks abort at exit). The counterpart of
+    :func:`init_from_env`; only CLI entry points call it."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if done:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -182,3 +182,15 @@ def test_worker_failure_is_reported_not_hung(tmp_path):
     msg = str(info.value)
     assert "rank 1 fails on purpose" in msg or "Process 0 terminated" in msg or "TimeoutError" in type(info.value).__name__
 
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc")
+def test_leaving_the_group_frees_its_threads(tmp_path):
+    """After leave_process_group no gloo thread is alive, even with torch._dynamo imported
+    after the group was made (as transformers' AutoTokenizer does): a group left alive was
+    destroyed during interpreter teardown, racing its threads (SIGABRT after a good run)."""
+    dist_helpers.run_workers(dist_helpers.exit_worker, 2, args=(str(tmp_path),), timeout=120)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"threads-r{rank}.json").read_text())
+        assert report["sum"] == [2.0, 2.0] and report["after"] == 1
+        assert not [t for t in report["threads"] if "gloo" in t], report["threads"]

@@ -9,6 +9,7 @@ import typer
 
 from tuckerize.cli import app, run_or_exit
 from tuckerize.cli.ui import RichProgress, bytes_line, console, print_json
+from tuckerize.parallel import init_from_env, leave_process_group
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Hub id (e.g. Qwen/Qwen3-30B-A3B) or local folder; demo: the embedded demo model.")]
 
@@ -65,7 +66,6 @@ def decompose(
     """
     import os
 
-    from tuckerize.cli.eval import _leave_process_group
     from tuckerize.compress import decompose_checkpoint, load_method
     from tuckerize.demo import resolve_demo
 
@@ -73,7 +73,6 @@ def decompose(
     parallel = None
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from tuckerize.parallel import init_from_env
 
         parallel, dev = run_or_exit(lambda: init_from_env(device))
         device = str(dev)
@@ -94,7 +93,7 @@ def decompose(
         finished = True
     finally:
         if parallel is not None:
-            _leave_process_group(finished)
+            leave_process_group(finished)
     if not rank0:
         return
     if json_out:

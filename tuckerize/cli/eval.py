@@ -14,6 +14,7 @@ import typer
 
 from tuckerize.cli import app, run_or_exit
 from tuckerize.cli.ui import RichProgress, console, size, to_json
+from tuckerize.parallel import leave_process_group
 
 
 @app.command("eval")
@@ -62,7 +63,7 @@ def eval_(
                             "(a baseline already computed is reused from the cache)")
         done = True
     finally:
-        _leave_process_group(done)
+        leave_process_group(done)
     if not rank0:
         return
     _print_table(report)
@@ -242,17 +243,3 @@ def summary_line(report: dict) -> str:
     return line
 
 
-def _leave_process_group(done: bool) -> None:
-    """Leave torchrun's process group before the process exits (after a barrier when every
-    rank finished): a gloo group left to interpreter teardown made ranks abort at exit
-    ("terminate called without an active exception", exit code -6) after a good run."""
-    import sys
-
-    if "torch.distributed" not in sys.modules:
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if done:
-            dist.barrier()
-        dist.destroy_process_group()
