@@ -60,6 +60,7 @@ def run_workers(fn: Callable[..., None], world: int, args: tuple = (), timeout: 
 def init_gloo(rank: int, world: int, init_method: str, timeout_s: float = 60.0) -> None:
     """One CPU thread, then a gloo process group whose collectives time out instead of hanging."""
     import torch
+    import torch._dynamo  # noqa: F401  (first, as tuckerize.parallel.init_from_env does: see there)
     import torch.distributed as dist
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
