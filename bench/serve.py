@@ -4,10 +4,10 @@ A synthetic Qwen3-MoE with Qwen3-30B-A3B expert shapes (E=128, H=2048, I=768, to
 attention 32 heads / 4 KV heads of 128) but ``--layers`` decoder layers and a small
 vocabulary, written three times with the same non-expert tensors: dense experts, and Tucker
 factors at each ``--ranks`` (random orthonormal factors: speed and memory depend on the
-shapes only). Each model is served by vLLM in its own process (float32, eager; one rank, or
-``--tp N`` ranks, where each Tucker checkpoint is served once per ``--layouts`` entry through
-``TUCKERIZE_LAYOUT``, against dense experts under vLLM's own tensor parallelism) and measured in
-one run:
+shapes only). Each model is served by vLLM in its own process (``--dtype``: float32 or
+bfloat16; eager; one rank, or ``--tp N`` ranks, where each Tucker checkpoint is served once
+per ``--layouts`` entry through ``TUCKERIZE_LAYOUT``, against dense experts under vLLM's own
+tensor parallelism) and measured in one run:
 
 * prefill tokens/s: ``--prefill-prompts`` prompts of ``--prefill-len`` tokens, one new token;
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
@@ -33,6 +33,7 @@ hundred MiB), so its CPU start-up check on free memory (which refuses while page
 held) does not apply; ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
 
     python bench/serve.py                       # writes bench/results/serve.json, prints a table
+    python bench/serve.py --dtype bfloat16 --out bench/results/serve_bf16_run1.json
     python bench/serve.py --tp 2 --ranks 64,512,256 --out bench/results/serve_tp2.json
 """
 
@@ -149,7 +150,7 @@ def kv_cache_bytes(layers: int, max_len: int) -> int:
 
 
 def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: int, tp: int = 1,
-            layers: int = 2, repeats: int = 3) -> dict:
+            layers: int = 2, repeats: int = 3, dtype: str = "float32") -> dict:
     """Runs in a child process: one vLLM engine, in-process at one rank, else vLLM's
     multiprocessing executor with one worker per rank. Each rate is measured ``repeats``
     times (fresh prompts each time); the median is reported, every run is kept (``runs``)."""
@@ -165,7 +166,7 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     from vllm import LLM, SamplingParams
 
     extra = {"distributed_executor_backend": "uni"} if tp == 1 else {}
-    llm = LLM(model=folder, dtype="float32", enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=MAX_SEQS,
+    llm = LLM(model=folder, dtype=dtype, enforce_eager=True, max_model_len=prefill_len + 64, max_num_seqs=MAX_SEQS,
               tensor_parallel_size=tp, seed=0, max_num_batched_tokens=max(2048, prefill_len * 4),
               kv_cache_memory_bytes=kv, **extra)
     rng = random.Random(0)
@@ -235,8 +236,9 @@ def load_during(before: dict, after: dict) -> dict:
             "this_run_cores": round(ours / wall, 2), "other_processes_cores": round(others / wall, 2)}
 
 
-def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batch: int) -> float:
-    """Weight bytes one decode step reads (float32) with ``batch`` sequences: attention,
+def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batch: int,
+               dtype: str = "float32") -> float:
+    """Weight bytes one decode step reads (in ``dtype``) with ``batch`` sequences: attention,
     router and norms of every layer, the LM head, and the experts touched: on average
     E (1 - (1 - K/E)^batch) of them per layer (routing spread evenly); dense 3 H I values
     each, Tucker 3 r_H r_I (its core; U_H and U_I, read once per layer, are shared)."""
@@ -247,7 +249,8 @@ def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batc
     else:
         rE, rH, rI = ranks
         experts = 3 * H * rH + 3 * I * rI + touched * 3 * rH * rI
-    return 4.0 * (layers * (attn + experts) + vocab * H + H)  # and the final norm
+    size = 2.0 if dtype == "bfloat16" else 4.0
+    return size * (layers * (attn + experts) + vocab * H + H)  # and the final norm
 
 
 def main() -> None:
@@ -269,11 +272,13 @@ def main() -> None:
                     help="Tucker layouts served at --tp > 1")
     ap.add_argument("--warm-up", type=float, default=90.0,
                     help="seconds of CPU and memory work before the first model (0: none)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="vLLM's dtype for every model (the checkpoints are written in float32 and cast at load)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print("RESULT " + json.dumps(measure(args.child, args.decode_tokens, args.prefill_prompts, args.prefill_len,
-                                             args.tp, args.layers)))
+                                             args.tp, args.layers, dtype=args.dtype)))
         return
     E, H, I = (int(x) for x in args.shape.split(","))
     ranks = [tuple(int(x) for x in r.split(",")) for r in args.ranks.split(";")]
@@ -293,7 +298,7 @@ def main() -> None:
         before = machine_state()
         proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
                                "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
-                               "--tp", str(args.tp), "--layers", str(args.layers)], capture_output=True, text=True,
+                               "--tp", str(args.tp), "--layers", str(args.layers), "--dtype", args.dtype], capture_output=True, text=True,
                               env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
@@ -302,13 +307,14 @@ def main() -> None:
         results[name]["machine"] = load_during(before, machine_state())
         results[name]["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
         rank_set = None if name == "dense" else tuple(int(v) for v in name.split()[1].split(","))
-        results[name]["step_bytes"] = {f"b{b}": step_bytes(args.layers, args.vocab, rank_set, b) for b in (1, 8, 32)}
+        results[name]["step_bytes"] = {f"b{b}": step_bytes(args.layers, args.vocab, rank_set, b, args.dtype)
+                                       for b in (1, 8, 32)}
         print(f"{name}: done, {json.dumps(results[name]['machine'])}", file=sys.stderr, flush=True)
     import torch
     import vllm
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "vllm": vllm.__version__, "torch": torch.__version__, "dtype": "float32", "tp": args.tp,
+              "vllm": vllm.__version__, "torch": torch.__version__, "dtype": args.dtype, "tp": args.tp,
               "warm_up_seconds": args.warm_up,
               "shapes": {"E": E, "H": H, "I": I, "top_k": K, "layers": args.layers, "vocab": args.vocab},
               "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "results": results}

@@ -55,6 +55,8 @@ def test_qwen3_shapes_bytes_bound(serve):
     assert 1.9 < dense / tucker < 2.2
     moe_only = (8 * 3 * 2048 * 768) / (3 * 2048 * 512 + 3 * 768 * 256 + 8 * 3 * 512 * 256)
     assert 5.0 < moe_only < 6.0
+    for r in (None, (64, 512, 256)):  # bfloat16 (--dtype bfloat16) reads half of every term
+        assert serve.step_bytes(2, 4096, r, 8, "bfloat16") == pytest.approx(serve.step_bytes(2, 4096, r, 8) / 2)
 
 
 def test_kv_cache_and_load_reading(serve):
