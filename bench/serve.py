@@ -138,6 +138,8 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
 
 
 MAX_SEQS = 32
+#: bytes per weight value of each dtype ``--dtype`` accepts
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
 
 def kv_cache_bytes(layers: int, max_len: int) -> int:
@@ -249,8 +251,7 @@ def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batc
     else:
         rE, rH, rI = ranks
         experts = 3 * H * rH + 3 * I * rI + touched * 3 * rH * rI
-    size = 2.0 if dtype == "bfloat16" else 4.0
-    return size * (layers * (attn + experts) + vocab * H + H)  # and the final norm
+    return float(ITEMSIZE[dtype]) * (layers * (attn + experts) + vocab * H + H)  # and the final norm
 
 
 def main() -> None:
@@ -272,7 +273,7 @@ def main() -> None:
                     help="Tucker layouts served at --tp > 1")
     ap.add_argument("--warm-up", type=float, default=90.0,
                     help="seconds of CPU and memory work before the first model (0: none)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    ap.add_argument("--dtype", default="float32", choices=tuple(ITEMSIZE),
                     help="vLLM's dtype for every model (the checkpoints are written in float32 and cast at load)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -298,8 +299,8 @@ def main() -> None:
         before = machine_state()
         proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
                                "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
-                               "--tp", str(args.tp), "--layers", str(args.layers), "--dtype", args.dtype], capture_output=True, text=True,
-                              env=env)
+                               "--tp", str(args.tp), "--layers", str(args.layers), "--dtype", args.dtype],
+                              capture_output=True, text=True, env=env)
         line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not line:
             raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
