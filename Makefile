@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-vllm demo test test-slow bench bench-serve clean
+.PHONY: install install-vllm demo test test-slow bench bench-serve check-gpu-stack clean
 
 # Install into a virtual environment: CPU torch first (a bare `torch` pulls a CUDA build),
 # then the package with its test extras and lm-eval (the eval extra: `eval --tasks` runs in the tests).
@@ -49,6 +49,22 @@ bench:
 # vLLM serving, dense vs Tucker at Qwen3-30B-A3B expert shapes (needs `make install-vllm`).
 bench-serve:
 	$(BIN)/python bench/serve.py
+
+# The GPU machines' torch and Triton (torch 2.11.0 from PyPI: CUDA 13, Triton 3.6; about 3 GB with its CUDA
+# libraries) in an environment of their own, run on this CPU: bench/gpu.py --dry-run (Triton interpreted) and the
+# kernel tests (the same kernels under the interpreter, compiled for sm_90 down to the cubin). What a first GPU run
+# would otherwise find out on the GPU's clock. numpy < 2.4: Triton 3.6's interpreter cannot read numpy 2.4's
+# one-element arrays as loop bounds (an interpreter-only failure; compiled kernels are not affected).
+GPU_TORCH ?= torch==2.11.0
+GPU_VENV ?= .venv-gpu-stack
+check-gpu-stack:
+	$(PY) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q $(GPU_TORCH) 'numpy<2.4'
+	$(GPU_VENV)/bin/pip install -q -e '.[dev]' 'numpy<2.4'
+	$(GPU_VENV)/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+	TRITON_INTERPRET=1 $(GPU_VENV)/bin/python bench/gpu.py --dry-run --out $(GPU_VENV)/dry-run
+	$(GPU_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/runtime/test_triton_kernels.py \
+		tests/runtime/test_static_forward.py tests/runtime/test_kernels.py
 
 clean:
 	rm -rf runs .pytest_cache build *.egg-info

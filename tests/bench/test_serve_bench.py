@@ -67,3 +67,71 @@ def test_kv_cache_and_load_reading(serve):
     b = serve.machine_state()
     load = serve.load_during(a, b)
     assert load["seconds"] >= 0 and load["other_processes_cores"] >= 0 and load["load_before"] >= 0
+
+
+def test_moe_timers_record_each_call_by_tokens(serve):
+    """The timers wrap the MoE blocks the bench names (found by class name, nested at any
+    depth), leave their output unchanged, and record one (tokens, seconds) per call; the
+    per-batch median picks the calls with exactly that many tokens."""
+    import torch
+    from torch import nn
+
+    class Qwen3MoeSparseMoeBlock(nn.Module):  # the name of vLLM's dense block
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, hidden_states):
+            time.sleep(0.002 * hidden_states.reshape(-1, 8).shape[0])
+            return self.lin(hidden_states)
+
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.ModuleDict({"mlp": Qwen3MoeSparseMoeBlock(), "attn": nn.Linear(8, 8)})
+                                 for _ in range(2))
+    x1, x3 = torch.randn(1, 8), torch.randn(3, 8)
+    want = model.layers[0]["mlp"].lin(x3)
+    assert serve.install_moe_timers(model) == 2
+    assert serve.install_moe_timers(model) == 0  # already timed: not wrapped twice
+    for layer in model.layers:
+        layer["mlp"](x1)
+        got = layer["mlp"](x3.reshape(1, 3, 8))  # a [batch, seq, H] input counts its tokens
+    assert torch.equal(got.reshape(3, 8), model.layers[1]["mlp"].lin(x3)) and want.shape == (3, 8)
+    calls = serve.take_moe_times(model)
+    assert [n for n, _ in calls] == [1, 3, 1, 3] and serve.take_moe_times(model) == []
+    ms = serve.moe_ms_by_tokens(calls, (1, 3, 8))
+    assert 2.0 <= ms[1] < ms[3] and ms[3] >= 6.0 and ms[8] is None
+
+
+def test_decode_rate_leaves_the_prefill_out(serve):
+    """Decode tokens/s counts the tokens after each request's first, over the span from the
+    batch's first first token to its last token: a long prefill before the first token (here
+    the first request's 5 s in the queue) does not enter it."""
+    from types import SimpleNamespace as M
+
+    reqs = [M(num_generation_tokens=11, first_token_ts=105.0, last_token_ts=107.0),
+            M(num_generation_tokens=11, first_token_ts=105.5, last_token_ts=108.0)]
+    assert serve.decode_rate(reqs) == pytest.approx(20 / 3.0)
+    with pytest.raises(RuntimeError, match="disable_log_stats"):
+        serve.decode_rate([None])
+
+
+def test_faster_baseline_can_only_lower_the_ratios(serve):
+    """The dense baseline merged from its first and last runs takes, rate by rate, the faster
+    run and, call by call, the shorter MoE time (a missing time is not a time), and keeps both."""
+    def run(scale, moe):
+        r = {k: 100.0 * scale for k in serve.RATES}
+        r.update(moe_ms_per_call=moe, machine={"load_before": 1.0}, runs={}, weight_bytes={"all": 7})
+        return r
+
+    first = run(1.0, {"b1": 3.0, "b8": None, "b32": 40.0})
+    first["decode_b8_tokens_per_s"] = 500.0  # the first run faster at one rate
+    again = run(1.5, {"b1": 2.0, "b8": 13.0, "b32": None})
+    d = serve.faster_baseline(first, again)
+    assert d["decode_b1_tokens_per_s"] == 150.0 and d["decode_b8_tokens_per_s"] == 500.0
+    assert d["prefill_tokens_per_s"] == 150.0 and d["decode_b32_wall_tokens_per_s"] == 150.0
+    assert d["moe_ms_per_call"] == {"b1": 2.0, "b8": 13.0, "b32": 40.0}
+    assert d["weight_bytes"] == {"all": 7}
+    assert d["baseline_runs"]["first"]["decode_b8_tokens_per_s"] == 500.0
+    assert d["baseline_runs"]["last"]["moe_ms_per_call"]["b1"] == 2.0
+    for k in serve.RATES:  # never slower than either run
+        assert d[k] >= max(first[k], again[k])
