@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -166,7 +167,6 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     multiprocessing executor with one worker per rank. Each rate is measured ``repeats``
     times (fresh prompts each time); the median is reported, every run is kept (``runs``)."""
     import random
-    import statistics
 
     if tp == 1:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -286,8 +286,6 @@ def take_moe_times(model) -> list[tuple[int, float]]:
 def moe_ms_by_tokens(calls: list[tuple[int, float]], tokens: tuple[int, ...]) -> dict[int, float | None]:
     """Median milliseconds of one MoE block call with exactly ``t`` tokens, for each ``t``: the
     decode steps at batch ``t`` (a batch's prompts all prefill in one larger call)."""
-    import statistics
-
     out = {}
     for t in tokens:
         sec = [s for n, s in calls if n == t]
