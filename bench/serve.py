@@ -7,7 +7,8 @@ factors at each ``--ranks`` (random orthonormal factors: speed and memory depend
 shapes only). Each model is served by vLLM in its own process (``--dtype``: float32 or
 bfloat16; eager; one rank, or ``--tp N`` ranks, where each Tucker checkpoint is served once
 per ``--layouts`` entry through ``TUCKERIZE_LAYOUT``, against dense experts under vLLM's own
-tensor parallelism) and measured in one run:
+tensor parallelism; with ``--kernels``, once per kernel through ``TUCKERIZE_KERNEL``) and
+measured in one run:
 
 * prefill tokens/s: ``--prefill-prompts`` prompts of ``--prefill-len`` tokens, one new token;
 * decode tokens/s at batch 1, 8 and 32: prompts of 16 tokens, ``--decode-tokens`` new tokens
@@ -16,11 +17,12 @@ tensor parallelism) and measured in one run:
   generated tokens over the call's wall time, the prompts' prefill included;
 * each rate is the median of three runs, interleaved (every run is kept in the JSON: ``runs``);
 * the MoE block's own time: every call of each layer's MoE block (router and experts: vLLM's
-  fused MoE for dense, the plugin's op for Tucker) is timed in the engine (:func:`install_moe_timers`),
+  fused MoE for dense, the plugin's op for Tucker) is timed in the engine
+  (:func:`tuckerize.integrations.vllm.probes.install_moe_timers`),
   and the median call with exactly b tokens is the decode step's MoE time at batch b: what the
   experts cost inside the step, against what the whole step costs;
 * the kernel each Tucker model's experts chose at load
-  (:func:`tuckerize.integrations.vllm.models.kernels_used`);
+  (:func:`tuckerize.integrations.vllm.probes.kernels_used`);
 * weight memory: bytes of every parameter and buffer of the loaded model (the Tucker
   model's include the per-expert cores formed at load), and the checkpoint size on disk;
 * the bytes bound: weight bytes one decode step reads, dense over Tucker (attention and the LM
@@ -29,7 +31,9 @@ tensor parallelism) and measured in one run:
   model, so that no model is measured in the slow spell that follows an idle machine, and the
   dense baseline run twice, first and last, its faster run taken (:func:`faster_baseline`);
 * how busy the machine was during each model's run: load average before and after, and the
-  cores other processes kept busy (from /proc/stat): compare ratios only within a quiet run.
+  cores other processes kept busy (from /proc/stat): compare ratios only within a quiet run;
+  ``--busy N`` runs every model with N other processes each spinning on a core (:func:`busy_cores`),
+  the bench under contention, as on a shared host.
 
 The default rank sets end with (8,16,16), the floor: Tucker experts that read almost no bytes,
 so that row's speed is what attention, the LM head, sampling and vLLM's own work per step allow
@@ -42,11 +46,14 @@ held) does not apply; ``VLLM_CPU_KVCACHE_SPACE`` is not needed.
     python bench/serve.py                       # writes bench/results/serve.json, prints a table
     python bench/serve.py --dtype bfloat16 --out bench/results/serve_bf16_run1.json
     python bench/serve.py --tp 2 --ranks 64,512,256 --out bench/results/serve_tp2.json
+    python bench/serve.py --ranks "64,512,256;128,1024,512" --kernels bags,grouped --out bench/results/serve_kernels.json
+    python bench/serve.py --busy 1 --ranks 64,512,256 --kernels bags,grouped --out bench/results/serve_one_core_busy.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -146,8 +153,6 @@ def build(root: Path, layers: int, vocab: int, ranks: list[tuple[int, int, int]]
 
 
 MAX_SEQS = 32
-#: the MoE blocks whose calls the bench times (class names: vLLM's dense one, the plugin's)
-MOE_BLOCKS = ("Qwen3MoeSparseMoeBlock", "TuckerMoE")
 #: bytes per weight value of each dtype ``--dtype`` accepts
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 
@@ -199,6 +204,9 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
             return n * length / sec
         return decode_rate([o.metrics for o in out]), sum(len(o.outputs[0].token_ids) for o in out) / sec
 
+    # importable by every worker: apply_model pickles them by reference at --tp > 1
+    from tuckerize.integrations.vllm.probes import install_moe_timers, kernels_used, take_moe_times, weight_bytes
+
     rate(2, 16, 4)  # warm-up
     llm.apply_model(install_moe_timers)
     runs = {k: [] for k in RATES}
@@ -214,8 +222,6 @@ def measure(folder: str, decode_tokens: int, prefill_prompts: int, prefill_len: 
     res = {k: statistics.median(v) for k, v in runs.items()}
     res["runs"] = runs
     res["moe_ms_per_call"] = {f"b{b}": ms for b, ms in moe_ms_by_tokens(calls, (1, 8, 32)).items()}
-
-    from tuckerize.integrations.vllm.models import kernels_used, weight_bytes  # importable by every worker
 
     res["weight_bytes"] = max(llm.apply_model(weight_bytes), key=lambda b: b["all"])  # the fullest rank
     res["kv_cache_bytes"] = kv
@@ -255,34 +261,6 @@ def decode_rate(metrics) -> float:
     return tokens / span
 
 
-def install_moe_timers(model) -> int:
-    """Time every call of the model's MoE blocks (vLLM's ``Qwen3MoeSparseMoeBlock`` for dense
-    experts, the plugin's ``TuckerMoE``: router and experts, as the step runs them) on this
-    worker: each call appends (tokens, seconds) to ``model._moe_calls``. Returns how many
-    blocks are timed. Eager (``enforce_eager``): the wrapped ``forward`` is what runs."""
-    model._moe_calls = []
-    timed = 0
-    for _, m in model.named_modules():
-        if type(m).__name__ not in MOE_BLOCKS or getattr(m, "_moe_timed", False):
-            continue
-
-        def forward(hidden_states, *args, _forward=m.forward, **kwargs):
-            t = time.perf_counter()
-            out = _forward(hidden_states, *args, **kwargs)
-            model._moe_calls.append((hidden_states.numel() // hidden_states.shape[-1], time.perf_counter() - t))
-            return out
-
-        m.forward, m._moe_timed = forward, True
-        timed += 1
-    return timed
-
-
-def take_moe_times(model) -> list[tuple[int, float]]:
-    """The (tokens, seconds) recorded since the last call, and a fresh record."""
-    calls, model._moe_calls = model._moe_calls, []
-    return calls
-
-
 def moe_ms_by_tokens(calls: list[tuple[int, float]], tokens: tuple[int, ...]) -> dict[int, float | None]:
     """Median milliseconds of one MoE block call with exactly ``t`` tokens, for each ``t``: the
     decode steps at batch ``t`` (a batch's prompts all prefill in one larger call)."""
@@ -306,6 +284,21 @@ def warm_up(seconds: float) -> None:
     while time.perf_counter() < end:
         b.copy_(a)
         torch.mm(a[:256], b)
+
+
+@contextlib.contextmanager
+def busy_cores(n: int):
+    """``n`` processes that each keep one core busy (``while True: pass``) for the duration:
+    the bench under contention, as on a shared host (``--busy``). They are stopped on the way
+    out, whatever happens inside."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def machine_state() -> dict:
@@ -346,6 +339,31 @@ def step_bytes(layers: int, vocab: int, ranks: tuple[int, int, int] | None, batc
     return float(ITEMSIZE[dtype]) * (layers * (attn + experts) + vocab * H + H)  # and the final norm
 
 
+def serve_one(args, name: str, folder: Path, settings: dict[str, str]) -> dict:
+    """One model served by vLLM in its own process (``--child``), with the plugin's
+    ``settings`` (environment variables: ``TUCKERIZE_LAYOUT``, ``TUCKERIZE_KERNEL``): its
+    rates, how busy the machine was meanwhile, its checkpoint's size and the bytes a decode
+    step reads."""
+    env = {**os.environ, **settings}
+    if args.tp > 1:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.tp)))
+    before = machine_state()
+    proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
+                           "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
+                           "--tp", str(args.tp), "--layers", str(args.layers), "--dtype", args.dtype],
+                          capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode != 0 or not line:
+        raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(line[0][7:])
+    result["machine"] = load_during(before, machine_state())
+    result["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+    rank_set = None if name in ("dense", DENSE_AGAIN) else tuple(int(v) for v in name.split()[1].split(","))
+    result["step_bytes"] = {f"b{b}": step_bytes(args.layers, args.vocab, rank_set, b, args.dtype) for b in (1, 8, 32)}
+    print(f"{name}: done, {json.dumps(result['machine'])}", file=sys.stderr, flush=True)
+    return result
+
+
 def main() -> None:
     global E, H, I
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -363,10 +381,15 @@ def main() -> None:
     ap.add_argument("--shape", default=f"{E},{H},{I}", help="E,H,I of the experts (a smaller one for a smoke run)")
     ap.add_argument("--layouts", default="intermediate,expert,hybrid,hybrid-replicated-out",
                     help="Tucker layouts served at --tp > 1")
+    ap.add_argument("--kernels", default="",
+                    help="Tucker kernels (TUCKERIZE_KERNEL), each Tucker model served once per kernel in the same run "
+                         "(default: the plugin's own choice, once)")
     ap.add_argument("--warm-up", type=float, default=90.0,
                     help="seconds of CPU and memory work before the first model (0: none)")
     ap.add_argument("--dtype", default="float32", choices=tuple(ITEMSIZE),
                     help="vLLM's dtype for every model (the checkpoints are written in float32 and cast at load)")
+    ap.add_argument("--busy", type=int, default=0,
+                    help="processes that each keep a core busy during every model's run (contention; 0: none)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -376,41 +399,30 @@ def main() -> None:
     E, H, I = (int(x) for x in args.shape.split(","))
     ranks = [tuple(int(x) for x in r.split(",")) for r in args.ranks.split(";")]
     folders = build(Path(args.root), args.layers, args.vocab, ranks)
-    runs = []  # (row name, folder, layout)
+    runs = []  # (row name, folder, the plugin's settings)
+    kernels = [k for k in args.kernels.split(",") if k] or [None]
     for name, folder in folders.items():
-        layouts = [None] if name == "dense" or args.tp == 1 else args.layouts.split(",")
-        runs += [(name if layout is None else f"{name} {layout}", folder, layout) for layout in layouts]
-    runs.append((DENSE_AGAIN, folders["dense"], None))  # the baseline again, last: see faster_baseline
+        if name == "dense":
+            runs.append((name, folder, {}))
+            continue
+        for layout in [None] if args.tp == 1 else args.layouts.split(","):
+            for kernel in kernels:
+                settings = {"TUCKERIZE_LAYOUT": layout, "TUCKERIZE_KERNEL": kernel}
+                row = " ".join([name] + [v for v in settings.values() if v is not None])
+                runs.append((row, folder, {k: v for k, v in settings.items() if v is not None}))
+    runs.append((DENSE_AGAIN, folders["dense"], {}))  # the baseline again, last: see faster_baseline
     results = {}
     warm_up(args.warm_up)
-    for name, folder, layout in runs:
-        env = dict(os.environ)
-        if layout is not None:
-            env["TUCKERIZE_LAYOUT"] = layout
-        if args.tp > 1:
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(r % (os.cpu_count() or 1)) for r in range(args.tp)))
-        before = machine_state()
-        proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--decode-tokens", str(args.decode_tokens),
-                               "--prefill-prompts", str(args.prefill_prompts), "--prefill-len", str(args.prefill_len),
-                               "--tp", str(args.tp), "--layers", str(args.layers), "--dtype", args.dtype],
-                              capture_output=True, text=True, env=env)
-        line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            raise SystemExit(f"{name}: vLLM run failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(line[0][7:])
-        results[name]["machine"] = load_during(before, machine_state())
-        results[name]["checkpoint_bytes"] = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
-        rank_set = None if name in ("dense", DENSE_AGAIN) else tuple(int(v) for v in name.split()[1].split(","))
-        results[name]["step_bytes"] = {f"b{b}": step_bytes(args.layers, args.vocab, rank_set, b, args.dtype)
-                                       for b in (1, 8, 32)}
-        print(f"{name}: done, {json.dumps(results[name]['machine'])}", file=sys.stderr, flush=True)
+    with busy_cores(args.busy):
+        for name, folder, settings in runs:
+            results[name] = serve_one(args, name, folder, settings)
     results["dense"] = faster_baseline(results["dense"], results.pop(DENSE_AGAIN))
     import torch
     import vllm
 
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "vllm": vllm.__version__, "torch": torch.__version__, "dtype": args.dtype, "tp": args.tp,
-              "warm_up_seconds": args.warm_up,
+              "warm_up_seconds": args.warm_up, "busy_processes": args.busy,
               "shapes": {"E": E, "H": H, "I": I, "top_k": K, "layers": args.layers, "vocab": args.vocab},
               "command": "python bench/serve.py " + " ".join(sys.argv[1:]), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

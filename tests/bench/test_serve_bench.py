@@ -1,6 +1,7 @@
 """bench/serve.py's own arithmetic (no vLLM engine): the bytes one decode step reads, the KV
-cache it gives vLLM, and how it reads the machine's load. The serving numbers themselves are
-the bench's (BENCHMARKS.md), not a test's."""
+cache it gives vLLM, how it reads the machine's load and keeps cores busy, and how it merges
+its two dense runs (its MoE timers: tests/vllm_plugin/test_probes.py). The serving numbers
+themselves are the bench's (BENCHMARKS.md), not a test's."""
 
 from __future__ import annotations
 
@@ -69,37 +70,12 @@ def test_kv_cache_and_load_reading(serve):
     assert load["seconds"] >= 0 and load["other_processes_cores"] >= 0 and load["load_before"] >= 0
 
 
-def test_moe_timers_record_each_call_by_tokens(serve):
-    """The timers wrap the MoE blocks the bench names (found by class name, nested at any
-    depth), leave their output unchanged, and record one (tokens, seconds) per call; the
-    per-batch median picks the calls with exactly that many tokens."""
-    import torch
-    from torch import nn
-
-    class Qwen3MoeSparseMoeBlock(nn.Module):  # the name of vLLM's dense block
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(8, 8)
-
-        def forward(self, hidden_states):
-            time.sleep(0.002 * hidden_states.reshape(-1, 8).shape[0])
-            return self.lin(hidden_states)
-
-    model = nn.Module()
-    model.layers = nn.ModuleList(nn.ModuleDict({"mlp": Qwen3MoeSparseMoeBlock(), "attn": nn.Linear(8, 8)})
-                                 for _ in range(2))
-    x1, x3 = torch.randn(1, 8), torch.randn(3, 8)
-    want = model.layers[0]["mlp"].lin(x3)
-    assert serve.install_moe_timers(model) == 2
-    assert serve.install_moe_timers(model) == 0  # already timed: not wrapped twice
-    for layer in model.layers:
-        layer["mlp"](x1)
-        got = layer["mlp"](x3.reshape(1, 3, 8))  # a [batch, seq, H] input counts its tokens
-    assert torch.equal(got.reshape(3, 8), model.layers[1]["mlp"].lin(x3)) and want.shape == (3, 8)
-    calls = serve.take_moe_times(model)
-    assert [n for n, _ in calls] == [1, 3, 1, 3] and serve.take_moe_times(model) == []
+def test_moe_ms_by_tokens_takes_the_calls_of_each_batch(serve):
+    """The per-batch MoE time is the median of the calls with exactly that many tokens (a batch's
+    prompts prefill in larger calls, which do not count); no call: None."""
+    calls = [(1, 0.002), (3, 0.009), (1, 0.004), (3, 0.006), (1, 0.003), (48, 0.5)]
     ms = serve.moe_ms_by_tokens(calls, (1, 3, 8))
-    assert 2.0 <= ms[1] < ms[3] and ms[3] >= 6.0 and ms[8] is None
+    assert ms[1] == pytest.approx(3.0) and ms[3] == pytest.approx(7.5) and ms[8] is None
 
 
 def test_decode_rate_leaves_the_prefill_out(serve):
@@ -135,3 +111,20 @@ def test_faster_baseline_can_only_lower_the_ratios(serve):
     assert d["baseline_runs"]["last"]["moe_ms_per_call"]["b1"] == 2.0
     for k in serve.RATES:  # never slower than either run
         assert d[k] >= max(first[k], again[k])
+
+
+def test_busy_cores_keep_a_core_busy_and_stop(serve):
+    """``--busy``: each process keeps about one core busy while the bench runs (seen by the same
+    /proc/stat reading the tables report), and none outlives the block."""
+    with serve.busy_cores(1) as procs:
+        time.sleep(0.3)  # started
+        a = serve.machine_state()
+        time.sleep(1.0)
+        load = serve.load_during(a, serve.machine_state())
+        assert all(p.poll() is None for p in procs)
+    assert load["other_processes_cores"] > 0.3
+    assert all(p.poll() is not None for p in procs)
+    with pytest.raises(ValueError):  # stopped on an error inside too
+        with serve.busy_cores(1) as procs:
+            raise ValueError
+    assert all(p.poll() is not None for p in procs)

