@@ -13,10 +13,14 @@ H=2048, I=768, top-8), the block as the plugin runs it (router, then the experts
   after a step's attention and the other layers).
 
 Rows: Tucker experts at each ``--ranks`` (the kernel chosen at load: ``bags`` on the CPU) and,
-as the baseline of the same run, transformers' dense ``Qwen3MoeExperts`` behind the same router
-in each ``--dense`` implementation (``eager``: a product per expert with rows; ``grouped_mm``).
-Reports the median ms per call, each Tucker row against the fastest dense row in the same state
-(which can only lower the ratio), and each row's cold time over its hot time.
+as the baseline of the same run, dense experts behind the same router: transformers'
+``Qwen3MoeExperts`` in each ``--dense`` implementation (``eager``: a product per expert with
+rows; ``grouped_mm``), and ``onednn``, the same products through oneDNN with each expert's
+weights reordered at load (:class:`DenseOneDNN`), as vLLM's CPU MoE reads them: torch's plain
+``mm`` reads a one-row product's weights at about a third of the bandwidth oneDNN's packed
+layout gets on this CPU. Reports the median ms per call, each Tucker row against the fastest
+dense row in the same state (which can only lower the ratio), and each row's cold time over
+its hot time.
 
     python bench/moe_call.py                          # float32
     python bench/moe_call.py --dtype bfloat16
@@ -31,12 +35,38 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
-from runtime import E, H, K, make_dense, make_tucker
+from runtime import E, H, I, K, make_dense, make_tucker
+from tuckerize.runtime.kernels.cpu_moe import onednn_dtype, pack
 from tuckerize.runtime.moe import routed_experts
 from tuckerize.runtime.routing import RouterSpec
 
 STATES = ("hot", "idle", "cold")
+
+
+class DenseOneDNN(torch.nn.Module):
+    """Dense experts as vLLM's CPU MoE runs them: per expert with rows, ``x W_gu^T`` and ``a W_d^T``
+    through oneDNN, each weight reordered once at load (:func:`~tuckerize.runtime.kernels.cpu_moe.pack`).
+    Built from transformers' ``Qwen3MoeExperts`` (its ``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I])."""
+
+    def __init__(self, dense: torch.nn.Module):
+        super().__init__()
+        self.gate_up = [pack(w) for w in dense.gate_up_proj.detach()]
+        self.down = [pack(w) for w in dense.down_proj.detach()]
+
+    @staticmethod
+    def _linear(x, w):
+        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    def forward(self, x, top_k_index, top_k_weights):
+        out = torch.zeros_like(x)
+        for e in top_k_index.unique().tolist():  # the host knows the experts: a dense baseline, not ours
+            tok, k = (top_k_index == e).nonzero(as_tuple=True)
+            h = self._linear(x[tok], self.gate_up[e])
+            a = F.silu(h[:, :I]) * h[:, I:]
+            out.index_add_(0, tok, self._linear(a, self.down[e]) * top_k_weights[tok, k, None].to(x.dtype))
+        return out
 
 
 def per_call(fn, state: str, calls: int, flush: torch.Tensor) -> float:
@@ -67,6 +97,8 @@ def main() -> None:
     spec = RouterSpec("softmax_topk", E, K, norm_topk_prob=True)
     router = (torch.randn(E, H, generator=gen) * 0.02).to(dtype)
     models = {f"dense {impl}": make_dense(impl, dtype, "cpu", gen) for impl in args.dense.split(",")}
+    if onednn_dtype(dtype):
+        models["dense onednn"] = DenseOneDNN(next(iter(models.values())))
     for r in args.ranks.split(";"):
         models[f"tucker {r}"] = make_tucker(tuple(int(v) for v in r.split(",")), gen, dtype, "cpu")[0]
     flush = torch.zeros(64 * 2**20)  # 256 MiB

@@ -34,3 +34,27 @@ def test_per_call_times_the_call_not_the_state(moe_call):
         assert 0.003 <= sec < 0.0045, (state, sec)
     assert float(flush[0]) == 5.0  # the cold state's five flushes
 
+
+
+def test_dense_onednn_baseline_equals_transformers_experts(moe_call):
+    """The oneDNN baseline computes what transformers' dense experts compute (same weights,
+    same routing; float32, relative norm)."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from tuckerize.runtime.kernels.cpu_moe import onednn_dtype
+
+    if not onednn_dtype(torch.float32):
+        pytest.skip("no oneDNN in this torch build")
+    E, H, I, K = 8, 64, moe_call.I, 2
+    cfg = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K)
+    cfg._experts_implementation = "eager"
+    ref = Qwen3MoeExperts(cfg).requires_grad_(False)
+    torch.manual_seed(0)
+    ref.gate_up_proj.normal_(std=0.05)
+    ref.down_proj.normal_(std=0.05)
+    x = torch.randn(5, H)
+    w, idx = torch.topk(torch.softmax(torch.randn(5, E), -1), K, dim=-1)
+    want = ref(x, idx, w)
+    got = moe_call.DenseOneDNN(ref)(x, idx, w)
+    assert float((got - want).norm() / want.norm()) < 1e-5
