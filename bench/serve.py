@@ -407,9 +407,8 @@ def main() -> None:
             continue
         for layout in [None] if args.tp == 1 else args.layouts.split(","):
             for kernel in kernels:
-                settings = {"TUCKERIZE_LAYOUT": layout, "TUCKERIZE_KERNEL": kernel}
-                row = " ".join([name] + [v for v in settings.values() if v is not None])
-                runs.append((row, folder, {k: v for k, v in settings.items() if v is not None}))
+                settings = {k: v for k, v in (("TUCKERIZE_LAYOUT", layout), ("TUCKERIZE_KERNEL", kernel)) if v}
+                runs.append((" ".join([name, *settings.values()]), folder, settings))
     runs.append((DENSE_AGAIN, folders["dense"], {}))  # the baseline again, last: see faster_baseline
     results = {}
     warm_up(args.warm_up)
